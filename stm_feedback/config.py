@@ -1,0 +1,84 @@
+"""The single settings object. Sources, highest priority first: CLI flags, environment (``STM_FEEDBACK_*``,
+nested with ``__``, e.g. ``STM_FEEDBACK_SERVER__BIND``), a TOML/JSON file given by ``--config`` or
+``STM_FEEDBACK_CONFIG``, then these defaults. Each subsystem reads only its own section.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+class ModelSettings(BaseModel):
+    models_dir: Path = REPO_MODELS_DIR
+    device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1"
+    backend: Literal["auto", "torch", "openvino"] = "auto"
+    threads: int = 0  # 0 = leave torch's default
+
+
+class PlannerSettings(BaseModel):
+    """Safe-to-write rules; defaults from ../shared/design/hsi-physics.md section 5."""
+
+    pattern: str = "3x1"  # k adjacent dimers on one row ("3x1"), or "3x2" (2 rows x 3 dimers)
+    step_margin_nm: float = 2.0
+    depression_margin_nm: float = 0.8
+    adatom_margin_nm: float = 1.5
+    dihydride_margin_nm: float = 0.6
+    unknown_margin_nm: float = 1.0
+    charged_margin_along_nm: float = 0.0  # optional charged-defect exclusion (SiDB logic uses ~10 nm)
+    max_sites: int = 50
+
+
+class LibrarySettings(BaseModel):
+    path: Path = Path("stm-feedback-library.sqlite")
+    patch_size_px: int = 24
+
+
+class ServerSettings(BaseModel):
+    bind: str = "tcp://127.0.0.1:5555"
+    max_inflight: int = 8
+    deadline_ms: float = 2000.0
+    max_frame_px: int = 2048 * 2048
+    max_message_bytes: int = 64 * 1024 * 1024
+    curve_secret_key_file: Path | None = None
+    curve_allowed_clients_dir: Path | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STM_FEEDBACK_", env_nested_delimiter="__", extra="ignore")
+
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    planner: PlannerSettings = Field(default_factory=PlannerSettings)
+    library: LibrarySettings = Field(default_factory=LibrarySettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    log_level: str = "INFO"
+    log_json: bool = False
+
+
+def load_settings(path: str | os.PathLike | None = None, **overrides: object) -> Settings:
+    """Settings from an optional TOML/JSON file (or ``STM_FEEDBACK_CONFIG``), env vars, then ``overrides``."""
+    path = path or os.environ.get("STM_FEEDBACK_CONFIG")
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(p.read_text())
+        else:
+            data = json.loads(p.read_text())
+    settings = Settings(**data)
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        if name:
+            setattr(getattr(settings, section), name, value)
+        else:
+            setattr(settings, section, value)
+    return settings

@@ -1,0 +1,25 @@
+"""Network outputs, resampled back to the input frame's pixel grid (x = column, y = row)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class NetworkMaps:
+    """Per-pixel probabilities from the three networks, all (H, W) float32 in the input frame.
+
+    - ``step_prob``: NN-0 probability that a pixel is on a step edge (terraces = connected components of the rest);
+    - ``atom_prob``: NN-1 atom map; its peaks are Si dimer atoms, low where the lattice is not resolved;
+    - ``protrusion_prob`` / ``depression_prob``: NN-2 defect maps by kind.
+    ``image_norm`` is the per-frame normalised, polarity-corrected image (rows bright) the nets saw, same grid.
+    """
+
+    step_prob: np.ndarray
+    atom_prob: np.ndarray
+    protrusion_prob: np.ndarray
+    depression_prob: np.ndarray
+    image_norm: np.ndarray
+    pixel_size_nm: float
