@@ -49,6 +49,12 @@ class ServerSettings(BaseModel):
     max_message_bytes: int = 64 * 1024 * 1024
     curve_secret_key_file: Path | None = None
     curve_allowed_clients_dir: Path | None = None
+    # daemon internals (owner: stm_feedback/server.py)
+    analyzer: str = "stm_feedback.pipeline:Pipeline"  # "module:factory", called as factory(settings)
+    workers: int = 1  # analyzer threads; 1 = one frame at a time (the nets use all cores themselves)
+    max_header_bytes: int = 64 * 1024
+    warmup_px: int = 128  # side of the synthetic warm-up frame; 0 = no warm-up
+    latency_window: int = 1024  # samples per stage kept for the stats percentiles
 
 
 class Settings(BaseSettings):

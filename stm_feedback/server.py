@@ -1,0 +1,619 @@
+"""The stm-feedback daemon: one I/O thread owns a ZeroMQ ROUTER socket, worker threads run the analyzer.
+
+Design (zguide "ROUTER + workers" with a bounded in-flight count):
+- the I/O thread receives, size-checks and validates every request (``stm_feedback.protocol``), answers cheap
+  requests itself (health, ready, models, stats, query_sites) and puts analyze/analyze_lines jobs on a queue,
+  answering ``overloaded`` once ``max_inflight`` jobs are queued or running;
+- workers run ``analyzer.analyze(...)`` and push finished replies back over an inproc PUSH->PULL socket (zmq
+  sockets are not thread-safe, so only the I/O thread touches the ROUTER);
+- every accepted job produces exactly one reply (errors included); stopping = stop reading, drain, close.
+The analyzer is any object with ``analyze(image, pixel_size_nm, bias_v=None, frame_id=None) -> Analysis``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import zmq
+
+from stm_feedback.config import ServerSettings, Settings
+from stm_feedback.errors import InputError, ProtocolError
+from stm_feedback.protocol import (
+    QUEUED_TYPES,
+    AnalyzeLinesRequest,
+    AnalyzeRequest,
+    Limits,
+    QuerySitesRequest,
+    Request,
+    build_error,
+    build_reply,
+    image_float32,
+    packb,
+    parse_request,
+)
+from stm_feedback.schema import Analysis, Site
+from stm_feedback.stats import Stats
+
+log = logging.getLogger("stm_feedback.server")
+_ids = itertools.count()
+
+
+class Analyzer(Protocol):
+    def analyze(
+        self,
+        image: np.ndarray,
+        pixel_size_nm: float,
+        bias_v: float | None = None,
+        frame_id: str | None = None,
+    ) -> Analysis: ...
+
+
+def load_analyzer(settings: Settings) -> Analyzer:
+    """Build the analyzer named by ``settings.server.analyzer`` ("module:factory", factory(settings))."""
+    module_name, _, attr = settings.server.analyzer.partition(":")
+    factory = getattr(importlib.import_module(module_name), attr or "Pipeline")
+    return factory(settings)
+
+
+def describe_models(analyzer: Any) -> dict[str, Any]:
+    """Model versions, backend and device of the analyzer's runner (``Pipeline.runner``), where it has one."""
+    runner = getattr(analyzer, "runner", analyzer)
+    versions = getattr(runner, "versions", None)
+    try:
+        vers = dict(versions()) if callable(versions) else {}
+    except Exception:  # a broken runner must not take down the models request
+        log.exception("runner.versions() failed")
+        vers = {}
+    return {
+        "versions": vers,
+        "backend": str(getattr(runner, "backend", "unknown")),
+        "device": str(getattr(runner, "device", "unknown")),
+        "analyzer": type(analyzer).__module__ + "." + type(analyzer).__qualname__,
+    }
+
+
+# ------------------------------------------------------------------------------------------ drift estimate
+
+
+def defect_density(analysis: Analysis, shape: tuple[int, int], sigma_px: float = 2.0) -> np.ndarray:
+    """(H, W) float64 image with a Gaussian blob at every defect: the lattice-free picture used for drift."""
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = np.zeros(shape, np.float64)
+    for d in analysis.defects:
+        out += np.exp(-((xx - d.x_px) ** 2 + (yy - d.y_px) ** 2) / (2 * sigma_px**2))
+    return out
+
+
+def estimate_shift_px(
+    previous: np.ndarray, current: np.ndarray, window: bool = True
+) -> tuple[float, float, float]:
+    """Apparent motion (dx_px, dy_px) of the content from ``previous`` to ``current`` (same shape) by phase
+    correlation, and the correlation peak response (0..1, higher = more trustworthy). ``window``: Hanning
+    window against edge effects (off for blob images that are already zero at the borders)."""
+    import cv2
+
+    a = np.ascontiguousarray(previous, np.float64)
+    b = np.ascontiguousarray(current, np.float64)
+    if window:
+        hann = cv2.createHanningWindow((a.shape[1], a.shape[0]), cv2.CV_64F)
+        (dx, dy), response = cv2.phaseCorrelate(a - a.mean(), b - b.mean(), hann)
+    else:
+        (dx, dy), response = cv2.phaseCorrelate(a, b)
+    return float(dx), float(dy), float(response)
+
+
+def measure_drift(
+    prev: Analysis | None, prev_image: np.ndarray | None, analysis: Analysis, image: np.ndarray
+) -> tuple[float, float, float, str] | None:
+    """(dx_px, dy_px, response, method): apparent motion of the content from the previous frame to this one,
+    or None without a previous frame of the same shape and pixel size. Defects do not repeat with the lattice
+    period, so their blobs give an unambiguous shift; with fewer than 3 defects the images themselves are used
+    (a pure lattice can alias by whole lattice periods)."""
+    if prev is None or prev_image is None or prev_image.shape != image.shape:
+        return None
+    px = analysis.image.pixel_size_nm
+    if abs(prev.image.pixel_size_nm - px) > 1e-6 * px:
+        return None
+    if len(prev.defects) >= 3 and len(analysis.defects) >= 3:
+        a, b, method = defect_density(prev, image.shape), defect_density(analysis, image.shape), "defects"
+    else:
+        a, b, method = prev_image, image, "image"
+    dx, dy, resp = estimate_shift_px(a, b, window=method == "image")
+    return dx, dy, resp, method
+
+
+@dataclass
+class InstrumentState:
+    """What the daemon remembers about one instrument between frames (in memory only)."""
+
+    instrument_id: str
+    latest: Analysis | None = None
+    latest_frame_id: str | None = None
+    latest_unix_s: float = 0.0
+    latest_meta: dict[str, Any] = field(default_factory=dict)
+    latest_partial: Analysis | None = None
+    frames: int = 0
+    drift_px: tuple[float, float] | None = None  # last frame-to-frame apparent motion (dx, dy)
+    drift_nm: tuple[float, float] | None = None
+    drift_method: str | None = None
+    drift_response: float | None = None
+    cumulative_drift_nm: tuple[float, float] = (0.0, 0.0)
+    previous_image: np.ndarray | None = None  # last full frame, for the next drift estimate
+
+    def update(
+        self,
+        image: np.ndarray,
+        analysis: Analysis,
+        meta: dict[str, Any],
+        shift: tuple[float, float, float, str] | None,
+    ) -> None:
+        """Record a full frame's analysis and its shift (``measure_drift``) from the previous frame."""
+        px = float(meta["pixel_size_nm"])
+        if shift is not None:
+            dx, dy, resp, method = shift
+            self.drift_px, self.drift_nm = (dx, dy), (dx * px, dy * px)
+            self.drift_method, self.drift_response = method, resp
+            cx, cy = self.cumulative_drift_nm
+            self.cumulative_drift_nm = (cx + dx * px, cy + dy * px)
+        self.latest, self.latest_frame_id, self.latest_unix_s = analysis, analysis.image.frame_id, time.time()
+        self.latest_meta = meta
+        self.previous_image = np.array(image, np.float32, copy=True)
+        self.frames += 1
+
+    def drift_dict(self) -> dict[str, Any]:
+        return {
+            "frames": self.frames,
+            "drift_px": list(self.drift_px) if self.drift_px else None,
+            "drift_nm": list(self.drift_nm) if self.drift_nm else None,
+            "method": self.drift_method,
+            "response": self.drift_response,
+            "cumulative_drift_nm": list(self.cumulative_drift_nm),
+        }
+
+
+def select_sites(
+    sites: list[Site], pattern: str, region: list[float] | None, terrace: int | None, limit: int
+) -> list[Site]:
+    """Sites of ``pattern`` whose centre lies in ``region`` [x0, y0, x1, y1] px (inclusive) and on
+    ``terrace``, best first (score, then clearance), at most ``limit``."""
+    out = [s for s in sites if s.pattern == pattern and (terrace is None or s.terrace == terrace)]
+    if region is not None:
+        x0, y0, x1, y1 = region
+        out = [
+            s
+            for s in out
+            if min(x0, x1) <= s.center_x_px <= max(x0, x1) and min(y0, y1) <= s.center_y_px <= max(y0, y1)
+        ]
+    out.sort(key=lambda s: (-s.score, -s.clearance_nm))
+    return out[:limit]
+
+
+# ----------------------------------------------------------------------------------------------- server
+
+
+@dataclass
+class _Job:
+    envelope: list[Any]
+    request: Request
+    received_s: float
+    decode_ms: float
+    deadline_s: float
+    frames: list[Any]  # keeps the zmq frames (and so the zero-copy arrays) alive until the job is done
+
+
+class Server:
+    """The daemon. ``start()`` binds and serves in background threads; ``stop()`` drains and closes.
+
+    ``bind`` may use port ``*`` (e.g. ``tcp://127.0.0.1:*``); ``endpoint`` is then the bound address.
+    """
+
+    def __init__(
+        self,
+        analyzer: Analyzer,
+        settings: ServerSettings | None = None,
+        bind: str | None = None,
+        warm_up: bool = True,
+    ) -> None:
+        self.analyzer = analyzer
+        self.settings = settings or ServerSettings()
+        self.bind = bind or self.settings.bind
+        self.limits = Limits(
+            max_message_bytes=self.settings.max_message_bytes,
+            max_header_bytes=self.settings.max_header_bytes,
+            max_frame_px=self.settings.max_frame_px,
+        )
+        self.stats = Stats(window=self.settings.latency_window)
+        self.endpoint: str | None = None
+        self._warm_up = warm_up
+        self._ready = False
+        self._stopping = threading.Event()
+        self._bound = threading.Event()
+        self._bind_error: BaseException | None = None
+        self._ctx = zmq.Context()
+        self._inproc = f"inproc://stm-feedback-replies-{next(_ids)}"
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._inflight = 0  # touched by the I/O thread only
+        self._instruments: dict[str, InstrumentState] = {}
+        self._state_lock = threading.Lock()
+        self._models = describe_models(analyzer)
+        self._io_thread = threading.Thread(target=self._io_loop, name="stm-feedback-io", daemon=True)
+        self._workers = [
+            threading.Thread(target=self._worker_loop, name=f"stm-feedback-worker-{i}", daemon=True)
+            for i in range(max(1, self.settings.workers))
+        ]
+        self._auth: Any = None
+
+    # -------------------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> Server:
+        """Warm up the analyzer, bind and start serving; raises if the bind fails."""
+        if self._warm_up:
+            self.warmup()
+        else:
+            self._ready = True
+        self._io_thread.start()
+        self._bound.wait()
+        if self._bind_error is not None:
+            raise self._bind_error
+        for w in self._workers:
+            w.start()
+        log.info("serving", extra={"fields": {"endpoint": self.endpoint, "models": self._models}})
+        return self
+
+    def warmup(self) -> None:
+        """Run the analyzer once on a synthetic frame so the first real frame does not pay for lazy init."""
+        n = self.settings.warmup_px
+        if n <= 0:
+            self._ready = True
+            return
+        image = (np.random.default_rng(0).normal(size=(n, n)) * 0.02).astype(np.float32)
+        t0 = time.perf_counter()
+        try:
+            self.analyzer.analyze(image, 0.1, bias_v=None, frame_id="warmup")
+            self._ready = True
+        except Exception:
+            log.exception("warm-up failed; serving with ready=false")
+        log.info(
+            "warm-up", extra={"fields": {"ms": round((time.perf_counter() - t0) * 1e3, 1), "ok": self._ready}}
+        )
+
+    def stop(self, timeout_s: float | None = 30.0) -> None:
+        """Stop accepting, finish in-flight work (replies are sent), close sockets. Idempotent."""
+        self._stopping.set()
+        if self._io_thread.is_alive():
+            self._io_thread.join(timeout_s)
+        for w in self._workers:
+            if w.is_alive():
+                w.join(timeout_s)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if not self._ctx.closed:
+            self._ctx.term()
+
+    def is_alive(self) -> bool:
+        return self._io_thread.is_alive()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------------------------------ I/O thread
+
+    def _make_router(self) -> zmq.Socket:
+        s = self.settings
+        router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable replies raise instead of vanishing silently
+        router.setsockopt(zmq.MAXMSGSIZE, s.max_message_bytes)  # oversized frames disconnect before decoding
+        router.setsockopt(zmq.LINGER, 2000)  # let the last replies leave on shutdown
+        if s.curve_secret_key_file is not None:
+            from zmq.auth import load_certificate
+            from zmq.auth.thread import ThreadAuthenticator
+
+            if s.curve_allowed_clients_dir is None:
+                raise ValueError("curve_secret_key_file is set but curve_allowed_clients_dir is not")
+            self._auth = ThreadAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=str(s.curve_allowed_clients_dir))
+            public, secret = load_certificate(str(s.curve_secret_key_file))
+            if secret is None:
+                raise ValueError(f"{s.curve_secret_key_file} holds no secret key")
+            router.curve_secretkey = secret
+            router.curve_publickey = public
+            router.curve_server = True
+        router.bind(self.bind)
+        self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        return router
+
+    def _io_loop(self) -> None:
+        try:
+            router = self._make_router()
+            pull = self._ctx.socket(zmq.PULL)
+            pull.bind(self._inproc)
+        except BaseException as exc:
+            self._bind_error = exc
+            self._bound.set()
+            return
+        self._bound.set()
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(pull, zmq.POLLIN)
+        accepting = True
+        try:
+            while True:
+                if self._stopping.is_set():
+                    if accepting:
+                        poller.unregister(router)
+                        accepting = False
+                        log.info("stopping: draining", extra={"fields": {"inflight": self._inflight}})
+                    if self._inflight == 0:
+                        break
+                events = dict(poller.poll(100))
+                if pull in events:
+                    while self._forward_one(router, pull):
+                        pass
+                if accepting and router in events:
+                    for _ in range(64):  # bounded burst so worker replies are not starved
+                        try:
+                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(router, frames)
+        finally:
+            for _ in self._workers:
+                self._jobs.put(None)
+            pull.close(0)
+            router.close()
+
+    def _forward_one(self, router: zmq.Socket, pull: zmq.Socket) -> bool:
+        try:
+            frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        meta = _unpack_meta(frames[0].bytes)
+        self._inflight -= 1
+        n_env = meta["n_env"]
+        self._send(
+            router, frames[1 : 1 + n_env], frames[1 + n_env :], meta.get("code"), meta.get("timings", {})
+        )
+        return True
+
+    def _send(
+        self,
+        router: zmq.Socket,
+        envelope: list[Any],
+        body: list[Any],
+        code: str | None,
+        timings: dict[str, float],
+    ) -> None:
+        self.stats.count_reply(code)
+        self.stats.record_ms(timings)
+        try:
+            router.send_multipart([*envelope, *body], flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH (client gone) or EAGAIN (client not reading)
+            self.stats.count_undeliverable()
+            log.warning("reply undeliverable", extra={"fields": {"errno": exc.errno, "error": str(exc)}})
+
+    def _handle(self, router: zmq.Socket, frames: list[Any]) -> None:
+        """One incoming message: validate, answer or enqueue. Never raises."""
+        t0 = time.perf_counter()
+        # envelope = identity (+ the empty delimiter a REQ socket adds); echoed back unchanged
+        n_env = 2 if len(frames) >= 2 and len(frames[1].buffer) == 0 else 1
+        envelope, body = frames[:n_env], frames[n_env:]
+        rid: Any = None
+        rtype: str | None = None
+        try:
+            try:
+                req = parse_request(body, self.limits)
+            except ProtocolError as err:
+                self.stats.count_request(err.request_type)
+                timings = {"decode": _ms(t0), "total": _ms(t0)}
+                log.info(
+                    "rejected",
+                    extra={"fields": {"id": err.request_id, "code": err.code, "message": err.message}},
+                )
+                self._send(
+                    router,
+                    envelope,
+                    build_error(err.request_id, err.request_type, err.code, err.message, timings),
+                    err.code,
+                    timings,
+                )
+                return
+            rid, rtype = req.header.id, req.header.type
+            self.stats.count_request(rtype)
+            decode_ms = _ms(t0)
+            if rtype in QUEUED_TYPES:
+                if self._inflight >= self.settings.max_inflight:
+                    timings = {"decode": decode_ms, "total": _ms(t0)}
+                    msg = f"{self._inflight} request(s) in flight (max_inflight={self.settings.max_inflight})"
+                    self._send(
+                        router,
+                        envelope,
+                        build_error(rid, rtype, "overloaded", msg, timings),
+                        "overloaded",
+                        timings,
+                    )
+                    return
+                deadline_ms = req.header.deadline_ms or self.settings.deadline_ms
+                self._inflight += 1
+                self._jobs.put(_Job(envelope, req, t0, decode_ms, t0 + deadline_ms / 1e3, frames))
+                return
+            payload = self._answer_inline(req)
+            timings = {"decode": decode_ms, "total": _ms(t0)}
+            self._send(router, envelope, build_reply(rid, rtype, payload, timings), None, timings)
+        except ProtocolError as err:
+            timings = {"total": _ms(t0)}
+            self._send(
+                router, envelope, build_error(rid, rtype, err.code, err.message, timings), err.code, timings
+            )
+        except Exception as exc:  # a bug: answer and keep serving
+            log.exception("internal error in I/O thread")
+            timings = {"total": _ms(t0)}
+            self._send(
+                router,
+                envelope,
+                build_error(rid, rtype, "internal", f"{type(exc).__name__}: {exc}", timings),
+                "internal",
+                timings,
+            )
+
+    def _answer_inline(self, req: Request) -> dict[str, Any]:
+        rtype = req.header.type
+        if rtype == "health":
+            return {
+                "status": "stopping" if self._stopping.is_set() else "ok",
+                "uptime_s": self.stats.uptime_s(),
+                "inflight": self._inflight,
+            }
+        if rtype == "ready":
+            return {"ready": self._ready and not self._stopping.is_set()}
+        if rtype == "models":
+            return dict(self._models)
+        if rtype == "stats":
+            with self._state_lock:
+                instruments = {k: v.drift_dict() for k, v in self._instruments.items()}
+            return self.stats.snapshot(
+                queue_depth=self._inflight, max_inflight=self.settings.max_inflight, instruments=instruments
+            )
+        if rtype == "query_sites":
+            return self._query_sites(req.header)  # type: ignore[arg-type]
+        raise ProtocolError("unknown_type", f"{rtype!r} is not answered inline")
+
+    def _query_sites(self, h: QuerySitesRequest) -> dict[str, Any]:
+        with self._state_lock:
+            state = self._instruments.get(h.instrument_id)
+            if state is None or state.latest is None:
+                raise ProtocolError(
+                    "unknown_instrument", f"no analysed frame yet for instrument {h.instrument_id!r}"
+                )
+            latest = state.latest
+            sites = select_sites(latest.sites, h.pattern, h.region, h.terrace, h.limit)
+            return {
+                "instrument_id": h.instrument_id,
+                "frame_id": state.latest_frame_id,
+                "age_s": time.time() - state.latest_unix_s,
+                "image": asdict(latest.image),
+                "sites": [asdict(s) for s in sites],
+                "n_sites_total": len(latest.sites),
+                "drift": state.drift_dict(),
+            }
+
+    # ---------------------------------------------------------------------------------------------- workers
+
+    def _worker_loop(self) -> None:
+        push = self._ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 1000)
+        push.connect(self._inproc)
+        try:
+            while True:
+                job = self._jobs.get()
+                if job is None:
+                    return
+                body, code, timings = self._run_job(job)
+                meta = packb({"n_env": len(job.envelope), "code": code, "timings": timings})
+                push.send_multipart([meta, *job.envelope, *body], copy=False)
+        finally:
+            push.close()
+
+    def _run_job(self, job: _Job) -> tuple[list[Any], str | None, dict[str, float]]:
+        """One analyze/analyze_lines job -> (reply frames, error code or None, timings). Never raises."""
+        h = job.request.header
+        t_start = time.perf_counter()
+        timings = {"decode": job.decode_ms, "queue": (t_start - job.received_s) * 1e3 - job.decode_ms}
+        try:
+            if t_start > job.deadline_s:
+                waited = (t_start - job.received_s) * 1e3
+                raise ProtocolError(
+                    "deadline_exceeded", f"waited {waited:.1f} ms > deadline before work started"
+                )
+            if not isinstance(h, AnalyzeRequest):
+                raise ProtocolError("unknown_type", f"{h.type!r} is not a queued request type")
+            image = image_float32(job.request.arrays["image"])
+            t1 = time.perf_counter()
+            analysis = self.analyzer.analyze(image, h.pixel_size_nm, bias_v=h.bias_v, frame_id=h.frame_id)
+            timings["analyze"] = _ms(t1)
+            t2 = time.perf_counter()
+            payload = self._after_analysis(h, image, analysis)
+            timings["state"] = _ms(t2)  # instrument state + drift estimate
+            t3 = time.perf_counter()
+            arrays = analysis.maps() if h.with_maps else None
+            for stage, ms in analysis.timings_ms.items():
+                timings[f"pipeline.{stage}"] = float(ms)
+            body = build_reply(h.id, h.type, payload, timings, arrays)
+            timings["encode"] = _ms(t3)
+            timings["total"] = _ms(job.received_s)
+            body[0] = packb({**_unpack_meta(body[0]), "timings_ms": timings})  # header with the final timings
+            log.info(
+                "analyzed",
+                extra={
+                    "fields": {
+                        "id": h.id,
+                        "type": h.type,
+                        "instrument": h.instrument_id,
+                        "frame_id": h.frame_id,
+                        "timings_ms": timings,
+                    }
+                },
+            )
+            return body, None, timings
+        except ProtocolError as err:
+            code, msg = err.code, err.message
+        except InputError as err:
+            code, msg = "invalid_input", str(err)
+        except Exception as exc:
+            log.exception("analyzer failed")
+            code, msg = "internal", f"{type(exc).__name__}: {exc}"
+        timings["total"] = _ms(job.received_s)
+        log.info("failed", extra={"fields": {"id": h.id, "code": code, "message": msg}})
+        return build_error(h.id, h.type, code, msg, timings), code, timings
+
+    def _after_analysis(self, h: AnalyzeRequest, image: np.ndarray, analysis: Analysis) -> dict[str, Any]:
+        meta = {
+            "pixel_size_nm": h.pixel_size_nm,
+            "scan_angle_deg": h.scan_angle_deg,
+            "bias_v": h.bias_v,
+            "setpoint_pa": h.setpoint_pa,
+        }
+        partial = isinstance(h, AnalyzeLinesRequest)
+        with self._state_lock:
+            state = self._instruments.setdefault(h.instrument_id, InstrumentState(h.instrument_id))
+            prev, prev_image = state.latest, state.previous_image
+        # the FFTs run outside the lock so query_sites on the I/O thread never waits for them
+        shift = None if partial else measure_drift(prev, prev_image, analysis, image)
+        with self._state_lock:
+            if partial:
+                state.latest_partial = analysis  # a partial frame never replaces the latest full analysis
+            else:
+                state.update(image, analysis, meta, shift)
+            drift = state.drift_dict()
+        payload: dict[str, Any] = {
+            "analysis": analysis.to_json_dict(),
+            "instrument_id": h.instrument_id,
+            "request_meta": meta,
+            "drift": drift,
+        }
+        if isinstance(h, AnalyzeLinesRequest):
+            payload["partial"] = {"lines": int(image.shape[0]), "total_lines": h.total_lines}
+        return payload
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1e3, 3)
+
+
+def _unpack_meta(raw: bytes) -> dict[str, Any]:
+    import msgpack
+
+    return msgpack.unpackb(raw, raw=False)
