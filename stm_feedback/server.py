@@ -97,18 +97,31 @@ def estimate_shift_px(
     previous: np.ndarray, current: np.ndarray, window: bool = True
 ) -> tuple[float, float, float]:
     """Apparent motion (dx_px, dy_px) of the content from ``previous`` to ``current`` (same shape) by phase
-    correlation, and the correlation peak response (0..1, higher = more trustworthy). ``window``: Hanning
-    window against edge effects (off for blob images that are already zero at the borders)."""
-    import cv2
-
-    a = np.ascontiguousarray(previous, np.float64)
-    b = np.ascontiguousarray(current, np.float64)
+    correlation with a parabolic sub-pixel peak, and the correlation peak height (0..1, higher = more
+    trustworthy). ``window``: Hanning taper against edge effects (off for blob images: zero at the edges)."""
+    a = np.asarray(previous, np.float64)
+    b = np.asarray(current, np.float64)
+    a, b = a - a.mean(), b - b.mean()
     if window:
-        hann = cv2.createHanningWindow((a.shape[1], a.shape[0]), cv2.CV_64F)
-        (dx, dy), response = cv2.phaseCorrelate(a - a.mean(), b - b.mean(), hann)
-    else:
-        (dx, dy), response = cv2.phaseCorrelate(a, b)
-    return float(dx), float(dy), float(response)
+        taper = np.outer(np.hanning(a.shape[0]), np.hanning(a.shape[1]))
+        a, b = a * taper, b * taper
+    cross = np.fft.fft2(b) * np.conj(np.fft.fft2(a))
+    cross /= np.maximum(np.abs(cross), 1e-12)
+    r = np.fft.ifft2(cross).real
+    h, w = r.shape
+    iy, ix = np.unravel_index(int(np.argmax(r)), r.shape)
+    dy = iy + _parabola_peak(r[(iy - 1) % h, ix], r[iy, ix], r[(iy + 1) % h, ix])
+    dx = ix + _parabola_peak(r[iy, (ix - 1) % w], r[iy, ix], r[iy, (ix + 1) % w])
+    # the correlation is circular: shifts beyond half the frame are negative shifts
+    dy = dy - h if dy > h / 2 else dy
+    dx = dx - w if dx > w / 2 else dx
+    return float(dx), float(dy), float(r[iy, ix])
+
+
+def _parabola_peak(left: float, centre: float, right: float) -> float:
+    """Sub-sample offset (-0.5..0.5) of the vertex of the parabola through three equally spaced samples."""
+    curvature = left - 2 * centre + right
+    return 0.0 if curvature == 0 else float(np.clip(0.5 * (left - right) / curvature, -0.5, 0.5))
 
 
 def measure_drift(

@@ -34,7 +34,11 @@ class DeterministicTestAnalyzer:
         return {"test": "double-1"}
 
     def analyze(
-        self, image: np.ndarray, pixel_size_nm: float, bias_v: float | None = None, frame_id: str | None = None
+        self,
+        image: np.ndarray,
+        pixel_size_nm: float,
+        bias_v: float | None = None,
+        frame_id: str | None = None,
     ) -> Analysis:
         self.calls += 1
         if self.delay_s:
@@ -52,8 +56,15 @@ class DeterministicTestAnalyzer:
             for i in order
         ]
         sites = [
-            Site(x + 8.0, y + 8.0, [[x + 7.0, y + 8.0], [x + 8.0, y + 8.0], [x + 9.0, y + 8.0]], 0, 1.0 + x / w,
-                 "3x1", float(x + y))
+            Site(
+                x + 8.0,
+                y + 8.0,
+                [[x + 7.0, y + 8.0], [x + 8.0, y + 8.0], [x + 9.0, y + 8.0]],
+                0,
+                1.0 + x / w,
+                "3x1",
+                float(x + y),
+            )
             for y in range(0, h - 15, 16)
             for x in range(0, w - 15, 16)
         ]
