@@ -1,1 +1,1 @@
-"""Instrument adapters: sources of STM frames that feed the stm-feedback daemon (simulated, files, Nanonis)."""
+"""Instrument adapters: sources of STM frames for the stm-feedback daemon (simulated, files, Nanonis)."""
