@@ -1,9 +1,85 @@
-"""CLI commands of this subsystem (registered by stm_feedback.cli)."""
+"""``stm-feedback evaluate``: score the networks and/or the classical baseline on a fixed simulator suite."""
 
 from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 
+class SuiteName(str, Enum):
+    clean = "clean"
+    realistic = "realistic"
+    hard = "hard"
+
+
+class MethodName(str, Enum):
+    nets = "nets"
+    baseline = "baseline"
+    both = "both"
+    oracle = "oracle"  # truth copied into an Analysis: a self-test of the metrics, must score ~1.0
+
+
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to app (none yet)."""
+    """Add ``evaluate`` to the CLI."""
+
+    @app.command("evaluate")
+    def evaluate_cmd(
+        suite: Annotated[SuiteName, typer.Option(help="fixed seeded simulator suite")] = SuiteName.realistic,
+        n: Annotated[int, typer.Option(help="frames (0 = suite default: clean 20, realistic/hard 30)")] = 0,
+        method: Annotated[MethodName, typer.Option(help="what to score")] = MethodName.both,
+        json_out: Annotated[
+            Path | None, typer.Option("--json", help="write all metrics and per-frame scores here")
+        ] = None,
+        config: Annotated[
+            Path | None, typer.Option(help="settings file (TOML/JSON) for the pipeline")
+        ] = None,
+    ) -> None:
+        """Score atoms, dimers, defects, terraces and row angles against simulator truth; print a markdown
+        table with the targets of issue 3 marked pass/fail."""
+        from tqdm import tqdm
+
+        from stm_feedback.errors import ModelError
+        from stm_feedback.evaluation import (
+            baseline_analyzer,
+            evaluate_frames,
+            markdown_table,
+            nets_analyzer,
+            oracle_analysis,
+            suite_frames,
+        )
+
+        methods = ["nets", "baseline"] if method is MethodName.both else [method.value]
+        analyzers = {}
+        try:
+            for m in methods:
+                if m == "nets":
+                    from stm_feedback.config import load_settings
+
+                    analyzers[m] = nets_analyzer(load_settings(config))
+                elif m == "baseline":
+                    analyzers[m] = baseline_analyzer()
+        except ModelError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(code=2) from e
+        frames = list(
+            tqdm(suite_frames(suite.value, n or None), desc=f"simulating {suite.value}", unit="frame")
+        )
+        results = []
+        for m in methods:
+            if m == "oracle":
+                fn = lambda f: oracle_analysis(f.truth)  # noqa: E731
+            else:
+                an = analyzers[m]
+                fn = lambda f, an=an: an(f.image_nm, f.pixel_size_nm, f.bias_v)  # noqa: E731
+            with tqdm(total=len(frames), desc=f"{m} on {suite.value}", unit="frame") as bar:
+                results.append(
+                    evaluate_frames(frames, fn, suite.value, m, progress=lambda *_, b=bar: b.update(1))
+                )
+        typer.echo(markdown_table(results))
+        if json_out:
+            json_out.write_text(json.dumps([r.to_dict() for r in results], indent=1, default=float))
+            typer.echo(f"wrote {json_out}")
