@@ -1,0 +1,243 @@
+"""Point defects of H-Si(100)-2x1: footprints on the dimer lattice, placement, and apparent-height templates.
+
+Footprints are lists of dimer indices (i along the row, j = row) on one terrace. Heights (nm, filled state,
+relative to the local row maximum) and footprints follow ../shared/design/hsi-physics.md sections 2.2 and 5.1.
+Protrusions stay bright and depressions dark in empty states; charged-defect halos change sign with bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from simulator.lattice import Appearance, TerraceLattice, dimer_height
+from simulator.surface import Surface
+from stm_feedback.physics import DEFECT_CLASSES, DIMER_ATOM_SEPARATION_NM, ROW_SPACING_NM, SURFACE_LATTICE_NM
+
+DimerIndex = tuple[int, int]
+# half extents (nm) of the footprint rectangle of one dimer, along / across the row
+FOOT_HALF_ALONG_NM = 0.5 * SURFACE_LATTICE_NM
+FOOT_HALF_ACROSS_NM = 0.3
+
+
+@dataclass
+class Defect:
+    """One defect on terrace ``terrace``; ``dimers`` is its footprint, ``removed``/``bare`` subsets of it.
+
+    The core template is an anisotropic Gaussian of amplitude ``amp_nm`` on every footprint dimer (``blob``:
+    one Gaussian of width ``sigma_blob_nm`` at the footprint centre instead);
+    ``halo_amp_nm``/``halo_lambda_nm``
+    add a screened-Coulomb halo (charged defects, filled-state sign).
+    """
+
+    cls: str
+    terrace: int
+    dimers: list[DimerIndex]
+    removed: list[DimerIndex] = field(default_factory=list)
+    bare: list[DimerIndex] = field(default_factory=list)
+    amp_nm: float = 0.0
+    sigma_along_nm: float = 0.2
+    sigma_across_nm: float = 0.3
+    blob: bool = False
+    sigma_blob_nm: float = 0.4
+    atom_side: int = 0  # db_single: +1 / -1 = which atom of the dimer lost its H
+    halo_amp_nm: float = 0.0
+    halo_lambda_nm: float = 2.0
+    id: int = 0
+
+    @property
+    def kind(self) -> str:
+        return DEFECT_CLASSES[self.cls].kind
+
+
+def footprint(
+    rng: np.random.Generator, cls: str
+) -> tuple[list[DimerIndex], list[DimerIndex], list[DimerIndex]]:
+    """(footprint, removed, bare) dimer offsets of a new defect of class cls, relative to its seed dimer."""
+    if cls in ("db_single",):
+        return [(0, 0)], [], []
+    if cls == "db_pair":
+        return [(0, 0)], [], [(0, 0)]
+    if cls == "litho_patch":
+        k = int(rng.integers(2, 7))
+        rows = 2 if rng.random() < 0.2 else 1
+        f = [(i, j) for j in range(rows) for i in range(k if rows == 1 else 3)]
+        return f, [], list(f)
+    if cls == "adatom_cluster":
+        shape = int(rng.integers(0, 3))
+        f = [[(0, 0)], [(0, 0), (1, 0)], [(0, 0), (1, 0), (0, 1), (1, 1)]][shape]
+        return f, list(f), []
+    if cls == "dv1":
+        return [(0, 0)], [(0, 0)], []
+    if cls == "dv2":
+        return [(0, 0), (1, 0)], [(0, 0), (1, 0)], []
+    if cls == "dv1p2":  # 1-DV, split-off dimer (kept), 2-DV along one row
+        return [(0, 0), (1, 0), (2, 0), (3, 0)], [(0, 0), (2, 0), (3, 0)], []
+    if cls == "etch_pit":
+        k1 = int(rng.integers(2, 5))
+        k2 = int(rng.integers(1, 4))
+        s2 = int(rng.integers(0, max(1, k1 - k2 + 1)))
+        f = [(i, 0) for i in range(k1)] + [(s2 + i, 1) for i in range(k2)]
+        return f, list(f), []
+    if cls == "dihydride":
+        f = [(0, 0)] if rng.random() < 0.6 else [(0, 0), (1, 0)]
+        return f, list(f), []
+    raise KeyError(cls)
+
+
+def appearance_for(rng: np.random.Generator, d: Defect) -> None:
+    """Draw the apparent-height template parameters of d in place (filled-state values, nm)."""
+    c = d.cls
+    if c == "db_single":
+        d.atom_side = int(rng.choice([-1, 1]))
+        d.amp_nm = rng.uniform(0.10, 0.15)
+        d.blob, d.sigma_blob_nm = True, rng.uniform(0.8, 1.2) / 2.355
+        d.halo_amp_nm, d.halo_lambda_nm = rng.uniform(0.01, 0.03), rng.uniform(1.8, 2.1)
+    elif c == "db_pair":
+        d.amp_nm, d.sigma_along_nm, d.sigma_across_nm = rng.uniform(0.06, 0.12), 0.25, 0.35
+    elif c == "litho_patch":
+        d.amp_nm, d.sigma_along_nm, d.sigma_across_nm = rng.uniform(0.10, 0.15), 0.22, 0.33
+    elif c == "adatom_cluster":
+        big = rng.random() < 0.15  # "gunk": higher, wider
+        d.amp_nm = rng.uniform(0.2, 0.6) if big else rng.uniform(0.10, 0.20)
+        d.blob = True
+        d.sigma_blob_nm = rng.uniform(0.35, 0.5) * (1.0 + 0.3 * (len(d.dimers) - 1)) * (1.5 if big else 1.0)
+    elif c in ("dv1", "dv2", "dv1p2"):
+        d.amp_nm, d.sigma_along_nm, d.sigma_across_nm = -rng.uniform(0.04, 0.08), 0.2, 0.28
+    elif c == "etch_pit":
+        d.amp_nm, d.sigma_along_nm, d.sigma_across_nm = -rng.uniform(0.06, 0.11), 0.25, 0.35
+        if rng.random() < 0.15:  # charged Si vacancy: long screening length
+            d.halo_amp_nm, d.halo_lambda_nm = -rng.uniform(0.01, 0.03), 5.9
+    elif c == "dihydride":
+        d.amp_nm, d.sigma_along_nm, d.sigma_across_nm = -rng.uniform(0.02, 0.05), 0.2, 0.3
+    else:
+        raise KeyError(c)
+
+
+def template_radius_nm(d: Defect) -> float:
+    """Distance (nm) from the footprint centre beyond which d's template is negligible."""
+    r = 0.5 * SURFACE_LATTICE_NM * len(d.dimers) + 3.0 * max(
+        d.sigma_along_nm, d.sigma_across_nm, d.sigma_blob_nm
+    )
+    if d.halo_amp_nm:
+        r = max(r, 3.0 * d.halo_lambda_nm)
+    return r + ROW_SPACING_NM
+
+
+def footprint_centre_nm(d: Defect, lat: TerraceLattice) -> np.ndarray:
+    """Sample-frame centre (nm) of d's footprint (for db_single: the depassivated atom)."""
+    ij = np.array(d.dimers, dtype=np.float64)
+    c = lat.dimer_centres_nm(ij[:, 0], ij[:, 1]).mean(axis=0)
+    if d.cls == "db_single":
+        c = c + d.atom_side * 0.5 * DIMER_ATOM_SEPARATION_NM * lat.bond_dir
+    return c
+
+
+def render_defect(
+    d: Defect, lat: TerraceLattice, x_nm: np.ndarray, y_nm: np.ndarray, app: Appearance
+) -> tuple[np.ndarray, np.ndarray]:
+    """(height contribution (nm), footprint mask) of d at sample points x/y (same shape)."""
+    a, b = lat.to_lattice(x_nm, y_nm)
+    z = np.zeros_like(a)
+    foot = np.zeros(a.shape, dtype=bool)
+    halo_sign = (
+        -1.0 if app.empty_state else 1.0
+    )  # negative charge: bright halo in filled, dark in empty states
+    for i, j in d.dimers:
+        da = a - i * SURFACE_LATTICE_NM
+        db = b - j * ROW_SPACING_NM
+        foot |= (np.abs(da) <= FOOT_HALF_ALONG_NM) & (np.abs(db) <= FOOT_HALF_ACROSS_NM)
+        if (i, j) in d.removed:
+            z -= dimer_height(da, db, app)
+        if not d.blob:
+            z += d.amp_nm * np.exp(-0.5 * ((da / d.sigma_along_nm) ** 2 + (db / d.sigma_across_nm) ** 2))
+    c = footprint_centre_nm(d, lat)
+    r = np.hypot(x_nm - c[0], y_nm - c[1])
+    if d.blob:
+        core = d.amp_nm * np.exp(-0.5 * (r / d.sigma_blob_nm) ** 2)
+        z += core
+        foot |= np.abs(core) > 0.5 * abs(d.amp_nm)
+    if d.halo_amp_nm:
+        r0 = 0.5
+        z += halo_sign * d.halo_amp_nm * np.exp(-r / d.halo_lambda_nm) * (r0 / (r + r0))
+    return z, foot
+
+
+def _blocked_cells(d: Defect) -> list[DimerIndex]:
+    """Footprint plus a one-dimer margin along and across the row (no touching defects)."""
+    out = []
+    for i, j in d.dimers:
+        out += [(i + di, j + dj) for di in (-1, 0, 1) for dj in (-1, 0, 1)]
+    return out
+
+
+def place_defects(
+    rng: np.random.Generator,
+    surface: Surface,
+    box_nm: tuple[float, float, float, float],
+    densities_per_100nm2: dict[str, float],
+    density_scale: float = 1.0,
+    nb_dispersion: float = 2.0,
+    p_cluster: float = 0.3,
+    step_clearance_nm: float = 0.8,
+    occupied: set[tuple[int, int, int]] | None = None,
+) -> list[Defect]:
+    """Random non-overlapping defects with seed dimers inside the sample-frame box (x0, x1, y0, y1), nm.
+
+    Per-class counts are negative-binomial (mean = density x area x scale, shape ``nb_dispersion``); with
+    probability ``p_cluster`` a defect is seeded within a few dimers of an earlier one (defects cluster).
+    ``occupied`` holds (terrace, i, j) already taken (updated in place). Ids are left 0 (the caller
+    numbers them).
+    """
+    x0, x1, y0, y1 = box_nm
+    area_100nm2 = (x1 - x0) * (y1 - y0) / 100.0
+    occupied = set() if occupied is None else occupied
+    classes = []
+    for cls, dens in densities_per_100nm2.items():
+        mu = dens * density_scale * area_100nm2
+        if mu <= 0:
+            continue
+        k = nb_dispersion
+        classes += [cls] * int(rng.negative_binomial(k, k / (k + mu)))
+    rng.shuffle(classes)
+    placed: list[Defect] = []
+    for cls in classes:
+        for _attempt in range(8):
+            if placed and rng.random() < p_cluster:
+                near = placed[int(rng.integers(len(placed)))]
+                n = near.terrace
+                i0, j0 = near.dimers[0]
+                i = i0 + int(rng.integers(-8, 9))
+                j = j0 + int(rng.integers(-3, 4))
+            else:
+                x, y = rng.uniform(x0, x1), rng.uniform(y0, y1)
+                n = int(surface.terrace_at(np.array([x]), np.array([y]))[0][0])
+                a, b = surface.lattice(n).to_lattice(np.array(x), np.array(y))
+                i = int(np.round(a / SURFACE_LATTICE_NM))
+                j = int(np.round(b / ROW_SPACING_NM))
+            lat = surface.lattice(n)
+            rel, removed, bare = footprint(rng, cls)
+            cells = [(i + di, j + dj) for di, dj in rel]
+            ij = np.array(cells, dtype=np.float64)
+            centres = lat.dimer_centres_nm(ij[:, 0], ij[:, 1])
+            cx, cy = centres[0]
+            if not (x0 <= cx < x1 and y0 <= cy < y1):
+                continue
+            t_idx, t_dist, _ = surface.terrace_at(centres[:, 0], centres[:, 1])
+            if np.any(t_idx != n) or np.any(t_dist < step_clearance_nm):
+                continue
+            if any((n, ci, cj) in occupied for ci, cj in cells):
+                continue
+            d = Defect(
+                cls=cls,
+                terrace=n,
+                dimers=cells,
+                removed=[(i + di, j + dj) for di, dj in removed],
+                bare=[(i + di, j + dj) for di, dj in bare],
+            )
+            appearance_for(rng, d)
+            occupied.update((n, ci, cj) for ci, cj in _blocked_cells(d))
+            placed.append(d)
+            break
+    return placed

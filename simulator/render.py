@@ -1,0 +1,145 @@
+"""Ideal (artefact-free, point-tip) apparent height sampled at the tip positions of a raster, plus exact
+truth.
+
+The height field is analytic in the sample frame: terrace base heights with smooth step ramps, the
+periodic dimer
+lattice of each terrace (hard-assigned by the terrace under each point), and local defect templates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from simulator.defects import Defect, footprint_centre_nm, render_defect, template_radius_nm
+from simulator.lattice import Appearance, lattice_height
+from simulator.scan import ScanGeometry
+from simulator.surface import Surface
+from stm_feedback.physics import DIMER_ATOM_SEPARATION_NM
+
+STEP_MASK_HALF_WIDTH_NM = 0.4
+
+
+@dataclass
+class IdealRender:
+    """Ideal height (nm) and per-pixel labels of one raster (all (H, W))."""
+
+    z_nm: np.ndarray
+    terrace: np.ndarray  # int64 terrace index under each pixel
+    step_dist_nm: np.ndarray
+    defect_instances: np.ndarray  # int32, Defect.id or 0
+    defect_pixels: dict[int, tuple[float, float]]  # id -> (x_px, y_px) footprint centre
+
+
+def render_ideal(
+    surface: Surface,
+    defects: list[Defect],
+    geom: ScanGeometry,
+    app: Appearance,
+    rows: np.ndarray | None = None,
+) -> IdealRender:
+    """Sample the analytic surface at the raster positions of ``rows`` (default all rows) of ``geom``."""
+    rows = np.arange(geom.height_px) if rows is None else np.asarray(rows)
+    x, y = geom.sample_coords_nm(rows)
+    terrace, dist, z = surface.terrace_at(x, y)
+    for n in np.unique(terrace):
+        m = terrace == n
+        lat = surface.lattice(int(n))
+        a, b = lat.to_lattice(x[m], y[m])
+        z[m] += lattice_height(a, b, app)[0]
+    inst = np.zeros(x.shape, dtype=np.int32)
+    centres: dict[int, tuple[float, float]] = {}
+    s = geom.pixel_size_nm
+    pad = float(np.abs(geom.jitter_px).max(initial=0.0)) + 2.0
+    r0, r1 = int(rows[0]), int(rows[-1])
+    for d in defects:
+        lat = surface.lattice(d.terrace)
+        c_nm = footprint_centre_nm(d, lat)
+        cx, cy = geom.to_pixels(c_nm[None, :])[0]
+        centres[d.id] = (float(cx), float(cy))
+        rad = template_radius_nm(d) / s + pad
+        ya, yb = max(int(np.floor(cy - rad)), r0), min(int(np.ceil(cy + rad)), r1)
+        xa, xb = max(int(np.floor(cx - rad)), 0), min(int(np.ceil(cx + rad)), geom.width_px - 1)
+        if ya > yb or xa > xb:
+            continue
+        sl = (slice(ya - r0, yb - r0 + 1), slice(xa, xb + 1))
+        dz, foot = render_defect(d, lat, x[sl], y[sl], app)
+        on = terrace[sl] == d.terrace  # a template never spills onto another terrace
+        z[sl] += np.where(on, dz, 0.0)
+        inst[sl][foot & on] = d.id
+    return IdealRender(z, terrace, dist, inst, centres)
+
+
+@dataclass
+class LatticeTruth:
+    """Intact dimers and their atoms inside the frame, in frame pixels."""
+
+    dimers_xy_px: np.ndarray
+    dimer_terrace: np.ndarray
+    dimer_row: np.ndarray
+    dimer_bare: np.ndarray
+    atoms_xy_px: np.ndarray
+    atom_terrace: np.ndarray
+    atom_dimer: np.ndarray  # index into the dimer arrays
+
+
+def lattice_truth(surface: Surface, defects: list[Defect], geom: ScanGeometry) -> LatticeTruth:
+    """Dimers (centre, terrace, row index j, bare flag) and atoms whose pixel positions fall inside the frame.
+
+    Dimers removed by vacancies, covered by adatoms or converted to dihydride are omitted; bare dimers
+    (db_pair, litho_patch) stay with ``dimer_bare`` set.
+    """
+    corners = geom.corners_nm()
+    removed: dict[int, set] = {}
+    bare: dict[int, set] = {}
+    for d in defects:
+        removed.setdefault(d.terrace, set()).update(d.removed)
+        bare.setdefault(d.terrace, set()).update(d.bare)
+    H, W = geom.height_px, geom.width_px
+    half = 0.5 * DIMER_ATOM_SEPARATION_NM
+    out_d, out_t, out_j, out_b, out_a = [], [], [], [], []
+    for n in surface.terrace_ids:
+        lat = surface.lattice(n)
+        i0, i1, j0, j1 = lat.index_range(corners)
+        ii, jj = np.meshgrid(np.arange(i0, i1 + 1), np.arange(j0, j1 + 1), indexing="ij")
+        ii, jj = ii.ravel(), jj.ravel()
+        c = lat.dimer_centres_nm(ii, jj)
+        on = surface.terrace_at(c[:, 0], c[:, 1])[0] == n
+        if removed.get(n):
+            on &= np.array([(a, b) not in removed[n] for a, b in zip(ii, jj, strict=True)])
+        ii, jj, c = ii[on], jj[on], c[on]
+        if len(c) == 0:
+            continue
+        px = geom.to_pixels(c)
+        atoms = np.concatenate([c - half * lat.bond_dir, c + half * lat.bond_dir])
+        apx = geom.to_pixels(atoms).reshape(2, -1, 2)
+        inside = (px[:, 0] >= -0.5) & (px[:, 0] <= W - 0.5) & (px[:, 1] >= -0.5) & (px[:, 1] <= H - 0.5)
+        out_d.append(px[inside])
+        out_t.append(np.full(int(inside.sum()), n))
+        out_j.append(jj[inside])
+        bset = bare.get(n, set())
+        out_b.append(
+            np.array([(a, b) in bset for a, b in zip(ii[inside], jj[inside], strict=True)], dtype=bool)
+        )
+        out_a.append(apx[:, inside])
+    if not out_d:
+        e2 = np.zeros((0, 2))
+        ei = np.zeros(0, dtype=np.int64)
+        return LatticeTruth(e2, ei, ei, np.zeros(0, bool), e2, ei, ei)
+    dimers = np.concatenate(out_d)
+    atoms2 = np.concatenate(out_a, axis=1)  # (2, M, 2): both atoms of each dimer
+    m = len(dimers)
+    atoms = atoms2.reshape(-1, 2)
+    atom_dimer = np.tile(np.arange(m), 2)
+    a_in = (atoms[:, 0] >= -0.5) & (atoms[:, 0] <= W - 0.5) & (atoms[:, 1] >= -0.5) & (atoms[:, 1] <= H - 0.5)
+    terr = np.concatenate(out_t).astype(np.int64)
+    return LatticeTruth(
+        dimers_xy_px=dimers,
+        dimer_terrace=terr,
+        dimer_row=np.concatenate(out_j).astype(np.int64),
+        dimer_bare=np.concatenate(out_b),
+        atoms_xy_px=atoms[a_in],
+        atom_terrace=terr[atom_dimer[a_in]],
+        atom_dimer=atom_dimer[a_in],
+    )
