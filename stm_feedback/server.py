@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import zmq
+from scipy import ndimage
 
 from stm_feedback.config import ServerSettings, Settings
 from stm_feedback.errors import InputError, ProtocolError
@@ -83,14 +85,44 @@ def describe_models(analyzer: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ drift estimate
 
 
-def defect_density(analysis: Analysis, shape: tuple[int, int], sigma_px: float = 2.0) -> np.ndarray:
-    """(H, W) float64 image with a Gaussian blob at every defect: the lattice-free picture used for drift."""
-    h, w = shape
-    yy, xx = np.mgrid[0:h, 0:w]
+DRIFT_MAX_PX = 256  # drift is estimated on frames block-averaged to at most this many pixels per side
+
+
+def drift_bin_factor(shape: tuple[int, ...]) -> int:
+    """Integer block size that brings the longer side of ``shape`` to at most ``DRIFT_MAX_PX``."""
+    return max(1, math.ceil(max(shape) / DRIFT_MAX_PX))
+
+
+def bin_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    """Block mean over ``factor`` x ``factor`` pixels (edges cropped to a multiple), float32. Besides speed,
+    binning by >= the dimer pitch in pixels washes out the lattice, which would otherwise alias the shift."""
+    if factor == 1:
+        return np.array(image, np.float32, copy=True)
+    h, w = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
+    return image[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3), dtype=np.float32)
+
+
+def defect_density(
+    analysis: Analysis, shape: tuple[int, int], factor: int = 1, sigma_px: float = 1.5
+) -> np.ndarray:
+    """Image of ``shape`` (the binned grid) with a Gaussian blob of ``sigma_px`` at every defect: the
+    lattice-free picture used for drift. Defect positions (input pixels) are mapped to the binned grid."""
     out = np.zeros(shape, np.float64)
+    h, w = shape
     for d in analysis.defects:
-        out += np.exp(-((xx - d.x_px) ** 2 + (yy - d.y_px) ** 2) / (2 * sigma_px**2))
-    return out
+        # block j covers input pixels j*f .. j*f+f-1, so its centre is at j*f + (f-1)/2
+        x, y = (d.x_px - (factor - 1) / 2) / factor, (d.y_px - (factor - 1) / 2) / factor
+        x0, y0 = math.floor(x), math.floor(y)
+        fx, fy = x - x0, y - y0
+        for yy, xx, wgt in (
+            (y0, x0, (1 - fx) * (1 - fy)),
+            (y0, x0 + 1, fx * (1 - fy)),
+            (y0 + 1, x0, (1 - fx) * fy),
+            (y0 + 1, x0 + 1, fx * fy),
+        ):  # bilinear splat
+            if 0 <= yy < h and 0 <= xx < w:
+                out[yy, xx] += wgt
+    return ndimage.gaussian_filter(out, sigma_px, mode="constant")
 
 
 def estimate_shift_px(
@@ -125,23 +157,26 @@ def _parabola_peak(left: float, centre: float, right: float) -> float:
 
 
 def measure_drift(
-    prev: Analysis | None, prev_image: np.ndarray | None, analysis: Analysis, image: np.ndarray
+    prev: Analysis | None, prev_binned: np.ndarray | None, analysis: Analysis, binned: np.ndarray, factor: int
 ) -> tuple[float, float, float, str] | None:
-    """(dx_px, dy_px, response, method): apparent motion of the content from the previous frame to this one,
-    or None without a previous frame of the same shape and pixel size. Defects do not repeat with the lattice
-    period, so their blobs give an unambiguous shift; with fewer than 3 defects the images themselves are used
-    (a pure lattice can alias by whole lattice periods)."""
-    if prev is None or prev_image is None or prev_image.shape != image.shape:
+    """(dx_px, dy_px, response, method): apparent motion in input pixels of the content from the previous
+    frame to this one, or None without a previous frame of the same shape and pixel size. ``*_binned`` are the
+    frames after ``bin_mean(image, factor)``. Defects do not repeat with the lattice period, so their blobs
+    give an unambiguous shift; with fewer than 3 defects the binned images themselves are used."""
+    if prev is None or prev_binned is None or prev_binned.shape != binned.shape:
+        return None
+    if (prev.image.height_px, prev.image.width_px) != (analysis.image.height_px, analysis.image.width_px):
         return None
     px = analysis.image.pixel_size_nm
     if abs(prev.image.pixel_size_nm - px) > 1e-6 * px:
         return None
     if len(prev.defects) >= 3 and len(analysis.defects) >= 3:
-        a, b, method = defect_density(prev, image.shape), defect_density(analysis, image.shape), "defects"
+        a, b = defect_density(prev, binned.shape, factor), defect_density(analysis, binned.shape, factor)
+        method = "defects"
     else:
-        a, b, method = prev_image, image, "image"
+        a, b, method = prev_binned, binned, "image"
     dx, dy, resp = estimate_shift_px(a, b, window=method == "image")
-    return dx, dy, resp, method
+    return dx * factor, dy * factor, resp, method
 
 
 @dataclass
@@ -160,11 +195,11 @@ class InstrumentState:
     drift_method: str | None = None
     drift_response: float | None = None
     cumulative_drift_nm: tuple[float, float] = (0.0, 0.0)
-    previous_image: np.ndarray | None = None  # last full frame, for the next drift estimate
+    previous_binned: np.ndarray | None = None  # last full frame after bin_mean, for the next drift estimate
 
     def update(
         self,
-        image: np.ndarray,
+        binned: np.ndarray,
         analysis: Analysis,
         meta: dict[str, Any],
         shift: tuple[float, float, float, str] | None,
@@ -179,7 +214,7 @@ class InstrumentState:
             self.cumulative_drift_nm = (cx + dx * px, cy + dy * px)
         self.latest, self.latest_frame_id, self.latest_unix_s = analysis, analysis.image.frame_id, time.time()
         self.latest_meta = meta
-        self.previous_image = np.array(image, np.float32, copy=True)
+        self.previous_binned = binned
         self.frames += 1
 
     def drift_dict(self) -> dict[str, Any]:
@@ -307,6 +342,10 @@ class Server:
         for w in self._workers:
             if w.is_alive():
                 w.join(timeout_s)
+        if self._io_thread.is_alive() or any(w.is_alive() for w in self._workers):
+            # an analyzer call is stuck: leave the (daemon) threads and their sockets; term() would block
+            log.error("stop: threads still running after %s s; not closing the context", timeout_s)
+            return
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
@@ -602,14 +641,18 @@ class Server:
         partial = isinstance(h, AnalyzeLinesRequest)
         with self._state_lock:
             state = self._instruments.setdefault(h.instrument_id, InstrumentState(h.instrument_id))
-            prev, prev_image = state.latest, state.previous_image
-        # the FFTs run outside the lock so query_sites on the I/O thread never waits for them
-        shift = None if partial else measure_drift(prev, prev_image, analysis, image)
+            prev, prev_binned = state.latest, state.previous_binned
+        # binning and FFTs run outside the lock so query_sites on the I/O thread never waits for them
+        shift, binned = None, None
+        if not partial:
+            factor = drift_bin_factor(image.shape)
+            binned = bin_mean(image, factor)
+            shift = measure_drift(prev, prev_binned, analysis, binned, factor)
         with self._state_lock:
-            if partial:
+            if binned is None:
                 state.latest_partial = analysis  # a partial frame never replaces the latest full analysis
             else:
-                state.update(image, analysis, meta, shift)
+                state.update(binned, analysis, meta, shift)
             drift = state.drift_dict()
         payload: dict[str, Any] = {
             "analysis": analysis.to_json_dict(),

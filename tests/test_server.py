@@ -290,3 +290,25 @@ def test_curve_allow_list(make_server: Any, tmp_path: Any) -> None:
         with pytest.raises(ServerUnavailable):
             plain.health()
     assert srv.stats.snapshot()["requests_by_type"] == {"health": 1, "analyze": 1}
+
+
+def test_measure_drift_on_binned_large_frames() -> None:
+    from stm_feedback.schema import Analysis, Defect, ImageInfo
+    from stm_feedback.server import bin_mean, drift_bin_factor, measure_drift
+
+    rng = np.random.default_rng(5)
+    xy = rng.uniform(50, 550, size=(12, 2))
+
+    def frame(shift_xy: tuple[float, float]) -> Any:
+        defects = [
+            Defect(x + shift_xy[0], y + shift_xy[1], "depression", 0, "dv1", 1, 0.5, 1, True) for x, y in xy
+        ]
+        return Analysis(ImageInfo(600, 600, 0.1), defects=defects)
+
+    factor = drift_bin_factor((600, 600))
+    assert factor == 3
+    binned = bin_mean(np.zeros((600, 600), np.float32), factor)
+    dx, dy, response, method = measure_drift(frame((0, 0)), binned, frame((7.5, -4.2)), binned, factor)
+    assert method == "defects" and response > 0.3
+    assert (dx, dy) == pytest.approx((7.5, -4.2), abs=0.6)  # 0.2 binned px x 3
+    assert measure_drift(frame((0, 0)), binned, frame((1, 1)), binned[:-1], factor) is None  # shape changed
