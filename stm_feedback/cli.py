@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from stm_feedback.commands import analysis, bench, demo, evaluate, library, nets, serve, simulate
+from stm_feedback.commands import adapter, analysis, bench, demo, evaluate, library, nets, serve, simulate
 
 app = typer.Typer(
     name="stm-feedback",
@@ -15,7 +15,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for _module in (demo, simulate, nets, evaluate, analysis, library, serve, bench):
+for _module in (demo, simulate, nets, evaluate, analysis, library, serve, bench, adapter):
     _module.register(app)
 
 
