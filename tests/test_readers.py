@@ -58,8 +58,9 @@ def test_npy_bad_sidecar_and_bad_shape(tmp_path: Path) -> None:
 @pytest.mark.parametrize("scan_dir", ["down", "up"])
 def test_sxm_roundtrip(tmp_path: Path, scan_dir: str) -> None:
     img = _test_image(20, 30)
-    path = write_sxm(tmp_path / "s.sxm", img, 0.125, bias_v=-2.1, setpoint_pa=40.0, scan_angle_deg=12.5,
-                     scan_dir=scan_dir)
+    path = write_sxm(
+        tmp_path / "s.sxm", img, 0.125, bias_v=-2.1, setpoint_pa=40.0, scan_angle_deg=12.5, scan_dir=scan_dir
+    )
     frame = read_frame(path)
     np.testing.assert_allclose(frame.image, img, rtol=1e-5, atol=1e-6)
     assert frame.pixel_size_nm == pytest.approx(0.125)
@@ -131,11 +132,13 @@ def test_gwy_roundtrip(tmp_path: Path) -> None:
     img = _test_image(16, 24).astype(np.float64)
     container = GwyContainer()
     container["/0/data/title"] = "Topo"
-    container["/0/data"] = GwyDataField(img * 1e-9, xreal=24 * 0.09e-9, yreal=16 * 0.09e-9,
-                                        si_unit_xy="m", si_unit_z="m")
+    container["/0/data"] = GwyDataField(
+        img * 1e-9, xreal=24 * 0.09e-9, yreal=16 * 0.09e-9, si_unit_xy="m", si_unit_z="m"
+    )
     container["/1/data/title"] = "Current"
-    container["/1/data"] = GwyDataField(np.ones((4, 4)), xreal=1e-9, yreal=1e-9, si_unit_xy="m",
-                                        si_unit_z="A")
+    container["/1/data"] = GwyDataField(
+        np.ones((4, 4)), xreal=1e-9, yreal=1e-9, si_unit_xy="m", si_unit_z="A"
+    )
     path = tmp_path / "g.gwy"
     container.tofile(str(path))
     frame = read_frame(path)
