@@ -24,7 +24,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import zmq
-from scipy import ndimage
 
 from stm_feedback.config import ServerSettings, Settings
 from stm_feedback.errors import InputError, ProtocolError
@@ -65,6 +64,35 @@ def load_analyzer(settings: Settings) -> Analyzer:
     return factory(settings)
 
 
+class BaselineAnalyzer:
+    """The classical analyzer (``stm_feedback.baseline``) behind the Pipeline's ``analyze`` signature, so the
+    daemon can run without trained weights (``server.analyzer = "stm_feedback.server:baseline_analyzer"``)."""
+
+    backend = "classical"
+    device = "cpu"
+
+    def versions(self) -> dict[str, str]:
+        return {"baseline": "classical-1"}
+
+    def analyze(
+        self,
+        image: np.ndarray,
+        pixel_size_nm: float,
+        bias_v: float | None = None,
+        frame_id: str | None = None,
+    ) -> Analysis:
+        from stm_feedback.baseline import analyze_baseline
+
+        analysis = analyze_baseline(image, pixel_size_nm, bias_v=bias_v)
+        analysis.image.frame_id = frame_id
+        return analysis
+
+
+def baseline_analyzer(settings: Settings) -> BaselineAnalyzer:
+    """Factory for ``server.analyzer``: the classical baseline (no networks, no planner sites)."""
+    return BaselineAnalyzer()
+
+
 def describe_models(analyzer: Any) -> dict[str, Any]:
     """Model versions, backend and device of the analyzer's runner (``Pipeline.runner``), where it has one."""
     runner = getattr(analyzer, "runner", analyzer)
@@ -102,27 +130,24 @@ def bin_mean(image: np.ndarray, factor: int) -> np.ndarray:
     return image[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3), dtype=np.float32)
 
 
-def defect_density(
-    analysis: Analysis, shape: tuple[int, int], factor: int = 1, sigma_px: float = 1.5
-) -> np.ndarray:
-    """Image of ``shape`` (the binned grid) with a Gaussian blob of ``sigma_px`` at every defect: the
-    lattice-free picture used for drift. Defect positions (input pixels) are mapped to the binned grid."""
-    out = np.zeros(shape, np.float64)
-    h, w = shape
-    for d in analysis.defects:
-        # block j covers input pixels j*f .. j*f+f-1, so its centre is at j*f + (f-1)/2
-        x, y = (d.x_px - (factor - 1) / 2) / factor, (d.y_px - (factor - 1) / 2) / factor
-        x0, y0 = math.floor(x), math.floor(y)
-        fx, fy = x - x0, y - y0
-        for yy, xx, wgt in (
-            (y0, x0, (1 - fx) * (1 - fy)),
-            (y0, x0 + 1, fx * (1 - fy)),
-            (y0 + 1, x0, (1 - fx) * fy),
-            (y0 + 1, x0 + 1, fx * fy),
-        ):  # bilinear splat
-            if 0 <= yy < h and 0 <= xx < w:
-                out[yy, xx] += wgt
-    return ndimage.gaussian_filter(out, sigma_px, mode="constant")
+def refine_with_defects(
+    prev: Analysis, current: Analysis, dx_px: float, dy_px: float, tol_px: float
+) -> tuple[float, float, int]:
+    """Refine an image-based shift with the defects both frames share: move the previous defects by the shift,
+    pair each with the nearest current defect within ``tol_px``, add the median residual. Returns
+    (dx_px, dy_px, n_pairs); the shift is unchanged with fewer than 3 pairs."""
+    if len(prev.defects) < 3 or len(current.defects) < 3:
+        return dx_px, dy_px, 0
+    from scipy.spatial import cKDTree
+
+    moved = np.array([[d.x_px + dx_px, d.y_px + dy_px] for d in prev.defects])
+    now = np.array([[d.x_px, d.y_px] for d in current.defects])
+    dist, idx = cKDTree(now).query(moved, distance_upper_bound=tol_px)
+    ok = np.isfinite(dist)
+    if ok.sum() < 3:
+        return dx_px, dy_px, int(ok.sum())
+    residual = np.median(now[idx[ok]] - moved[ok], axis=0)
+    return dx_px + float(residual[0]), dy_px + float(residual[1]), int(ok.sum())
 
 
 def estimate_shift_px(
@@ -160,9 +185,12 @@ def measure_drift(
     prev: Analysis | None, prev_binned: np.ndarray | None, analysis: Analysis, binned: np.ndarray, factor: int
 ) -> tuple[float, float, float, str] | None:
     """(dx_px, dy_px, response, method): apparent motion in input pixels of the content from the previous
-    frame to this one, or None without a previous frame of the same shape and pixel size. ``*_binned`` are the
-    frames after ``bin_mean(image, factor)``. Defects do not repeat with the lattice period, so their blobs
-    give an unambiguous shift; with fewer than 3 defects the binned images themselves are used."""
+    frame to this one, or None without a previous frame of the same shape and pixel size.
+
+    Phase correlation of the frames block-averaged by ``factor`` (``bin_mean``) gives the shift; binning also
+    washes out the dimer lattice, which would otherwise alias it by whole lattice periods. When at least 3
+    defects pair up across the two frames, their median displacement refines it (method "image+defects").
+    """
     if prev is None or prev_binned is None or prev_binned.shape != binned.shape:
         return None
     if (prev.image.height_px, prev.image.width_px) != (analysis.image.height_px, analysis.image.width_px):
@@ -170,13 +198,10 @@ def measure_drift(
     px = analysis.image.pixel_size_nm
     if abs(prev.image.pixel_size_nm - px) > 1e-6 * px:
         return None
-    if len(prev.defects) >= 3 and len(analysis.defects) >= 3:
-        a, b = defect_density(prev, binned.shape, factor), defect_density(analysis, binned.shape, factor)
-        method = "defects"
-    else:
-        a, b, method = prev_binned, binned, "image"
-    dx, dy, resp = estimate_shift_px(a, b, window=method == "image")
-    return dx * factor, dy * factor, resp, method
+    dx, dy, resp = estimate_shift_px(prev_binned, binned)
+    dx, dy = dx * factor, dy * factor
+    dx, dy, n_pairs = refine_with_defects(prev, analysis, dx, dy, tol_px=max(2.0, 1.5 * factor))
+    return dx, dy, resp, "image+defects" if n_pairs >= 3 else "image"
 
 
 @dataclass

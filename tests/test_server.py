@@ -195,7 +195,7 @@ def test_drift_estimate_from_successive_frames(make_server: Any) -> None:
         c.analyze(base, 0.05, instrument_id="drifty")
         c.analyze(moved, 0.05, instrument_id="drifty")
         drift = c.last_reply["drift"]
-    assert drift["method"] == "defects" and drift["frames"] == 2
+    assert drift["method"] == "image+defects" and drift["frames"] == 2
     assert drift["drift_px"] == pytest.approx([5.0, 2.0], abs=0.3)
     assert drift["drift_nm"] == pytest.approx([0.25, 0.1], abs=0.015)
 
@@ -293,22 +293,22 @@ def test_curve_allow_list(make_server: Any, tmp_path: Any) -> None:
 
 
 def test_measure_drift_on_binned_large_frames() -> None:
-    from stm_feedback.schema import Analysis, Defect, ImageInfo
+    from simulator.frame import SimConfig, simulate_frame
     from stm_feedback.server import bin_mean, drift_bin_factor, measure_drift
 
-    rng = np.random.default_rng(5)
-    xy = rng.uniform(50, 550, size=(12, 2))
-
-    def frame(shift_xy: tuple[float, float]) -> Any:
-        defects = [
-            Defect(x + shift_xy[0], y + shift_xy[1], "depression", 0, "dv1", 1, 0.5, 1, True) for x, y in xy
-        ]
-        return Analysis(ImageInfo(600, 600, 0.1), defects=defects)
-
-    factor = drift_bin_factor((600, 600))
+    big = simulate_frame(
+        1_000_321, size_px=640, pixel_size_nm=0.1, config=SimConfig.preset("realistic")
+    ).image_nm
+    prev_img, cur_img = big[20:620, 20:620], big[24:624, 13:613]  # surface appears to move +7 px x, -4 px y
+    analyzer = DeterministicTestAnalyzer()
+    factor = drift_bin_factor(prev_img.shape)
     assert factor == 3
-    binned = bin_mean(np.zeros((600, 600), np.float32), factor)
-    dx, dy, response, method = measure_drift(frame((0, 0)), binned, frame((7.5, -4.2)), binned, factor)
-    assert method == "defects" and response > 0.3
-    assert (dx, dy) == pytest.approx((7.5, -4.2), abs=0.6)  # 0.2 binned px x 3
-    assert measure_drift(frame((0, 0)), binned, frame((1, 1)), binned[:-1], factor) is None  # shape changed
+    prev, cur = analyzer.analyze(prev_img, 0.1), analyzer.analyze(cur_img, 0.1)
+    dx, dy, response, method = measure_drift(
+        prev, bin_mean(prev_img, factor), cur, bin_mean(cur_img, factor), factor
+    )
+    assert (dx, dy) == pytest.approx((7.0, -4.0), abs=0.5) and response > 0.1
+    cur_small = analyzer.analyze(cur_img[:-3], 0.1)
+    assert (
+        measure_drift(prev, bin_mean(prev_img, factor), cur_small, bin_mean(cur_img[:-3], factor), 3) is None
+    )
