@@ -26,7 +26,7 @@ import numpy as np
 import zmq
 
 from stm_feedback.config import ServerSettings, Settings
-from stm_feedback.errors import InputError, ProtocolError
+from stm_feedback.errors import InputError, ModelError, ProtocolError
 from stm_feedback.protocol import (
     QUEUED_TYPES,
     AnalyzeLinesRequest,
@@ -60,7 +60,13 @@ class Analyzer(Protocol):
 def load_analyzer(settings: Settings) -> Analyzer:
     """Build the analyzer named by ``settings.server.analyzer`` ("module:factory", factory(settings))."""
     module_name, _, attr = settings.server.analyzer.partition(":")
-    factory = getattr(importlib.import_module(module_name), attr or "Pipeline")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr or "Pipeline")
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(
+            f"analyzer {settings.server.analyzer!r} cannot be loaded ({exc}); to serve the classical baseline "
+            "set STM_FEEDBACK_SERVER__ANALYZER=stm_feedback.server:baseline_analyzer"
+        ) from exc
     return factory(settings)
 
 
