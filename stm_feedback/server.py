@@ -64,7 +64,7 @@ def load_analyzer(settings: Settings) -> Analyzer:
         factory = getattr(importlib.import_module(module_name), attr or "Pipeline")
     except (ImportError, AttributeError) as exc:
         raise ModelError(
-            f"analyzer {settings.server.analyzer!r} cannot be loaded ({exc}); to serve the classical baseline "
+            f"analyzer {settings.server.analyzer!r} cannot be loaded ({exc}); for the classical baseline "
             "set STM_FEEDBACK_SERVER__ANALYZER=stm_feedback.server:baseline_analyzer"
         ) from exc
     return factory(settings)
