@@ -28,6 +28,7 @@ def register(app: typer.Typer) -> None:
         import threading
 
         from stm_feedback.config import load_settings
+        from stm_feedback.errors import ModelError
         from stm_feedback.logging_setup import setup_logging
         from stm_feedback.server import Server, load_analyzer
 
@@ -45,7 +46,11 @@ def register(app: typer.Typer) -> None:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
 
-        analyzer = load_analyzer(settings)
+        try:
+            analyzer = load_analyzer(settings)
+        except ModelError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
         server = Server(analyzer, settings.server)
         server.start()
         print(f"stm-feedback serving on {server.endpoint}", flush=True)
