@@ -69,7 +69,9 @@ class SimulatedAdapter(InstrumentAdapter):
         rows: list[np.ndarray] = []
         for line in self.stm.scan_lines():
             rows.append(np.asarray(line.z_nm, np.float32))
-            if self.client is not None and self.lines_every > 0 and len(rows) % self.lines_every == 0:
+            n = len(rows)
+            streaming = self.client is not None and self.lines_every > 0
+            if streaming and n % self.lines_every == 0 and n < self._frame_args["pixels"]:
                 partial = self._send_partial(np.stack(rows))
         self._count += 1
         sim = self.stm.last_frame
