@@ -186,3 +186,21 @@ def test_px_to_nanonis_mapping_rotation() -> None:
     # rotated 90 deg clockwise, screen-left points +Y and screen-up points +X
     xy = frame_px_to_nanonis_m(np.array([[0.0, 0.0]]), frame, 4, 4)[0]
     np.testing.assert_allclose(xy, [1e-8 + 1.5e-9, 2e-8 + 1.5e-9], atol=1e-15)
+
+
+def test_autosave_returns_readable_sxm(stm, tmp_path) -> None:
+    from stm_feedback.readers import read_frame
+
+    with NanonisSimServer(stm, autosave_dir=tmp_path).start() as srv:
+        conn = socket.create_connection((srv.host, srv.port), timeout=30)
+        try:
+            nn = nanonis_spm.Nanonis(conn)
+            _configure_small_frame(nn)
+            _values(nn.Scan_Action(0, 0))
+            timed_out, size, path = _values(nn.Scan_WaitEndOfScan(60_000))
+        finally:
+            conn.close()
+    assert timed_out == 0 and size == len(path.encode()) and path.endswith(".sxm")
+    frame = read_frame(path)
+    np.testing.assert_allclose(frame.image, stm.last_frame.image_nm, rtol=1e-5, atol=1e-6)
+    assert frame.pixel_size_nm == pytest.approx(PIXEL_NM, rel=1e-5)
