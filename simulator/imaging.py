@@ -98,7 +98,8 @@ def acquire(
     step_mask = ideal.step_dist_nm < STEP_MASK_HALF_WIDTH_NM
     labels = np.where(step_mask, -1, ideal.terrace).astype(np.int32)
     inst = ideal.defect_instances
-    present = [d for d in defects if d.id in set(np.unique(inst).tolist())]
+    seen = set(np.unique(inst).tolist())
+    present = [d for d in defects if d.id in seen]
     remap = np.zeros(max([d.id for d in defects], default=0) + 1, dtype=np.int32)
     dtruth: list[DefectTruth] = []
     for k, d in enumerate(present, start=1):
