@@ -43,7 +43,8 @@ class BaselineParams:
     """Tunables of the classical analyzer (lengths in nm, heights in nm, gradients in nm/nm)."""
 
     terrace_sigma_nm: float = 0.4
-    step_gradient_nm_per_nm: float = 0.05
+    step_gradient_nm_per_nm: float = 0.04
+    step_close_nm: float = 0.3
     min_terrace_area_nm2: float = 3.0
     step_band_nm: float = 0.3
     defect_sigma_nm: float = 0.25
@@ -87,8 +88,9 @@ def segment_terraces(z_nm: np.ndarray, pixel_size_nm: float, p: BaselineParams) 
     """(H, W) int32 terrace labels 0.. from the smoothed gradient magnitude; -1 on a thin step-edge band."""
     sigma_px = p.terrace_sigma_nm / pixel_size_nm
     grad = ndimage.gaussian_gradient_magnitude(z_nm, sigma_px, mode="nearest") / pixel_size_nm
-    flat = grad < p.step_gradient_nm_per_nm
-    flat = ndimage.binary_opening(flat, iterations=1)
+    # widen the step mask so that short weak stretches of a step (kinks, S_A segments) do not connect terraces
+    close_px = max(1, int(round(p.step_close_nm / pixel_size_nm)))
+    flat = ~ndimage.binary_dilation(grad >= p.step_gradient_nm_per_nm, iterations=close_px)
     comp, n = ndimage.label(flat)
     if n == 0:
         return np.zeros(z_nm.shape, np.int32)

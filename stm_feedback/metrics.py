@@ -20,7 +20,9 @@ Scoring rules (also written down in docs/evaluation.md):
 - **Defects**: truth = footprint centres of ``GroundTruth.defects``; class-agnostic F1 at 0.40 nm; the border
   exclusion applies (same rule), unresolved regions do not (defects stay visible with a blunt tip).
   Kind accuracy = fraction of matched (scored) pairs whose predicted kind equals the truth kind.
-- **Terrace ARI**: on the pixels with truth label >= 0 (truth step-edge pixels, label -1, are not scored).
+- **Terrace ARI**: on the pixels with truth label >= 0 (truth step-edge pixels, label -1, are not scored)
+  whose truth terrace covers at least ``MIN_TERRACE_AREA_NM2`` (4 nm^2) in the frame (corner slivers are not
+  scored: ARI drops to 0 when any such sliver is merged, whatever its size).
   Predicted -1 pixels (step edge / unknown) are first given the label of the nearest predicted terrace pixel
   (Euclidean distance transform); if the prediction has no terrace pixel at all the whole frame is one label.
   The fraction of scored pixels predicted -1 is reported separately (``terrace_unknown_fraction``) so this
@@ -243,12 +245,18 @@ def predicted_labels(analysis: Analysis) -> np.ndarray:
     return np.full((h, w), fill, np.int64)
 
 
-def terrace_ari(truth_labels: np.ndarray, pred_labels: np.ndarray) -> tuple[float, float]:
-    """(score, unknown_fraction) per the module docstring: ARI on pixels with truth label >= 0 (majority-label
-    fraction if truth has a single terrace there); unknown_fraction = share of those pixels predicted -1."""
+def terrace_ari(
+    truth_labels: np.ndarray, pred_labels: np.ndarray, min_pixels: int = 0
+) -> tuple[float, float]:
+    """(score, unknown_fraction) per the module docstring: ARI on pixels with truth label >= 0 whose truth
+    terrace has >= ``min_pixels`` pixels (majority-label fraction if a single truth terrace remains);
+    unknown_fraction = share of those pixels predicted -1."""
     if truth_labels.shape != pred_labels.shape:
         raise InputError(f"label maps differ in shape: {truth_labels.shape} vs {pred_labels.shape}")
     scored = truth_labels >= 0
+    if min_pixels > 0 and scored.any():
+        ids, counts = np.unique(truth_labels[scored], return_counts=True)
+        scored &= np.isin(truth_labels, ids[counts >= min_pixels])
     if not scored.any():
         return float("nan"), float("nan")
     unknown_fraction = float(np.mean(pred_labels[scored] < 0))
@@ -361,6 +369,7 @@ def score_frame(truth: GroundTruth, analysis: Analysis, border_nm: float = BORDE
     )
 
     labels = predicted_labels(analysis)
-    ari, unknown = terrace_ari(np.asarray(truth.terrace_labels), labels)
+    min_px = int(np.ceil(MIN_TERRACE_AREA_NM2 / ps**2))
+    ari, unknown = terrace_ari(np.asarray(truth.terrace_labels), labels, min_px)
     errs, missing = row_angle_errors(truth, analysis, labels)
     return FrameScore(atoms, dimers, defects, kind_correct, len(ti), ari, unknown, errs, missing)

@@ -112,6 +112,10 @@ def test_terrace_ari_conventions() -> None:
     assert terrace_ari(single, np.full((20, 20), -1))[0] == pytest.approx(1.0)
     with pytest.raises(InputError):
         terrace_ari(single, spurious[:5])
+    sliver = np.zeros((20, 20), np.int64)
+    sliver[:, :1] = 1  # a 20-pixel truth sliver: merging it gives ARI 0 unless slivers are unscored
+    assert terrace_ari(sliver, np.zeros((20, 20)))[0] == pytest.approx(0.0)
+    assert terrace_ari(sliver, np.zeros((20, 20)), min_pixels=21)[0] == pytest.approx(1.0)
 
 
 def test_angle_diff_wraps_modulo_180() -> None:
