@@ -18,6 +18,7 @@ from stm_feedback.physics import SURFACE_LATTICE_NM
 if TYPE_CHECKING:
     from instrument_adapters.simulated import SimulatedAdapter
     from stm_feedback.client import Client
+    from stm_feedback.schema import Site
 
 
 @dataclass
@@ -58,7 +59,11 @@ def _new_protrusions(before: Any, after: Any, shift_px: np.ndarray, radius_px: f
 
 
 def write_then_verify(
-    adapter: SimulatedAdapter, client: Client, pattern: str = "3x1", tolerance_nm: float = SURFACE_LATTICE_NM
+    adapter: SimulatedAdapter,
+    client: Client,
+    pattern: str = "3x1",
+    tolerance_nm: float = SURFACE_LATTICE_NM,
+    site: Site | None = None,
 ) -> WriteVerifyResult:
     """One cycle on ``adapter``'s current frame area. ``ok`` iff a site was proposed, all its dimers were
     bared, the daemon finds a new protrusion within ``tolerance_nm`` (+ half a patch length) of the
@@ -66,7 +71,7 @@ def write_then_verify(
     iid = adapter.instrument_id
     frame1 = adapter.acquire()
     before = send_frame(client, frame1, iid)
-    sites = client.query_sites(iid, pattern=pattern, limit=1)
+    sites = [site] if site is not None else client.query_sites(iid, pattern=pattern, limit=1)
     res = WriteVerifyResult(ok=False, reason="", frame_ids=[str(frame1.meta["frame_id"])])
     if not sites:
         res.reason = "the daemon proposed no site on this frame"
