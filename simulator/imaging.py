@@ -111,6 +111,10 @@ def acquire(
     rows_i = np.clip(np.round(lt.atoms_xy_px[:, 1]).astype(np.int64), 0, H - 1)
     cols_i = np.clip(np.round(lt.atoms_xy_px[:, 0]).astype(np.int64), 0, W - 1)
     atom_resolved = ~unresolved[rows_i, cols_i]
+    # atoms under a raised adatom/cluster blob are hidden from the tip: nobody can see them, so nobody is
+    # scored on them (evaluation treats atom_resolved=False like an unresolved region)
+    covering = np.array([0] + [int(d.cls == "adatom_cluster") for d in present], dtype=bool)
+    atom_resolved &= ~covering[inst[rows_i, cols_i]]
     terraces = []
     for n in np.unique(ideal.terrace):
         lat = surface.lattice(int(n))
