@@ -34,6 +34,11 @@ class PlannerSettings(BaseModel):
     unknown_margin_nm: float = 1.0
     charged_margin_along_nm: float = 0.0  # optional charged-defect exclusion (SiDB logic uses ~10 nm)
     max_sites: int = 50
+    border_margin_nm: float = 1.0  # beyond the frame is unknown: dimers keep this distance from the border
+    resolved_radius_nm: float = 0.6  # terrace pixels farther than this from any detected atom are unresolved
+    writable_max_area_cells: float = 1.5  # unlabelled protrusions larger than this are adatom/cluster-like
+    writable_max_height_rel: float = 15.0  # ... or higher than this (height_rel units)
+    dimer_pitch_tol_nm: float = 0.1  # consecutive site dimers 0.384 +- tol nm apart along the row
 
 
 class LibrarySettings(BaseModel):

@@ -1,0 +1,391 @@
+"""The analysis pipeline: frame -> network maps -> terraces, atoms, lattice, dimers, defects, classes, sites.
+
+``Pipeline`` holds only state (settings, the model runner, an optional defect library and its models); the
+science is in pure functions (postprocess.py, lattice.py, planner.py, quality.py). ``analyze_maps`` runs the
+post-processing alone on given ``NetworkMaps`` (oracle maps in tests, or maps computed elsewhere).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from stm_feedback import postprocess as pp
+from stm_feedback.config import Settings, load_settings
+from stm_feedback.errors import InputError, ModelError
+from stm_feedback.lattice import LatticeFit, fft_row_angle_deg, fit_row_lattice, row_index
+from stm_feedback.maps import NetworkMaps
+from stm_feedback.planner import clearance_maps, defect_rule, distance_px, propose_sites
+from stm_feedback.quality import assess
+from stm_feedback.schema import Analysis, Atom, Defect, Dimer, ImageInfo, Terrace
+
+MIN_PIXEL_SIZE_NM = 0.005
+MAX_PIXEL_SIZE_NM = 2.0
+
+
+def check_frame(image: Any, pixel_size_nm: Any, bias_v: Any = None) -> tuple[np.ndarray, float, float | None]:
+    """Validate the public inputs; return (image float32 (H, W), pixel_size_nm, bias_v). Raises InputError."""
+    img = pp.check_map("image", image)
+    try:
+        s = float(pixel_size_nm)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"pixel_size_nm must be a number, got {pixel_size_nm!r}") from exc
+    if not (math.isfinite(s) and MIN_PIXEL_SIZE_NM <= s <= MAX_PIXEL_SIZE_NM):
+        raise InputError(f"pixel_size_nm must be in [{MIN_PIXEL_SIZE_NM}, {MAX_PIXEL_SIZE_NM}] nm, got {s!r}")
+    b: float | None = None
+    if bias_v is not None:
+        try:
+            b = float(bias_v)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"bias_v must be a number or None, got {bias_v!r}") from exc
+        if not math.isfinite(b):
+            raise InputError(f"bias_v must be finite, got {b!r}")
+    return img, s, b
+
+
+class _Timer:
+    """Collects wall-clock milliseconds per named stage."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        t = time.perf_counter()
+        self.ms[name] = round(self.ms.get(name, 0.0) + (t - self._t) * 1e3, 3)
+        self._t = t
+
+
+class Pipeline:
+    """Analysis of single frames. ``runner``: anything with ``predict(image, pixel_size_nm, bias_v) ->
+    NetworkMaps`` (built from ``settings.models`` on first use when None); ``library``: an optional
+    ``DefectLibrary`` whose stored cluster model and supervised classifier name the defects."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        runner: Any = None,
+        library: Any = None,
+        params: pp.PostprocessParams | None = None,
+    ) -> None:
+        self.settings = settings if settings is not None else load_settings()
+        self._runner = runner
+        self.library = library
+        self.params = params or pp.PostprocessParams()
+        self._lock = threading.Lock()
+        self._cluster_model = library.cluster_model() if library is not None else None
+        self._classifier = library.classifier() if library is not None else None
+
+    @property
+    def runner(self) -> Any:
+        """The model runner, loaded once (ModelError when weights are missing)."""
+        with self._lock:
+            if self._runner is None:
+                try:
+                    from stm_feedback.runner import ModelRunner
+                except ImportError as exc:  # the networks subsystem is not installed in this tree
+                    raise ModelError(f"no model runner available: {exc}") from exc
+                self._runner = ModelRunner.from_settings(self.settings.models)
+            return self._runner
+
+    def models(self) -> dict[str, str]:
+        """Model versions for ``Analysis.models`` (runner versions + classifier version if any)."""
+        out: dict[str, str] = {}
+        if self._runner is not None and hasattr(self._runner, "versions"):
+            out.update({str(k): str(v) for k, v in self._runner.versions().items()})
+        if self._classifier is not None:
+            out["defect_classifier"] = str(self._classifier.version)
+        return out
+
+    def analyze(
+        self, image: Any, pixel_size_nm: float, bias_v: float | None = None, frame_id: str | None = None
+    ) -> Analysis:
+        """Full analysis of one frame (networks + post-processing). Positions in the input image's pixels."""
+        img, s, b = check_frame(image, pixel_size_nm, bias_v)
+        t0 = time.perf_counter()
+        maps = self.runner.predict(img, s, bias_v=b)
+        nets_ms = (time.perf_counter() - t0) * 1e3
+        out = self.analyze_maps(img, maps, s, bias_v=b, frame_id=frame_id)
+        out.timings_ms = {"networks": round(nets_ms, 3), **out.timings_ms}
+        out.timings_ms["total"] = round(out.timings_ms["total"] + nets_ms, 3)
+        return out
+
+    def analyze_maps(
+        self,
+        image: Any,
+        maps: NetworkMaps,
+        pixel_size_nm: float,
+        bias_v: float | None = None,
+        frame_id: str | None = None,
+    ) -> Analysis:
+        """Post-processing only: objects and plan from ``maps`` (all on the image's grid)."""
+        img, s, b = check_frame(image, pixel_size_nm, bias_v)
+        return postprocess_maps(
+            img,
+            maps,
+            s,
+            b,
+            frame_id,
+            self.settings,
+            self.params,
+            self._cluster_model,
+            self._classifier,
+            self.models(),
+        )
+
+
+def _check_maps(maps: NetworkMaps, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    if not isinstance(maps, NetworkMaps):
+        raise InputError(f"maps must be NetworkMaps, got {type(maps).__name__}")
+    return {
+        name: pp.check_map(name, getattr(maps, name), shape)
+        for name in ("step_prob", "atom_prob", "protrusion_prob", "depression_prob")
+    }
+
+
+def postprocess_maps(
+    img: np.ndarray,
+    maps: NetworkMaps,
+    s: float,
+    b: float | None,
+    frame_id: str | None,
+    settings: Settings,
+    params: pp.PostprocessParams,
+    cluster_model: Any = None,
+    classifier: Any = None,
+    models: dict[str, str] | None = None,
+) -> Analysis:
+    """The post-processing chain (see module docstring); pure apart from timing."""
+    tm = _Timer()
+    m = _check_maps(maps, img.shape)
+    h, w = img.shape
+    ps = settings.planner
+
+    # 1. terraces
+    labels, step = pp.segment_terraces(m["step_prob"], s, params.step_threshold, params.min_terrace_area_nm2)
+    tm.lap("terraces")
+
+    # 2. atoms, restricted to terraces (the paper's per-terrace sub-images)
+    atoms_xy, atoms_score = pp.find_atoms(
+        m["atom_prob"], s, labels >= 0, params.atom_threshold, params.atom_peak_radius_nm
+    )
+    a_cols = np.clip(np.rint(atoms_xy[:, 0]).astype(int), 0, w - 1)
+    a_rows = np.clip(np.rint(atoms_xy[:, 1]).astype(int), 0, h - 1)
+    atom_ter = labels[a_rows, a_cols] if len(atoms_xy) else np.empty(0, np.int32)
+    tm.lap("atoms")
+
+    # 3. lattice per terrace
+    atoms_nm = atoms_xy * s
+    n_ter = int(labels.max()) + 1 if labels.size else 0
+    fits: dict[int, LatticeFit] = {}
+    terraces: list[Terrace] = []
+    for t in range(n_ter):
+        sel = atom_ter == t
+        fit = fit_row_lattice(atoms_nm[sel])
+        area_nm2 = float((labels == t).sum()) * s * s
+        fft_deg = fft_row_angle_deg(maps.image_norm, s, labels == t)
+        if fit is not None:
+            fits[t] = fit
+            terraces.append(
+                Terrace(
+                    t,
+                    round(fit.row_angle_deg, 4),
+                    round(fit.row_phase_nm, 4),
+                    round(area_nm2, 3),
+                    int(sel.sum()),
+                    None if fft_deg is None else round(fft_deg, 3),
+                    round(fit.residual_nm, 4),
+                )
+            )
+        else:  # too few atoms: the FFT angle alone, phase unknown (NaN is not JSON: use 0 and n_atoms tells)
+            terraces.append(
+                Terrace(
+                    t,
+                    round(fft_deg, 4) if fft_deg is not None else 0.0,
+                    0.0,
+                    round(area_nm2, 3),
+                    int(sel.sum()),
+                    None if fft_deg is None else round(fft_deg, 3),
+                    None,
+                )
+            )
+    tm.lap("lattice")
+
+    # 4. dimers: mutual-nearest atom pairs across the bond, kept when consistent with the terrace lattice
+    pairs = pp.pair_dimers(atoms_nm, params.dimer_tol_nm)
+    dim_xy = np.empty((0, 2))
+    dim_ter = np.empty(0, int)
+    dim_row = np.empty(0, int)
+    if len(pairs):
+        pt = atom_ter[pairs[:, 0]]
+        same = pt == atom_ter[pairs[:, 1]]
+        keep = np.zeros(len(pairs), bool)
+        rows_idx = np.full(len(pairs), -1, int)
+        for t, fit in fits.items():
+            sel = same & (pt == t)
+            if sel.any():
+                ok = pp.dimers_on_lattice(
+                    atoms_nm,
+                    pairs[sel],
+                    fit.row_angle_deg,
+                    fit.row_phase_nm,
+                    params.dimer_max_bond_tilt_deg,
+                    params.dimer_max_row_offset_nm,
+                )
+                keep[np.flatnonzero(sel)[ok]] = True
+                mid = (atoms_nm[pairs[sel, 0]] + atoms_nm[pairs[sel, 1]]) / 2
+                rows_idx[sel] = row_index(mid, fit.row_angle_deg, fit.row_phase_nm)
+        pairs, pt, rows_idx = pairs[keep], pt[keep], rows_idx[keep]
+        if len(pairs):
+            # row index within the terrace, 0 = the row with the smallest p.n among detected dimers
+            for t in np.unique(pt):
+                sel = pt == t
+                rows_idx[sel] -= rows_idx[sel].min()
+        dim_xy = (atoms_xy[pairs[:, 0]] + atoms_xy[pairs[:, 1]]) / 2
+        dim_ter, dim_row = pt, rows_idx
+    tm.lap("dimers")
+
+    # 5. defects: blobs per kind, features, rules
+    blobs = {
+        "protrusion": pp.find_blobs(
+            m["protrusion_prob"], s, params.defect_threshold, params.min_defect_area_nm2
+        ),
+        "depression": pp.find_blobs(
+            m["depression_prob"], s, params.defect_threshold, params.min_defect_area_nm2
+        ),
+    }
+    kinds: list[str] = []
+    feats: list[np.ndarray] = []
+    recs: list[tuple[str, int]] = []
+    for kind, bl in blobs.items():
+        if len(bl.slices):
+            feats.append(pp.blob_features(img, bl, s, atoms_xy, params.feature_ring_nm))
+            kinds += [kind] * len(bl.slices)
+            recs += [(kind, k) for k in range(len(bl.slices))]
+    features = np.concatenate(feats) if feats else np.zeros((0, 3))
+    features = np.where(np.isfinite(features), features, 0.0)
+    tm.lap("defects")
+
+    # 6. classes: the library's models when present, else mean shift on this frame's defects
+    clusters = np.full(len(kinds), -1, int)
+    labels_cls: list[str | None] = [None] * len(kinds)
+    if len(kinds):
+        if cluster_model is not None:
+            clusters = np.asarray(cluster_model.predict(features, kinds), int)
+        else:
+            from stm_feedback.classify import cluster_defects
+
+            clusters = np.asarray(cluster_defects(features, kinds), int)
+        if classifier is not None:
+            labels_cls = list(classifier.predict(features, kinds))
+    tm.lap("classes")
+
+    defects: list[Defect] = []
+    avoid: dict[float, np.ndarray] = {}
+    any_defect = np.zeros((h, w), bool)
+    for i, (kind, k) in enumerate(recs):
+        bl = blobs[kind]
+        x, y = bl.centre_xy_px[k]
+        height_rel, cells, circ = (float(v) for v in features[i])
+        label = labels_cls[i] if labels_cls[i] else f"{kind}-{int(clusters[i])}"
+        must, margin = defect_rule(kind, label, height_rel, cells, ps)
+        sl = bl.slices[k]
+        foot = bl.labels[sl] == k + 1
+        any_defect[sl] |= foot
+        if must:
+            mk = avoid.setdefault(margin, np.zeros((h, w), bool))
+            mk[sl] |= foot
+        defects.append(
+            Defect(
+                x_px=round(float(x), 3),
+                y_px=round(float(y), 3),
+                kind=kind,
+                cluster=int(clusters[i]),
+                label=label,
+                area_nm2=round(float(bl.area_px[k]) * s * s, 4),
+                height_rel=round(height_rel, 4),
+                circularity=round(circ, 4),
+                must_avoid=bool(must),
+                terrace=pp.majority_label(labels, bl.labels, k + 1, sl),
+                area_cells=round(cells, 3),
+                score=round(float(bl.score[k]), 4),
+            )
+        )
+
+    # 7. planner: resolved = near a detected atom; unresolved terrace pixels outside defects are unknown
+    atom_px = np.zeros((h, w), bool)
+    atom_px[a_rows, a_cols] = True
+    resolved = distance_px(atom_px) * s <= ps.resolved_radius_nm
+    unresolved = (labels >= 0) & ~resolved & ~any_defect
+    clear = clearance_maps(labels, step, unresolved, avoid, s, ps)
+    angles = {t: f.row_angle_deg for t, f in fits.items()}
+    sites = propose_sites(dim_xy, dim_ter, angles, clear, s, ps)
+    tm.lap("planner")
+
+    quality = assess(
+        img,
+        labels,
+        resolved,
+        any_defect,
+        np.array([[d.x_px, d.y_px] for d in defects]).reshape(-1, 2),
+        kinds,
+        s,
+    )
+    tm.lap("quality")
+
+    atoms = [
+        Atom(round(float(x), 3), round(float(y), 3), int(t), round(float(sc), 4))
+        for (x, y), t, sc in zip(atoms_xy, atom_ter, atoms_score, strict=True)
+    ]
+    dimers = [
+        Dimer(round(float(x), 3), round(float(y), 3), int(t), int(r))
+        for (x, y), t, r in zip(dim_xy, dim_ter, dim_row, strict=True)
+    ]
+    tm.lap("objects")
+    tm.ms["total"] = round(sum(tm.ms.values()), 3)
+    return Analysis(
+        image=ImageInfo(h, w, s, b, frame_id),
+        atoms=atoms,
+        dimers=dimers,
+        defects=defects,
+        terraces=terraces,
+        sites=sites,
+        quality=quality,
+        terrace_labels=labels.astype(np.int32),
+        safe_mask=clear.safe,
+        timings_ms=tm.ms,
+        models=dict(models or {}),
+    )
+
+
+def defect_patches(
+    image: np.ndarray, analysis: Analysis, size_px: int = 24, patch_pixel_size_nm: float = 0.125
+) -> np.ndarray:
+    """Row-aligned patches (N, size_px, size_px) float32 of the analysis' defects (for the defect library),
+    rotated by their terrace's row angle (0 deg when the terrace is unknown)."""
+    angles = {t.id: t.row_angle_deg for t in analysis.terraces}
+    s = analysis.image.pixel_size_nm
+    out = [
+        pp.defect_patch(image, d.x_px, d.y_px, s, angles.get(d.terrace, 0.0), size_px, patch_pixel_size_nm)
+        for d in analysis.defects
+    ]
+    return np.array(out, np.float32).reshape(len(out), size_px, size_px)
+
+
+_default: Pipeline | None = None
+_default_lock = threading.Lock()
+
+
+def analyze(
+    image: Any, pixel_size_nm: float, bias_v: float | None = None, frame_id: str | None = None
+) -> Analysis:
+    """Module-level convenience: analyse with one cached default ``Pipeline`` (settings from env)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Pipeline()
+    return _default.analyze(image, pixel_size_nm, bias_v=bias_v, frame_id=frame_id)
