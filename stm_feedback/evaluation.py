@@ -203,6 +203,13 @@ def aggregate(scores: list[FrameScore]) -> dict[str, float]:
     unknown = [s.terrace_unknown_fraction for s in scores if not math.isnan(s.terrace_unknown_fraction)]
     angles = np.array([e for s in scores for e in s.angle_errors_deg], np.float64)
     nan = float("nan")
+    per_class: dict[str, list[int]] = {}
+    for s in scores:
+        for cls, (found, total) in s.defect_class_found.items():
+            c = per_class.setdefault(cls, [0, 0])
+            c[0] += found
+            c[1] += total
+    class_recall = {f"defect_recall_{k}": v[0] / v[1] for k, v in sorted(per_class.items()) if v[1]}
     return {
         "atom_f1": atoms.f1,
         "atom_precision": atoms.precision,
@@ -225,6 +232,7 @@ def aggregate(scores: list[FrameScore]) -> dict[str, float]:
         "angle_err_p90_deg": float(np.percentile(angles, 90)) if len(angles) else nan,
         "angles_scored": float(len(angles)),
         "angles_missing": float(sum(s.angles_missing for s in scores)),
+        **class_recall,
     }
 
 

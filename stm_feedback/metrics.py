@@ -39,7 +39,7 @@ Scoring rules (also written down in docs/evaluation.md):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -319,6 +319,7 @@ class FrameScore:
     terrace_unknown_fraction: float
     angle_errors_deg: list[float]
     angles_missing: int
+    defect_class_found: dict[str, list[int]] = field(default_factory=dict)  # class -> [found, scored truth]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -364,6 +365,13 @@ def score_frame(truth: GroundTruth, analysis: Analysis, border_nm: float = BORDE
     tf = np.array([[d.x_px, d.y_px] for d in truth.defects], np.float64).reshape(-1, 2)
     tf_ex = near_border(tf, h, w, border_nm, ps)
     defects, ti, pi = score_matching(tf, pf, DEFECT_TOL_NM, ps, tf_ex, pred_ex(pf, False))
+    class_found: dict[str, list[int]] = {}
+    found = set(ti.tolist())
+    for i, d in enumerate(truth.defects):
+        if not tf_ex[i]:
+            c = class_found.setdefault(d.cls, [0, 0])
+            c[0] += int(i in found)
+            c[1] += 1
     kind_correct = int(
         sum(truth.defects[i].kind == analysis.defects[j].kind for i, j in zip(ti, pi, strict=True))
     )
@@ -372,4 +380,4 @@ def score_frame(truth: GroundTruth, analysis: Analysis, border_nm: float = BORDE
     min_px = int(np.ceil(MIN_TERRACE_AREA_NM2 / ps**2))
     ari, unknown = terrace_ari(np.asarray(truth.terrace_labels), labels, min_px)
     errs, missing = row_angle_errors(truth, analysis, labels)
-    return FrameScore(atoms, dimers, defects, kind_correct, len(ti), ari, unknown, errs, missing)
+    return FrameScore(atoms, dimers, defects, kind_correct, len(ti), ari, unknown, errs, missing, class_found)

@@ -185,6 +185,7 @@ def test_score_frame_oracle_and_shift() -> None:
     assert s.atoms.f1 == 1.0 and s.dimers.f1 == 1.0 and s.defects.f1 == 1.0
     assert s.atoms.rmse_nm == pytest.approx(0.0, abs=1e-12)
     assert s.kind_correct == s.kind_total == 2
+    assert s.defect_class_found == {"dv1": [1, 1], "db_single": [1, 1]}
     assert s.terrace_ari == pytest.approx(1.0)
     assert s.angle_errors_deg == pytest.approx([0.2, 0.2]) and s.angles_missing == 0
     # excluded atoms exist (unresolved corner + border), so scored counts are below the truth count
