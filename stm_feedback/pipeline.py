@@ -270,13 +270,13 @@ def postprocess_maps(
     features = np.where(np.isfinite(features), features, 0.0)
     tm.lap("defects")
 
-    # 6. classes: the library's models when present, else mean shift on this frame's defects
+    # 6. classes: the library's models when present, else (optionally) mean shift on this frame's defects
     clusters = np.full(len(kinds), -1, int)
     labels_cls: list[str | None] = [None] * len(kinds)
     if len(kinds):
         if cluster_model is not None:
             clusters = np.asarray(cluster_model.predict(features, kinds), int)
-        else:
+        elif params.frame_clustering:
             from stm_feedback.classify import cluster_defects
 
             clusters = np.asarray(cluster_defects(features, kinds), int)
@@ -291,7 +291,7 @@ def postprocess_maps(
         bl = blobs[kind]
         x, y = bl.centre_xy_px[k]
         height_rel, cells, circ = (float(v) for v in features[i])
-        label = labels_cls[i] if labels_cls[i] else f"{kind}-{int(clusters[i])}"
+        label = labels_cls[i] or cluster_label(kind, int(clusters[i]))
         must, margin = defect_rule(kind, label, height_rel, cells, ps)
         sl = bl.slices[k]
         foot = bl.labels[sl] == k + 1
@@ -360,6 +360,11 @@ def postprocess_maps(
         timings_ms=tm.ms,
         models=dict(models or {}),
     )
+
+
+def cluster_label(kind: str, cluster: int) -> str:
+    """Label of an unclassified defect: "<kind>-<cluster>", or just the kind when unclustered (-1)."""
+    return f"{kind}-{cluster}" if cluster >= 0 else kind
 
 
 def defect_patches(

@@ -35,6 +35,7 @@ class PostprocessParams:
     defect_threshold: float = 0.5  # protrusion/depression prob above this is defect footprint
     min_defect_area_nm2: float = 0.05  # smaller blobs are noise
     feature_ring_nm: float = 1.2  # ring around a footprint for the local level (classify.defect_features)
+    frame_clustering: bool = False  # mean shift on each frame's own defects (~1 s with sklearn: off in real time)
     patch_size_px: int = 24  # row-aligned library patch
     patch_pixel_size_nm: float = 0.125
 
