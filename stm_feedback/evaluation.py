@@ -156,7 +156,8 @@ def nets_analyzer(settings: Any = None) -> Analyzer:
 
     try:
         pipe = Pipeline(settings or load_settings())
-    except (FileNotFoundError, OSError, KeyError) as e:
+        _ = pipe.runner  # the pipeline loads the networks lazily: load now, fail here with a clear message
+    except (ModelError, ImportError, FileNotFoundError, OSError, KeyError) as e:
         raise ModelError(
             f"trained network weights could not be loaded ({e}); train them or use --method baseline"
         ) from e
