@@ -115,14 +115,25 @@ def appearance_for(rng: np.random.Generator, d: Defect) -> None:
         raise KeyError(c)
 
 
-def template_radius_nm(d: Defect) -> float:
-    """Distance (nm) from the footprint centre beyond which d's template is negligible."""
+def core_radius_nm(d: Defect) -> float:
+    """Distance (nm) from the footprint centre beyond which d's core template (footprint Gaussians, removed
+    dimers, blob) is negligible; the charged halo (``halo_radius_nm``) reaches further."""
     r = 0.5 * SURFACE_LATTICE_NM * len(d.dimers) + 3.0 * max(
         d.sigma_along_nm, d.sigma_across_nm, d.sigma_blob_nm
     )
-    if d.halo_amp_nm:
-        r = max(r, 3.0 * d.halo_lambda_nm)
     return r + ROW_SPACING_NM
+
+
+def halo_radius_nm(d: Defect) -> float:
+    """Distance (nm) from the footprint centre at which d's screened-Coulomb halo is cut (0 without halo)."""
+    if not d.halo_amp_nm:
+        return 0.0
+    return 3.0 * d.halo_lambda_nm + ROW_SPACING_NM
+
+
+def template_radius_nm(d: Defect) -> float:
+    """Distance (nm) from the footprint centre beyond which d's template is negligible."""
+    return max(core_radius_nm(d), halo_radius_nm(d))
 
 
 def footprint_centre_nm(d: Defect, lat: TerraceLattice) -> np.ndarray:
@@ -134,33 +145,68 @@ def footprint_centre_nm(d: Defect, lat: TerraceLattice) -> np.ndarray:
     return c
 
 
-def render_defect(
-    d: Defect, lat: TerraceLattice, x_nm: np.ndarray, y_nm: np.ndarray, app: Appearance
+def render_defect_core(
+    d: Defect,
+    lat: TerraceLattice,
+    x_nm: np.ndarray,
+    y_nm: np.ndarray,
+    app: Appearance,
+    centre_nm: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(height contribution (nm), footprint mask) of d at sample points x/y (same shape)."""
+    """(core height contribution (nm), footprint mask) of d at sample points x/y (same shape), no halo.
+
+    ``centre_nm`` is ``footprint_centre_nm(d, lat)`` if the caller already has it.
+    """
     a, b = lat.to_lattice(x_nm, y_nm)
     z = np.zeros_like(a)
     foot = np.zeros(a.shape, dtype=bool)
-    halo_sign = (
-        -1.0 if app.empty_state else 1.0
-    )  # negative charge: bright halo in filled, dark in empty states
+    removed = set(d.removed)
     for i, j in d.dimers:
         da = a - i * SURFACE_LATTICE_NM
         db = b - j * ROW_SPACING_NM
         foot |= (np.abs(da) <= FOOT_HALF_ALONG_NM) & (np.abs(db) <= FOOT_HALF_ACROSS_NM)
-        if (i, j) in d.removed:
+        if (i, j) in removed:
             z -= dimer_height(da, db, app)
         if not d.blob:
             z += d.amp_nm * np.exp(-0.5 * ((da / d.sigma_along_nm) ** 2 + (db / d.sigma_across_nm) ** 2))
-    c = footprint_centre_nm(d, lat)
-    r = np.hypot(x_nm - c[0], y_nm - c[1])
     if d.blob:
+        c = footprint_centre_nm(d, lat) if centre_nm is None else centre_nm
+        r = np.hypot(x_nm - c[0], y_nm - c[1])
         core = d.amp_nm * np.exp(-0.5 * (r / d.sigma_blob_nm) ** 2)
         z += core
         foot |= np.abs(core) > 0.5 * abs(d.amp_nm)
+    return z, foot
+
+
+def render_defect_halo(
+    d: Defect,
+    lat: TerraceLattice,
+    x_nm: np.ndarray,
+    y_nm: np.ndarray,
+    app: Appearance,
+    centre_nm: np.ndarray | None = None,
+) -> np.ndarray:
+    """Screened-Coulomb halo (nm) of a charged defect d at sample points x/y; zeros without a halo.
+
+    Negative charge: bright halo in filled states, dark in empty states (sign flips with bias).
+    """
+    if not d.halo_amp_nm:
+        return np.zeros(np.shape(x_nm))
+    c = footprint_centre_nm(d, lat) if centre_nm is None else centre_nm
+    r = np.hypot(x_nm - c[0], y_nm - c[1])
+    halo_sign = -1.0 if app.empty_state else 1.0
+    r0 = 0.5
+    return halo_sign * d.halo_amp_nm * np.exp(-r / d.halo_lambda_nm) * (r0 / (r + r0))
+
+
+def render_defect(
+    d: Defect, lat: TerraceLattice, x_nm: np.ndarray, y_nm: np.ndarray, app: Appearance
+) -> tuple[np.ndarray, np.ndarray]:
+    """(height contribution (nm), footprint mask) of d at sample points x/y (same shape): core + halo."""
+    c = footprint_centre_nm(d, lat)
+    z, foot = render_defect_core(d, lat, x_nm, y_nm, app, centre_nm=c)
     if d.halo_amp_nm:
-        r0 = 0.5
-        z += halo_sign * d.halo_amp_nm * np.exp(-r / d.halo_lambda_nm) * (r0 / (r + r0))
+        z += render_defect_halo(d, lat, x_nm, y_nm, app, centre_nm=c)
     return z, foot
 
 

@@ -112,14 +112,22 @@ def terrace_lattice(n: int) -> TerraceLattice:
     """Dimer lattice of the terrace formed by bulk layer n (height n * a0/4) in the sample frame.
 
     Dimerisation pairs each top atom with its neighbour along +bond_dir (a fixed choice of the two 2x1 phases;
-    anti-phase boundaries are not modelled).
+    anti-phase boundaries are not modelled). Cached (the simulator asks for it thousands of times per frame):
+    the returned arrays are read-only.
     """
+    return _terrace_lattice_cached(int(n))
+
+
+@lru_cache(maxsize=256)
+def _terrace_lattice_cached(n: int) -> TerraceLattice:
     (ox, oy), (bx, by) = _registry(n)
     bond_dir = np.array([bx, by])
     row_dir = np.array([-by, bx])
     if row_dir[0] < -0.5 or row_dir[1] < -0.5:
         row_dir = -row_dir
     origin = np.array([ox, oy]) + 0.5 * SURFACE_LATTICE_NM * bond_dir
+    for arr in (origin, row_dir, bond_dir):
+        arr.setflags(write=False)
     return TerraceLattice(
         n=n, origin_nm=origin, row_dir=row_dir, bond_dir=bond_dir, height_nm=n * STEP_HEIGHT_NM
     )
