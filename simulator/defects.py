@@ -218,6 +218,24 @@ def _blocked_cells(d: Defect) -> list[DimerIndex]:
     return out
 
 
+def _lattice_floats(lat: TerraceLattice) -> tuple[float, float, float, float, float, float]:
+    """(origin x, origin y, row_dir x, row_dir y, bond_dir x, bond_dir y) of a lattice as Python floats."""
+    return (
+        float(lat.origin_nm[0]),
+        float(lat.origin_nm[1]),
+        float(lat.row_dir[0]),
+        float(lat.row_dir[1]),
+        float(lat.bond_dir[0]),
+        float(lat.bond_dir[1]),
+    )
+
+
+def _on_terrace(surface: Surface, x_nm: float, y_nm: float, n: int, clearance_nm: float) -> bool:
+    """Whether the point lies on terrace n at least clearance_nm from every step edge."""
+    idx, dist = surface.terrace_at_point(x_nm, y_nm)
+    return idx == n and not dist < clearance_nm
+
+
 def place_defects(
     rng: np.random.Generator,
     surface: Surface,
@@ -248,6 +266,9 @@ def place_defects(
         classes += [cls] * int(rng.negative_binomial(k, k / (k + mu)))
     rng.shuffle(classes)
     placed: list[Defect] = []
+    # point-by-point arithmetic in Python floats below is the same IEEE arithmetic as the array versions
+    # (TerraceLattice.to_lattice / dimer_centres_nm, Surface.terrace_at) without numpy's per-call overhead,
+    # which dominated this loop; the random draws happen in exactly the same order
     for cls in classes:
         for _attempt in range(8):
             if placed and rng.random() < p_cluster:
@@ -256,22 +277,29 @@ def place_defects(
                 i0, j0 = near.dimers[0]
                 i = i0 + int(rng.integers(-8, 9))
                 j = j0 + int(rng.integers(-3, 4))
+                lat = surface.lattice(n)
+                ox, oy, rx, ry, bx, by = _lattice_floats(lat)
             else:
                 x, y = rng.uniform(x0, x1), rng.uniform(y0, y1)
-                n = int(surface.terrace_at(np.array([x]), np.array([y]))[0][0])
-                a, b = surface.lattice(n).to_lattice(np.array(x), np.array(y))
-                i = int(np.round(a / SURFACE_LATTICE_NM))
-                j = int(np.round(b / ROW_SPACING_NM))
-            lat = surface.lattice(n)
+                n = surface.terrace_at_point(x, y)[0]
+                lat = surface.lattice(n)
+                ox, oy, rx, ry, bx, by = _lattice_floats(lat)
+                dx, dy = x - ox, y - oy
+                i = int(round((dx * rx + dy * ry) / SURFACE_LATTICE_NM))  # round half even, as np.round
+                j = int(round((dx * bx + dy * by) / ROW_SPACING_NM))
             rel, removed, bare = footprint(rng, cls)
             cells = [(i + di, j + dj) for di, dj in rel]
-            ij = np.array(cells, dtype=np.float64)
-            centres = lat.dimer_centres_nm(ij[:, 0], ij[:, 1])
+            centres = [
+                (
+                    ox + (ci * SURFACE_LATTICE_NM) * rx + (cj * ROW_SPACING_NM) * bx,
+                    oy + (ci * SURFACE_LATTICE_NM) * ry + (cj * ROW_SPACING_NM) * by,
+                )
+                for ci, cj in cells
+            ]
             cx, cy = centres[0]
             if not (x0 <= cx < x1 and y0 <= cy < y1):
                 continue
-            t_idx, t_dist, _ = surface.terrace_at(centres[:, 0], centres[:, 1])
-            if np.any(t_idx != n) or np.any(t_dist < step_clearance_nm):
+            if not all(_on_terrace(surface, px, py, n, step_clearance_nm) for px, py in centres):
                 continue
             if any((n, ci, cj) in occupied for ci, cj in cells):
                 continue

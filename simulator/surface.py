@@ -9,6 +9,7 @@ upper terrace's rows, kinked every row by whole dimers), decided by the lattice 
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,14 @@ class StepEdge:
         return x_nm * m[0] + y_nm * m[1] - self.offset_nm - kink
 
 
+    def signed_distance_point_nm(self, x_nm: float, y_nm: float) -> float:
+        """``signed_distance_nm`` of one point with Python floats (same arithmetic, no array overhead)."""
+        m0, m1 = float(self.normal[0]), float(self.normal[1])
+        s = x_nm * (-m1) + y_nm * m0
+        kink = float(self.kink_offsets_nm[bisect_left(self.kink_breaks_nm, s)])  # == np.searchsorted
+        return x_nm * m0 + y_nm * m1 - self.offset_nm - kink
+
+
 @dataclass
 class Surface:
     """Terraces n0 .. n0 + len(steps) separated by ``steps`` (sorted along the common normal)."""
@@ -68,6 +77,17 @@ class Surface:
             # logistic ramp: the tip convolution later widens it further
             height += STEP_HEIGHT_NM / (1.0 + np.exp(np.clip(-s / self.step_width_nm, -50, 50)))
         return idx, dist, height
+
+    def terrace_at_point(self, x_nm: float, y_nm: float) -> tuple[int, float]:
+        """(terrace index, distance to the nearest edge (nm, inf without steps)) of one point: the scalar
+        version of ``terrace_at`` for defect placement, which asks point by point."""
+        idx = self.n0
+        dist = np.inf
+        for step in self.steps:
+            s = step.signed_distance_point_nm(x_nm, y_nm)
+            idx += s > 0
+            dist = min(dist, abs(s))
+        return idx, dist
 
 
 def _kink_profile(
