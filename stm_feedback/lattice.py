@@ -6,7 +6,7 @@ Convention (README): rows run along u = (cos a, sin a) in the image frame (x rig
 dimers on a row are 0.384 nm apart along u.
 
 Method (the paper proposes atoms in place of Fourier analysis): the angle that maximises the row coherence
-|mean exp(2 pi i p.n / 0.768)|^2 over the atoms (0.5 deg grid over [0, 180) on <= 400 atoms, 0.05 deg grid
+|mean exp(2 pi i p.n / 0.768)|^2 over the atoms (0.5 deg grid over [0, 180) on <= 300 atoms, 0.1 deg grid
 +-0.75 deg on all atoms, then a bounded 1-D refinement), then the phase from the argument of that sum. Only
 the row period enters: under drift shear the along-row (0.384 nm) direction is not perpendicular to n, and
 nearest-neighbour pair directions were measured 7 deg off on a drifting simulated frame (seed 1000004).
@@ -54,7 +54,7 @@ def _coherence_cost(angle_deg: float, xy_nm: np.ndarray) -> float:
 
 
 def fit_row_lattice(
-    xy_nm: np.ndarray, min_coherence: float = 0.1, max_coarse_atoms: int = 400
+    xy_nm: np.ndarray, min_coherence: float = 0.1, max_coarse_atoms: int = 300
 ) -> LatticeFit | None:
     """Fit the row angle (deg) and phase (nm) to atom positions ``xy_nm`` (N, 2) in nm of the image frame.
 
@@ -137,13 +137,15 @@ def phase_diff_nm(
 
 
 def fft_row_angle_deg(
-    image: np.ndarray, pixel_size_nm: float, mask: np.ndarray | None = None, pad_to: int = 512
+    image: np.ndarray, pixel_size_nm: float, mask: np.ndarray | None = None, pad_to: int = 256
 ) -> float | None:
     """Row angle (deg, [0, 180)) from the 0.768 nm row peak of the image's 2-D Fourier transform.
 
-    ``mask`` (bool, same shape) restricts the estimate to one terrace (other pixels set to the masked mean).
-    The peak is searched on an annulus around 1/0.768 nm^-1 (+-20 %); its wave vector is the row normal n,
-    so the row angle is angle(k) - 90 deg. Sub-bin accuracy: intensity-weighted centroid of the 3x3 peak
+    ``mask`` (bool, same shape) restricts the estimate to one terrace: the transform runs on the mask's
+    bounding box, pixels outside the mask set to the masked mean, Hann window, zero-padded to
+    at least ``pad_to``. The
+    peak is searched on an annulus around 1/0.768 nm^-1 (+-20 %); its wave vector is the row normal n, so the
+    row angle is angle(k) - 90 deg. Sub-bin accuracy: intensity-weighted centroid of the 3x3 peak
     neighbourhood. Returns None when the rows are not resolved (pixel size > 0.3 nm or < 64 masked pixels).
     """
     img = np.asarray(image, dtype=np.float64)
@@ -152,24 +154,28 @@ def fft_row_angle_deg(
     if mask is not None:
         if mask.sum() < 64:
             return None
-        m = img[mask].mean()
-        img = np.where(mask, img, m)
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        sl = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        img, sub = img[sl], mask[sl]
+        img = np.where(sub, img, img[sub].mean())
     img = img - img.mean()
     h, w = img.shape
     win = np.outer(np.hanning(h), np.hanning(w))
     n_fft = max(pad_to, int(2 ** np.ceil(np.log2(max(h, w)))))
-    spec = np.abs(np.fft.fftshift(np.fft.fft2(img * win, s=(n_fft, n_fft)))) ** 2
-    f = np.fft.fftshift(np.fft.fftfreq(n_fft, d=pixel_size_nm))  # cycles per nm
-    fy, fx = np.meshgrid(f, f, indexing="ij")
-    fr = np.hypot(fx, fy)
+    spec = np.abs(np.fft.rfft2(img * win, s=(n_fft, n_fft))) ** 2  # (n, n//2+1); k and -k are the same peak
+    fy = np.fft.fftfreq(n_fft, d=pixel_size_nm)[:, None]  # cycles per nm
+    fx = np.fft.rfftfreq(n_fft, d=pixel_size_nm)[None, :]
     k0 = 1.0 / ROW_SPACING_NM
-    ring = (fr > 0.8 * k0) & (fr < 1.2 * k0)
-    if not ring.any():
-        return None
+    fr2 = fx**2 + fy**2
+    ring = (fr2 > (0.8 * k0) ** 2) & (fr2 < (1.2 * k0) ** 2)
     masked = np.where(ring, spec, 0.0)
+    if not masked.any():
+        return None
     iy, ix = np.unravel_index(int(np.argmax(masked)), masked.shape)
-    ys, xs = slice(max(iy - 1, 0), iy + 2), slice(max(ix - 1, 0), ix + 2)
-    wgt = masked[ys, xs]
-    kx = float(np.sum(wgt * fx[ys, xs]) / wgt.sum())
-    ky = float(np.sum(wgt * fy[ys, xs]) / wgt.sum())
+    # 3x3 neighbourhood with wrap-around in y (fftfreq order) and clipping in x
+    ys = np.arange(iy - 1, iy + 2) % n_fft
+    xs = np.clip(np.arange(ix - 1, ix + 2), 0, masked.shape[1] - 1)
+    wgt = masked[np.ix_(ys, xs)]
+    kx = float(np.sum(wgt * fx[0, xs][None, :]) / wgt.sum())
+    ky = float(np.sum(wgt * fy[ys, 0][:, None]) / wgt.sum())
     return float(np.rad2deg(np.arctan2(ky, kx)) - 90.0) % 180.0

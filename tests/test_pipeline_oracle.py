@@ -54,8 +54,9 @@ def oracle_maps(image_nm: np.ndarray, truth, bias_v: float) -> NetworkMaps:  # n
     return NetworkMaps(np.asarray(truth.step_mask, np.float32), atom, prot, dep, z.astype(np.float32), s)
 
 
-def simulate(seed: int, size_px: int = 192, pixel_size_nm: float = 0.1, preset: str = "realistic",
-             **overrides: object):  # noqa: ANN201
+def simulate(
+    seed: int, size_px: int = 192, pixel_size_nm: float = 0.1, preset: str = "realistic", **overrides: object
+):  # noqa: ANN201
     """A simulated frame; ``overrides`` replace SimConfig fields (e.g. drift_nm_per_min=(0.0, 0.0))."""
     import dataclasses
 

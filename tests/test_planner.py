@@ -1,4 +1,4 @@
-"""Planner rules: every rule on small synthetic maps, and zero false-safe sites on simulated frames (oracle maps).
+"""Planner rules: every rule on synthetic maps; zero false-safe sites on simulated frames (oracle maps).
 
 Run as a script for the measurement quoted in docs/analysis-schema.md:
     .venv/bin/python -m tests.test_planner --n 100 --preset realistic
@@ -36,9 +36,15 @@ def _grid_dimers(shape: tuple[int, int], s: float, angle_deg: float = 0.0) -> np
     return pts[ok]
 
 
-def _plan(avoid: dict, step: np.ndarray | None = None, unres: np.ndarray | None = None,
-          settings: PlannerSettings | None = None, shape: tuple[int, int] = (100, 100), s: float = 0.1,
-          angle_deg: float = 0.0):  # noqa: ANN202
+def _plan(
+    avoid: dict,
+    step: np.ndarray | None = None,
+    unres: np.ndarray | None = None,
+    settings: PlannerSettings | None = None,
+    shape: tuple[int, int] = (100, 100),
+    s: float = 0.1,
+    angle_deg: float = 0.0,
+):  # noqa: ANN202
     ps = settings or PlannerSettings(max_sites=1000)
     labels = np.zeros(shape, np.int32)
     step = np.zeros(shape, bool) if step is None else step
@@ -144,7 +150,7 @@ def test_writable_defect_can_be_written_over() -> None:
 
 # ---------------------------------------------------------------------------------------- simulated frames
 def false_safe_count(sites, truth) -> tuple[int, int]:  # noqa: ANN001
-    """(site dimers touching a must-avoid truth footprint / step edge / unresolved region, dimers violating the
+    """(site dimers touching a must-avoid truth footprint / step edge / unresolved region, dimers violating
     2 nm step rule w.r.t. the truth step mask)."""
     s = truth.pixel_size_nm
     inst = np.asarray(truth.defect_instances)
@@ -168,11 +174,14 @@ def truth_has_window(truth, ps: PlannerSettings) -> bool:  # noqa: ANN001
     for d in truth.defects:
         if d.must_avoid:
             margin = {"adatom_cluster": ps.adatom_margin_nm, "dihydride": ps.dihydride_margin_nm}.get(
-                d.cls, ps.depression_margin_nm)
+                d.cls, ps.depression_margin_nm
+            )
             m = avoid.setdefault(margin, np.zeros(inst.shape, bool))
             m |= inst == d.id
     labels = np.asarray(truth.terrace_labels)
-    clear = clearance_maps(labels, np.asarray(truth.step_mask), np.asarray(truth.unresolved_mask), avoid, s, ps)
+    clear = clearance_maps(
+        labels, np.asarray(truth.step_mask), np.asarray(truth.unresolved_mask), avoid, s, ps
+    )
     angles = {t.id: t.row_angle_deg for t in truth.terraces}
     sites = propose_sites(truth.dimers_xy_px, truth.dimer_terrace, angles, clear, s, ps)
     return len(sites) > 0
@@ -184,7 +193,9 @@ def run_frames(seeds, size_px: int = 192, preset: str = "realistic") -> dict:  #
     out = {"frames": 0, "sites": 0, "false_safe": 0, "step_rule": 0, "window_frames": 0, "found": 0}
     for seed in seeds:
         f = simulate(seed, size_px, None, preset)
-        a = pipe.analyze_maps(f.image_nm, oracle_maps(f.image_nm, f.truth, f.bias_v), f.pixel_size_nm, f.bias_v)
+        a = pipe.analyze_maps(
+            f.image_nm, oracle_maps(f.image_nm, f.truth, f.bias_v), f.pixel_size_nm, f.bias_v
+        )
         fs, st = false_safe_count(a.sites, f.truth)
         out["frames"] += 1
         out["sites"] += len(a.sites)
