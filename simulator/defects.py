@@ -19,6 +19,8 @@ DimerIndex = tuple[int, int]
 # half extents (nm) of the footprint rectangle of one dimer, along / across the row
 FOOT_HALF_ALONG_NM = 0.5 * SURFACE_LATTICE_NM
 FOOT_HALF_ACROSS_NM = 0.3
+# removed-dimer atoms are evaluated within this many atom-Gaussian widths of the footprint (exp(-32) beyond)
+NEAR_SIGMAS = 8.0
 
 
 @dataclass
@@ -160,19 +162,34 @@ def render_defect_core(
     a, b = lat.to_lattice(x_nm, y_nm)
     z = np.zeros_like(a)
     foot = np.zeros(a.shape, dtype=bool)
+    # footprint rectangles and removed atoms are evaluated only on the points near the footprint (gathered
+    # once): the atom Gaussians (sigma <= 0.1 nm) are < exp(-32) of their peak outside NEAR_SIGMAS widths
+    ij = np.array(d.dimers, dtype=np.float64)
+    a_lo, a_hi = ij[:, 0].min() * SURFACE_LATTICE_NM, ij[:, 0].max() * SURFACE_LATTICE_NM
+    b_lo, b_hi = ij[:, 1].min() * ROW_SPACING_NM, ij[:, 1].max() * ROW_SPACING_NM
+    wa = max(FOOT_HALF_ALONG_NM, NEAR_SIGMAS * app.atom_sigma_along_nm)
+    wb = max(FOOT_HALF_ACROSS_NM, 0.5 * DIMER_ATOM_SEPARATION_NM + NEAR_SIGMAS * app.atom_sigma_across_nm)
+    near = np.nonzero((a >= a_lo - wa) & (a <= a_hi + wa) & (b >= b_lo - wb) & (b <= b_hi + wb))
+    a_n, b_n = a[near], b[near]
+    foot_n = np.zeros(a_n.shape, dtype=bool)
+    z_n = np.zeros_like(a_n)
     removed = set(d.removed)
     for i, j in d.dimers:
-        da = a - i * SURFACE_LATTICE_NM
-        db = b - j * ROW_SPACING_NM
-        foot |= (np.abs(da) <= FOOT_HALF_ALONG_NM) & (np.abs(db) <= FOOT_HALF_ACROSS_NM)
+        da_n = a_n - i * SURFACE_LATTICE_NM
+        db_n = b_n - j * ROW_SPACING_NM
+        foot_n |= (np.abs(da_n) <= FOOT_HALF_ALONG_NM) & (np.abs(db_n) <= FOOT_HALF_ACROSS_NM)
         if (i, j) in removed:
-            z -= dimer_height(da, db, app)
+            z_n -= dimer_height(da_n, db_n, app)
         if not d.blob:
+            da = a - i * SURFACE_LATTICE_NM
+            db = b - j * ROW_SPACING_NM
             z += d.amp_nm * np.exp(-0.5 * ((da / d.sigma_along_nm) ** 2 + (db / d.sigma_across_nm) ** 2))
+    z[near] += z_n
+    foot[near] = foot_n
     if d.blob:
         c = footprint_centre_nm(d, lat) if centre_nm is None else centre_nm
-        r = np.hypot(x_nm - c[0], y_nm - c[1])
-        core = d.amp_nm * np.exp(-0.5 * (r / d.sigma_blob_nm) ** 2)
+        dx, dy = x_nm - c[0], y_nm - c[1]
+        core = d.amp_nm * np.exp((dx * dx + dy * dy) * (-0.5 / d.sigma_blob_nm**2))
         z += core
         foot |= np.abs(core) > 0.5 * abs(d.amp_nm)
     return z, foot
@@ -193,10 +210,11 @@ def render_defect_halo(
     if not d.halo_amp_nm:
         return np.zeros(np.shape(x_nm))
     c = footprint_centre_nm(d, lat) if centre_nm is None else centre_nm
-    r = np.hypot(x_nm - c[0], y_nm - c[1])
+    dx, dy = x_nm - c[0], y_nm - c[1]
+    r = np.sqrt(dx * dx + dy * dy)  # np.hypot is ~2x slower here; same value to ~1 ulp
     halo_sign = -1.0 if app.empty_state else 1.0
     r0 = 0.5
-    return halo_sign * d.halo_amp_nm * np.exp(-r / d.halo_lambda_nm) * (r0 / (r + r0))
+    return (halo_sign * d.halo_amp_nm) * np.exp(r * (-1.0 / d.halo_lambda_nm)) * (r0 / (r + r0))
 
 
 def render_defect(

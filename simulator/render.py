@@ -8,7 +8,7 @@ lattice of each terrace (hard-assigned by the terrace under each point), and loc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,6 +37,16 @@ class IdealRender:
     step_dist_nm: np.ndarray
     defect_instances: np.ndarray  # int32, Defect.id or 0
     defect_pixels: dict[int, tuple[float, float]]  # id -> (x_px, y_px) footprint centre
+    terrace_ids: list[int] = field(default_factory=list)  # sorted ids present in ``terrace``
+
+
+def present_terraces(surface: Surface, terrace: np.ndarray) -> list[int]:
+    """Sorted terrace ids occurring in ``terrace`` (as np.unique, but one counting pass: ids are
+    surface.n0 .. surface.n0 + len(surface.steps))."""
+    if terrace.size == 0:
+        return []
+    counts = np.bincount((terrace - surface.n0).ravel(), minlength=len(surface.steps) + 1)
+    return [surface.n0 + int(k) for k in np.flatnonzero(counts)]
 
 
 def render_ideal(
@@ -50,15 +60,19 @@ def render_ideal(
     rows = np.arange(geom.height_px) if rows is None else np.asarray(rows)
     x, y = geom.sample_coords_nm(rows)
     terrace, dist, z = surface.terrace_at(x, y)
-    for n in np.unique(terrace):
-        m = terrace == n
-        lat = surface.lattice(int(n))
-        a, b = lat.to_lattice(x[m], y[m])
-        z[m] += lattice_height(a, b, app)[0]
+    present = present_terraces(surface, terrace)
+    if len(present) == 1:  # most frames: no mask, no gather/scatter copies
+        a, b = surface.lattice(present[0]).to_lattice(x, y)
+        z += lattice_height(a, b, app)[0]
+    else:
+        for n in present:
+            m = terrace == n
+            a, b = surface.lattice(n).to_lattice(x[m], y[m])
+            z[m] += lattice_height(a, b, app)[0]
     inst = np.zeros(x.shape, dtype=np.int32)
     centres: dict[int, tuple[float, float]] = {}
     if not defects:
-        return IdealRender(z, terrace, dist, inst, centres)
+        return IdealRender(z, terrace, dist, inst, centres, present)
     s = geom.pixel_size_nm
     pad = float(np.abs(geom.jitter_px).max(initial=0.0)) + 2.0
     r0, r1 = int(rows[0]), int(rows[-1])
@@ -81,7 +95,7 @@ def render_ideal(
             if sl is not None:
                 dz = render_defect_halo(d, lat, x[sl], y[sl], app, centre_nm=c)
                 z[sl] += np.where(terrace[sl] == d.terrace, dz, 0.0)
-    return IdealRender(z, terrace, dist, inst, centres)
+    return IdealRender(z, terrace, dist, inst, centres, present)
 
 
 def _box(

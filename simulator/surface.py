@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -42,11 +43,21 @@ class StepEdge:
         return x_nm * m[0] + y_nm * m[1] - self.offset_nm - kink
 
 
+    @cached_property
+    def _point_params(self) -> tuple[float, float, list[float], list[float]]:
+        """(m_x, m_y, kink breaks, kink offsets) as Python floats/lists for point-by-point queries."""
+        return (
+            float(self.normal[0]),
+            float(self.normal[1]),
+            [float(v) for v in self.kink_breaks_nm],
+            [float(v) for v in self.kink_offsets_nm],
+        )
+
     def signed_distance_point_nm(self, x_nm: float, y_nm: float) -> float:
         """``signed_distance_nm`` of one point with Python floats (same arithmetic, no array overhead)."""
-        m0, m1 = float(self.normal[0]), float(self.normal[1])
+        m0, m1, breaks, offsets = self._point_params
         s = x_nm * (-m1) + y_nm * m0
-        kink = float(self.kink_offsets_nm[bisect_left(self.kink_breaks_nm, s)])  # == np.searchsorted
+        kink = offsets[bisect_left(breaks, s)]  # == np.searchsorted(breaks, s) (side="left")
         return x_nm * m0 + y_nm * m1 - self.offset_nm - kink
 
 
