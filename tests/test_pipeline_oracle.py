@@ -112,3 +112,22 @@ def test_oracle_lattice_explains_drifted_dimers(pipe: Pipeline, seed: int) -> No
         ours = np.sqrt(np.mean(row_offset_nm(d, t.row_angle_deg, t.row_phase_nm) ** 2))
         nominal = np.sqrt(np.mean(row_offset_nm(d, tt.row_angle_deg, tt.row_phase_nm) ** 2))
         assert ours <= nominal + 0.01, (ours, nominal)
+
+
+if __name__ == "__main__":  # timing of the post-processing (docs/analysis-schema.md)
+    import time
+
+    pipe_ = Pipeline(Settings())
+    tot, stages = [], {}
+    for seed in range(1_000_010, 1_000_020):
+        f = simulate(seed, 256, 0.1)
+        m = oracle_maps(f.image_nm, f.truth, f.bias_v)
+        pipe_.analyze_maps(f.image_nm, m, 0.1, f.bias_v)  # warm-up
+        for _ in range(3):
+            t0 = time.perf_counter()
+            a = pipe_.analyze_maps(f.image_nm, m, 0.1, f.bias_v)
+            tot.append((time.perf_counter() - t0) * 1e3)
+            for k, v in a.timings_ms.items():
+                stages.setdefault(k, []).append(v)
+    print(f"wall ms median {np.median(tot):.1f} p90 {np.percentile(tot, 90):.1f}")
+    print({k: round(float(np.median(v)), 2) for k, v in stages.items()})
