@@ -23,3 +23,7 @@ class NetworkMaps:
     depression_prob: np.ndarray
     image_norm: np.ndarray
     pixel_size_nm: float
+    # polarity of the input: "filled" (rows bright) or "empty" (rows dark, image_norm inverted back), and how
+    # it was decided: "bias" (from bias_v), "estimated" (from the atom map, bias unknown), "assumed" (filled)
+    polarity: str = "filled"
+    polarity_source: str = "assumed"

@@ -1,0 +1,190 @@
+"""Input handling of the networks: validation, per-frame normalisation, resampling, padding (pure functions).
+
+Grid convention of every resampling here (cv2's): a frame of W px resampled to W' px maps input pixel
+coordinate x to x' = (x + 0.5) * W' / W - 0.5, so resampling there and back returns to the same grid.
+Heights are in nm on input; normalised images are unitless (about 0..1 between the 1st and 99th percentile).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from stm_feedback.errors import InputError
+
+MIN_PIXEL_SIZE_NM = 0.005
+MAX_PIXEL_SIZE_NM = 2.0
+MIN_SIDE_PX = 8
+MAX_SIDE_PX = 8192
+
+
+def validate_frame(image: np.ndarray, pixel_size_nm: float, bias_v: float | None = None) -> np.ndarray:
+    """The frame as a C-contiguous float32 (H, W) array; InputError on wrong ndim, size, non-finite values,
+    absurd pixel size (outside [0.005, 2] nm/px) or a non-finite/zero bias (V)."""
+    if not isinstance(image, np.ndarray):
+        raise InputError(f"image must be a numpy array, got {type(image).__name__}")
+    if image.ndim != 2:
+        raise InputError(f"image must be 2-D (H, W), got shape {image.shape}")
+    h, w = image.shape
+    if min(h, w) < MIN_SIDE_PX or max(h, w) > MAX_SIDE_PX:
+        raise InputError(f"image size {h}x{w} px outside [{MIN_SIDE_PX}, {MAX_SIDE_PX}] per side")
+    if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
+        raise InputError(f"image must be real numeric, got dtype {image.dtype}")
+    img = np.ascontiguousarray(image, dtype=np.float32)
+    if not np.isfinite(img).all():
+        raise InputError("image contains NaN or infinite values")
+    try:
+        s = float(pixel_size_nm)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"pixel_size_nm must be a number, got {pixel_size_nm!r}") from e
+    if not (math.isfinite(s) and MIN_PIXEL_SIZE_NM <= s <= MAX_PIXEL_SIZE_NM):
+        raise InputError(f"pixel_size_nm must be in [{MIN_PIXEL_SIZE_NM}, {MAX_PIXEL_SIZE_NM}] nm, got {s!r}")
+    if bias_v is not None:
+        try:
+            b = float(bias_v)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"bias_v must be a number or None, got {bias_v!r}") from e
+        if not math.isfinite(b) or b == 0.0:
+            raise InputError(f"bias_v must be finite and non-zero, got {bias_v!r}")
+    return img
+
+
+def level_plane_lines(image: np.ndarray, smooth_px: float = 0.0) -> np.ndarray:
+    """Remove a plane (median x/y slopes, robust to steps) and per-line offsets (median of the differences
+    to the previous line, Gwyddion-style). Same units as the input (nm); float32 (H, W).
+
+    The medians are taken on a copy blurred along x with ``smooth_px`` (px): the dimer-row lattice makes raw
+    differences arcsine-distributed, whose median is ill-determined; a blur of ~0.4 nm removes the lattice.
+    """
+    img = image.astype(np.float32, copy=False)
+    h, w = img.shape
+    est = img
+    if smooth_px > 0:
+        est = cv2.GaussianBlur(
+            img, (0, 0), sigmaX=float(smooth_px), sigmaY=1e-3, borderType=cv2.BORDER_REFLECT
+        )
+    sx = float(np.median(np.diff(est, axis=1)))
+    sy = float(np.median(np.diff(est, axis=0)))
+    yy = np.arange(h, dtype=np.float32)[:, None]
+    xx = np.arange(w, dtype=np.float32)[None, :]
+    plane = sx * xx + sy * yy
+    # per-line offsets: the median difference to the previous line is that line's jump (steps barely move it)
+    lev = est - plane
+    d = np.median(lev[1:] - lev[:-1], axis=1)
+    offsets = np.concatenate([[0.0], np.cumsum(d)]).astype(np.float32)
+    return (img - plane - offsets[:, None]).astype(np.float32)
+
+
+def percentile_scale(image: np.ndarray, lo_pct: float = 1.0, hi_pct: float = 99.0) -> np.ndarray:
+    """Map the lo/hi percentiles to 0/1 (float32, unclipped). A flat frame maps to zeros."""
+    lo, hi = np.percentile(image, [lo_pct, hi_pct])
+    span = float(hi - lo)
+    if span <= 1e-12:
+        return np.zeros_like(image, dtype=np.float32)
+    return ((image - lo) / span).astype(np.float32)
+
+
+LEVEL_SMOOTH_NM = 0.4  # blur (along x) of the copy the levelling estimates come from
+
+
+def normalize_frame(image_nm: np.ndarray, pixel_size_nm: float | None = None) -> np.ndarray:
+    """Per-frame normalisation (never per batch): plane + line levelling (estimated on a copy blurred by
+    0.4 nm along x when pixel_size_nm is given), then 1-99 percentile scaling, clipped to [-0.5, 1.5] so
+    spikes cannot dominate. Unitless float32 (H, W)."""
+    smooth_px = LEVEL_SMOOTH_NM / pixel_size_nm if pixel_size_nm else 0.0
+    return np.clip(percentile_scale(level_plane_lines(image_nm, smooth_px)), -0.5, 1.5)
+
+
+def highpass(image: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Subtract a Gaussian blur of width sigma_px (px) and rescale by percentiles (removes steps and
+    background larger than ~sigma). sigma_px <= 0 returns the image unchanged."""
+    if sigma_px <= 0:
+        return image
+    low = cv2.GaussianBlur(image, (0, 0), sigmaX=float(sigma_px), borderType=cv2.BORDER_REFLECT)
+    return np.clip(percentile_scale(image - low), -0.5, 1.5)
+
+
+def resampled_shape(shape: tuple[int, int], from_px_nm: float, to_px_nm: float) -> tuple[int, int]:
+    """(H', W') covering the same area at pixel size to_px_nm (at least 1 px per side)."""
+    f = from_px_nm / to_px_nm
+    return max(1, int(round(shape[0] * f))), max(1, int(round(shape[1] * f)))
+
+
+def resize(image: np.ndarray, shape: tuple[int, int], antialias: bool = True) -> np.ndarray:
+    """Resample a 2-D float32 array to shape (H', W') with cv2 (area averaging when shrinking and
+    antialias is set, else bilinear). Grid convention: module docstring."""
+    h, w = image.shape[:2]
+    if (h, w) == tuple(shape):
+        return image
+    shrinking = shape[0] < h or shape[1] < w
+    interp = cv2.INTER_AREA if (shrinking and antialias) else cv2.INTER_LINEAR
+    return cv2.resize(image, (int(shape[1]), int(shape[0])), interpolation=interp)
+
+
+def map_coords(xy_px: np.ndarray, from_shape: tuple[int, int], to_shape: tuple[int, int]) -> np.ndarray:
+    """Pixel coordinates (N, 2) as (x, y) in a (H, W) grid mapped into the resampled (H', W') grid."""
+    xy = np.asarray(xy_px, dtype=np.float64).reshape(-1, 2)
+    fx = to_shape[1] / from_shape[1]
+    fy = to_shape[0] / from_shape[0]
+    return np.stack([(xy[:, 0] + 0.5) * fx - 0.5, (xy[:, 1] + 0.5) * fy - 0.5], axis=1)
+
+
+@dataclass(frozen=True)
+class Padding:
+    """Pixels added on each side by ``pad_to_multiple`` (top, bottom, left, right)."""
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+
+
+def pad_to_multiple(image: np.ndarray, multiple: int) -> tuple[np.ndarray, Padding]:
+    """Reflect-pad (H, W) so both sides are multiples of ``multiple`` (and at least ``multiple``);
+    the padding is split evenly on both sides. Returns the padded array and the padding."""
+    if multiple < 1:
+        raise InputError(f"multiple must be >= 1, got {multiple}")
+    h, w = image.shape[:2]
+    th = max(multiple, -(-h // multiple) * multiple)
+    tw = max(multiple, -(-w // multiple) * multiple)
+    ph, pw = th - h, tw - w
+    pad = Padding(ph // 2, ph - ph // 2, pw // 2, pw - pw // 2)
+    if ph == 0 and pw == 0:
+        return image, pad
+    # BORDER_REFLECT_101 fails when padding exceeds the side; fall back to a symmetric numpy pad then
+    if max(ph, pw) < min(h, w):
+        out = cv2.copyMakeBorder(image, pad.top, pad.bottom, pad.left, pad.right, cv2.BORDER_REFLECT_101)
+    else:
+        out = np.pad(image, ((pad.top, pad.bottom), (pad.left, pad.right)), mode="symmetric")
+    return out, pad
+
+
+def crop_padding(array: np.ndarray, pad: Padding) -> np.ndarray:
+    """Undo ``pad_to_multiple`` on the last two axes."""
+    h, w = array.shape[-2:]
+    return array[..., pad.top : h - pad.bottom, pad.left : w - pad.right]
+
+
+def estimate_rows_dark(
+    image_norm: np.ndarray, atom_prob: np.ndarray, threshold: float = 0.5, window_px: int = 5
+) -> bool | None:
+    """Polarity guess from an atom map computed on the raw (non-inverted) frame: True when the image is
+    darker at atom-map peaks than its surroundings (empty states: rows dark), False when brighter (filled
+    states), None when there are too few confident atom pixels to tell (keep the raw image then).
+    ``window_px``: side of the box whose mean is the "surroundings" (about half a row period)."""
+    sel = atom_prob > threshold
+    if int(sel.sum()) < 8:
+        return None
+    local = cv2.blur(image_norm, (window_px, window_px), borderType=cv2.BORDER_REFLECT)
+    return bool(float(np.mean(image_norm[sel] - local[sel])) < 0.0)
+
+
+def net_input(image_norm: np.ndarray, highpass_sigma_px: float) -> np.ndarray:
+    """Last step before a net, shared by training and inference: the (resampled, possibly augmented)
+    normalised image, high-passed when highpass_sigma_px > 0, else re-scaled to 1-99 percentiles, clipped."""
+    if highpass_sigma_px > 0:
+        return highpass(image_norm, highpass_sigma_px)
+    return np.clip(percentile_scale(image_norm), -0.5, 1.5)

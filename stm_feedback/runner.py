@@ -1,0 +1,158 @@
+"""ModelRunner: the three networks loaded once, run on any frame, answers on the input frame's grid.
+
+``runner = ModelRunner.from_settings(settings.models)``; ``runner.predict(image, pixel_size_nm, bias_v)``.
+CPU and CUDA share all code (CUDA: same modules ``.to(device)``, fp16 autocast).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from stm_feedback.errors import ModelError
+from stm_feedback.maps import NetworkMaps
+from stm_feedback.nets import NET_NAMES, NetSpec, fuse_batchnorm, load_model
+from stm_feedback.preprocess import (
+    crop_padding,
+    estimate_rows_dark,
+    net_input,
+    normalize_frame,
+    pad_to_multiple,
+    resampled_shape,
+    resize,
+    validate_frame,
+)
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    """ "auto" -> cuda when available, else cpu; anything else as given (ModelError when unusable)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ModelError(f"unknown device {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def prepare_module(net: nn.Module, device: torch.device) -> nn.Module:
+    """Eval mode, BatchNorm folded into convs, channels_last memory format, on ``device``."""
+    net = fuse_batchnorm(net.eval())
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.to(device=device, memory_format=torch.channels_last)
+
+
+class ModelRunner:
+    """The three resident networks. ``predict`` is thread-compatible but not re-entrant (one frame at a
+    time per runner; the nets use all configured threads themselves)."""
+
+    def __init__(
+        self,
+        nets: dict[str, tuple[nn.Module, NetSpec]],
+        device: str = "auto",
+        threads: int = 0,
+        require_all: bool = True,
+    ) -> None:
+        missing = [n for n in NET_NAMES if n not in nets]
+        if missing and require_all:
+            raise ModelError(f"runner needs all of {NET_NAMES}; missing {missing}")
+        self._device = resolve_device(device)
+        if threads > 0:
+            torch.set_num_threads(int(threads))
+        self.specs: dict[str, NetSpec] = {n: s for n, (_, s) in nets.items()}
+        self.modules = {n: prepare_module(m, self._device) for n, (m, _) in nets.items()}
+        self._amp = self._device.type == "cuda"
+
+    @classmethod
+    def from_dir(cls, models_dir: str | Path, device: str = "auto", threads: int = 0) -> ModelRunner:
+        """Load ``nn0_terraces``, ``nn1_atoms``, ``nn2_defects`` (.pt + .json) from models_dir."""
+        d = Path(models_dir)
+        return cls({n: load_model(d, n) for n in NET_NAMES}, device=device, threads=threads)
+
+    @classmethod
+    def from_settings(cls, models: Any) -> ModelRunner:
+        """From a ``stm_feedback.config.ModelSettings`` (models_dir, device, threads; backend "auto"/"torch"
+        run PyTorch — the only backend implemented here)."""
+        backend = getattr(models, "backend", "auto")
+        if backend not in ("auto", "torch"):
+            raise ModelError(f"backend {backend!r} is not available in this build; use 'auto' or 'torch'")
+        return cls.from_dir(models.models_dir, device=models.device, threads=models.threads)
+
+    @property
+    def backend(self) -> str:
+        return "torch-fp16" if self._amp else "torch-fp32"
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    def versions(self) -> dict[str, str]:
+        """Model version of each net, e.g. {"terraces": "nn0-...", ...}."""
+        return {n: s.version for n, s in self.specs.items()}
+
+    # ------------------------------------------------------------------------------------------------------
+    def run_net(self, name: str, x_net: np.ndarray) -> np.ndarray:
+        """Raw network output (C, h, w) float32 for one prepared input (h, w) at the net's pixel size."""
+        spec = self.specs[name]
+        padded, pad = pad_to_multiple(x_net, spec.pool_multiple)
+        t = torch.from_numpy(np.ascontiguousarray(padded, np.float32))[None, None]
+        t = t.to(self._device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=self._amp):
+            y = self.modules[name](t)
+            y = torch.softmax(y, 1) if spec.out_channels > 1 else torch.sigmoid(y)
+        out = y[0].float().cpu().numpy()
+        return np.ascontiguousarray(crop_padding(out, pad))
+
+    def net_on_frame(self, name: str, norm: np.ndarray, pixel_size_nm: float, invert: bool) -> np.ndarray:
+        """Net ``name`` on the normalised frame, output (C, H, W) resampled back to the frame's grid."""
+        spec = self.specs[name]
+        shape = resampled_shape(norm.shape, pixel_size_nm, spec.pixel_size_nm)
+        x = resize(norm, shape)
+        if invert:
+            x = (1.0 - x).astype(np.float32)
+        x = net_input(x, spec.highpass_sigma_nm / spec.pixel_size_nm)
+        y = self.run_net(name, x)
+        return np.stack([resize(c, norm.shape, antialias=False) for c in y])
+
+    def predict(self, image: np.ndarray, pixel_size_nm: float, bias_v: float | None = None) -> NetworkMaps:
+        """All three nets on one frame (H, W) of apparent heights (any unit; nm expected) at pixel_size_nm
+        (nm/px); bias_v (V) > 0 = empty states, None = unknown (polarity estimated). InputError on bad
+        input. Maps are on the input grid."""
+        img = validate_frame(image, pixel_size_nm, bias_v)
+        s = float(pixel_size_nm)
+        norm = normalize_frame(img, s)
+        empty = bias_v is not None and float(bias_v) > 0
+        step = self.net_on_frame("terraces", norm, s, False)[0]
+        atom_invert = empty and self.specs["atoms"].polarity == "rows_bright"
+        atoms = self.net_on_frame("atoms", norm, s, atom_invert)[0]
+        defects = self.net_on_frame("defects", norm, s, False)
+        if bias_v is not None:
+            polarity, source = ("empty" if empty else "filled"), "bias"
+        else:
+            window_px = max(3, int(round(0.4 / s)) | 1)  # ~half a row period: atoms vs. their trough
+            rows_dark = estimate_rows_dark(norm, atoms, window_px=window_px)
+            if rows_dark is None:
+                polarity, source = "filled", "assumed"
+            else:
+                polarity, source = ("empty" if rows_dark else "filled"), "estimated"
+        image_norm = (1.0 - norm).astype(np.float32) if polarity == "empty" else norm
+        return NetworkMaps(
+            step_prob=step.astype(np.float32),
+            atom_prob=atoms.astype(np.float32),
+            protrusion_prob=defects[1].astype(np.float32),
+            depression_prob=defects[2].astype(np.float32),
+            image_norm=image_norm,
+            pixel_size_nm=s,
+            polarity=polarity,
+            polarity_source=source,
+        )

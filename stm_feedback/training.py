@@ -1,0 +1,262 @@
+"""Training of the three networks on simulator frames (preset "training", seeds < 1_000_000 only).
+
+Data: a cache of frames is simulated once (seeded, optionally 2 worker processes), each normalised per frame
+at its own pixel size (0.05-0.2 nm/px drawn per frame) and resampled to the net's working pixel size, with
+targets from ``stm_feedback.targets``. Steps: random crops + ``stm_feedback.augment``, Adam, cosine decay.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from stm_feedback.augment import AugmentConfig, augment
+from stm_feedback.errors import InputError
+from stm_feedback.nets import FILE_STEMS, NET_NAMES, NetSpec, build_net, save_model, spec_preset
+from stm_feedback.preprocess import net_input, normalize_frame, resampled_shape, resize
+from stm_feedback.targets import truth_to_targets
+
+log = logging.getLogger(__name__)
+
+MAX_TRAINING_SEED = 1_000_000  # evaluation suites use seeds >= this
+SEED_BASE: dict[str, int] = {"terraces": 100_000, "atoms": 300_000, "defects": 500_000}
+HELD_OUT_SEED = 950_000  # self-check frames (training range, never drawn by the cache)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``crop_px`` at the net's working pixel size; ``n_frames`` simulated once."""
+
+    net: str
+    steps: int = 3000
+    seed: int = 0
+    batch: int = 8
+    crop_px: int = 64
+    n_frames: int = 300
+    lr: float = 2e-3
+    workers: int = 2
+    spec_preset: str = "default"
+    pixel_size_range_nm: tuple[float, float] = (0.05, 0.2)
+
+
+@dataclass
+class Sample:
+    """One cached frame at the net's pixel size: normalised image, targets, and the bias sign."""
+
+    image: np.ndarray  # (h, w) float32, normalised raw polarity
+    targets: dict[str, np.ndarray]
+    empty_state: bool
+
+
+def frame_seeds(cfg: TrainConfig) -> range:
+    """Simulator seeds of the cache (all < 1_000_000, disjoint per net, shifted by the run seed)."""
+    start = SEED_BASE[cfg.net] + 20_000 * cfg.seed
+    stop = start + cfg.n_frames
+    if stop > MAX_TRAINING_SEED or cfg.seed < 0 or cfg.n_frames > 20_000:
+        raise InputError(
+            f"training seeds must stay < {MAX_TRAINING_SEED} (seed {cfg.seed}, {cfg.n_frames} frames)"
+        )
+    return range(start, stop)
+
+
+def make_sample(args: tuple[int, str, float, int, tuple[float, float]]) -> Sample:
+    """Simulate frame ``seed`` so that it covers >= 1.3 crops at the net pixel size, normalise, resample."""
+    from simulator.frame import SimConfig, simulate_frame
+
+    seed, net, net_px_nm, crop_px, px_range = args
+    rng = np.random.default_rng(seed)
+    native_px = float(rng.uniform(*px_range))
+    side = int(math.ceil(1.3 * crop_px * net_px_nm / native_px))
+    f = simulate_frame(seed, size_px=side, pixel_size_nm=native_px, config=SimConfig.preset("training"))
+    norm = normalize_frame(f.image_nm, native_px)
+    shape = resampled_shape(norm.shape, native_px, net_px_nm)
+    t = truth_to_targets(f.truth, net_px_nm)
+    targets = {"terraces": {"step": t.step}, "atoms": {"atoms": t.atoms}, "defects": {"cls": t.defect_class}}
+    return Sample(resize(norm, shape), targets[net], f.bias_v > 0)
+
+
+def build_cache(cfg: TrainConfig, spec: NetSpec) -> list[Sample]:
+    """Simulate the cache (tqdm progress; ``cfg.workers`` > 1 uses a process pool)."""
+    jobs = [(s, cfg.net, spec.pixel_size_nm, cfg.crop_px, cfg.pixel_size_range_nm) for s in frame_seeds(cfg)]
+    desc = f"simulating {cfg.net} frames"
+    if cfg.workers > 1:
+        with get_context("spawn").Pool(cfg.workers) as pool:
+            return list(tqdm(pool.imap(make_sample, jobs, chunksize=4), total=len(jobs), desc=desc))
+    return [make_sample(j) for j in tqdm(jobs, desc=desc)]
+
+
+def _crop(a: np.ndarray, y: int, x: int, n: int) -> np.ndarray:
+    return a[y : y + n, x : x + n]
+
+
+def make_batch(
+    cache: list[Sample], spec: NetSpec, cfg: TrainConfig, rng: np.random.Generator, aug: AugmentConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 1, n, n) inputs and targets ((B, 1, n, n) float or (B, n, n) long) from random crops."""
+    n = cfg.crop_px
+    xs, ys = [], []
+    hp_px = spec.highpass_sigma_nm / spec.pixel_size_nm
+    for _ in range(cfg.batch):
+        smp = cache[int(rng.integers(len(cache)))]
+        img, tg = smp.image, smp.targets
+        h, w = img.shape
+        if h < n or w < n:  # rare: rounding left the frame a little small
+            ph, pw = max(0, n - h), max(0, n - w)
+            img = np.pad(img, ((0, ph), (0, pw)), mode="reflect")
+            tg = {k: np.pad(v, ((0, ph), (0, pw)), mode="reflect") for k, v in tg.items()}
+            h, w = img.shape
+        y, x = int(rng.integers(h - n + 1)), int(rng.integers(w - n + 1))
+        ci = _crop(img, y, x, n).copy()
+        ct = {k: _crop(v, y, x, n) for k, v in tg.items()}
+        # polarity: "rows_bright" nets see corrected frames when the bias is known (half the time) and raw
+        # frames (either polarity) when it is not; "raw" nets always see the raw frame
+        if spec.polarity == "rows_bright" and smp.empty_state and rng.random() < 0.5:
+            ci = 1.0 - ci
+        ci, ct = augment(ci, ct, rng, aug)
+        xs.append(net_input(ci, hp_px))
+        ys.append(next(iter(ct.values())))
+    x_t = torch.from_numpy(np.stack(xs)[:, None].astype(np.float32))
+    y_np = np.stack(ys)
+    y_t = (
+        torch.from_numpy(y_np.astype(np.int64))
+        if spec.out_channels > 1
+        else torch.from_numpy(y_np[:, None].astype(np.float32))
+    )
+    return x_t, y_t
+
+
+def loss_fn(spec: NetSpec, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Terraces: BCE (step pixels weighted 3x); atoms: BCE on the soft Gaussian map, weighted 1 + 9 * target
+    (atoms are a small fraction of pixels); defects: cross-entropy with class weights 1/4/4."""
+    if spec.name == "defects":
+        w = torch.tensor([1.0, 4.0, 4.0])
+        return F.cross_entropy(logits, target, weight=w)
+    weight = 1.0 + (2.0 if spec.name == "terraces" else 9.0) * target
+    return F.binary_cross_entropy_with_logits(logits, target, weight=weight)
+
+
+def train(
+    cfg: TrainConfig, out_dir: Path | None, cache: list[Sample] | None = None, progress: bool = True
+) -> tuple[nn.Module, NetSpec, dict]:
+    """Train net ``cfg.net``; writes models/<stem>.pt/.json to out_dir (None = do not save). Returns the
+    trained net (eval mode), its spec and a summary dict (losses, times)."""
+    if cfg.net not in NET_NAMES:
+        raise InputError(f"unknown net {cfg.net!r}; choose one of {NET_NAMES}")
+    if cfg.steps < 1 or cfg.batch < 1 or cfg.crop_px < 16 or cfg.crop_px % 8:
+        raise InputError("steps and batch must be >= 1, crop_px a multiple of 8 and >= 16")
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    spec = spec_preset(cfg.net, cfg.spec_preset)
+    t0 = time.time()
+    if cache is None:
+        cache = build_cache(cfg, spec)
+    t_data = time.time() - t0
+    net = build_net(spec).train().to(memory_format=torch.channels_last)  # ~2x faster convs on CPU
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    aug = AugmentConfig(p_invert=0.5 if cfg.net == "terraces" else 0.0)
+    losses: list[float] = []
+    bar = tqdm(range(cfg.steps), desc=f"training {cfg.net}", disable=not progress)
+    for _ in bar:
+        x, y = make_batch(cache, spec, cfg, rng, aug)
+        loss = loss_fn(spec, net(x.contiguous(memory_format=torch.channels_last)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if len(losses) % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    t_total = time.time() - t0
+    net.eval()
+    seeds = frame_seeds(cfg)
+    summary = {
+        "seed": cfg.seed,
+        "steps": cfg.steps,
+        "batch": cfg.batch,
+        "crop_px": cfg.crop_px,
+        "lr": cfg.lr,
+        "n_frames": cfg.n_frames,
+        "frame_seeds": [seeds.start, seeds.stop],
+        "simulator_preset": "training",
+        "frame_pixel_size_nm": list(cfg.pixel_size_range_nm),
+        "data_time_s": round(t_data, 1),
+        "total_time_s": round(t_total, 1),
+        "final_loss": float(np.mean(losses[-100:])),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    date = datetime.now(timezone.utc).strftime("%Y%m%d")
+    spec = replace(spec, version=f"{FILE_STEMS[cfg.net]}-{date}-s{cfg.seed}-{cfg.steps}", training=summary)
+    if out_dir is not None:
+        save_model(net, spec, Path(out_dir))
+    return net, spec, summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# quick self-check (the official evaluation is `stm-feedback evaluate`)
+
+
+def atom_peaks(atom_prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """(N, 2) (x_px, y_px) of local maxima (3x3) above threshold, refined by the 3x3 centre of mass."""
+    mx = ndimage.maximum_filter(atom_prob, size=3, mode="constant")
+    ys, xs = np.nonzero((atom_prob == mx) & (atom_prob > threshold))
+    if len(xs) == 0:
+        return np.zeros((0, 2))
+    p = np.pad(atom_prob, 1)
+    d = np.array([-1, 0, 1])
+    win = np.stack([np.stack([p[ys + 1 + dy, xs + 1 + dx] for dx in d], 1) for dy in d], 1)  # (N, 3, 3)
+    wsum = win.sum((1, 2))
+    ox = (win.sum(1) * d).sum(1) / wsum
+    oy = (win.sum(2) * d).sum(1) / wsum
+    return np.stack([xs + ox, ys + oy], 1)
+
+
+def self_check_atoms(
+    net: nn.Module,
+    spec: NetSpec,
+    n_frames: int = 4,
+    size_px: int = 192,
+    preset: str = "realistic",
+    bias_known: bool = True,
+) -> dict:
+    """Atom F1 / RMSE at 0.10 nm (metrics.score_matching, evaluation exclusion rules) on held-out
+    training-range frames (seeds from 950_000) of simulator preset ``preset``, using this net alone."""
+    from simulator.frame import SimConfig, simulate_frame
+    from stm_feedback.metrics import MatchCounts, near_border, on_mask, score_matching
+    from stm_feedback.runner import ModelRunner
+
+    runner = ModelRunner({spec.name: (net, spec)}, device="cpu", require_all=False)
+    total = MatchCounts(0, 0, 0, 0.0)
+    for i in range(n_frames):
+        f = simulate_frame(HELD_OUT_SEED + i, size_px, None, SimConfig.preset(preset))
+        tr, s = f.truth, f.truth.pixel_size_nm
+        norm = normalize_frame(f.image_nm, s)
+        invert = bias_known and f.bias_v > 0
+        prob = runner.net_on_frame("atoms", norm, s, invert)[0]
+        pred = atom_peaks(prob)
+        t_ex = ~np.asarray(tr.atom_resolved, bool) | near_border(tr.atoms_xy_px, size_px, size_px, 0.3, s)
+        p_ex = near_border(pred, size_px, size_px, 0.3, s) | on_mask(pred, tr.unresolved_mask)
+        c, _, _ = score_matching(tr.atoms_xy_px, pred, 0.10, s, t_ex, p_ex)
+        total = total + c
+    return {
+        "atom_f1": total.f1,
+        "precision": total.precision,
+        "recall": total.recall,
+        "rmse_nm": total.rmse_nm,
+        "frames": n_frames,
+        "preset": preset,
+        "bias_known": bias_known,
+    }
