@@ -112,7 +112,8 @@ def defect_features(
     0.15 nm of the footprint's centre of mass, z_level the median of a ``ring_nm`` ring around the
     footprint (the local lattice mean, so offsets and tilt cancel), z_atoms the mean height at atom
     centres near the defect (the 90th percentile of the ring if none are given). An intact atom centre
-    scores 1, the lattice mean 0; depressions go negative, protrusions well above 1.
+    scores 1, the lattice mean 0; depressions go negative, protrusions well above 1; NaN when the
+    surroundings are flat (no height reference).
     """
     image_nm = np.asarray(image_nm, dtype=np.float64)
     mask = np.asarray(mask, dtype=bool)
@@ -145,7 +146,9 @@ def defect_features(
     z_centre_nm = (
         float(image_nm[core].mean()) if core.any() else float(image_nm[int(round(cy)), int(round(cx))])
     )
-    height_rel = (z_centre_nm - level_nm) / (atom_level_nm - level_nm)
+    corrugation_nm = atom_level_nm - level_nm
+    # flat surroundings (no atoms, no texture): no height reference, NaN rather than a huge ratio
+    height_rel = (z_centre_nm - level_nm) / corrugation_nm if corrugation_nm > 1e-9 else float("nan")
 
     # extents of the pixel footprint along / across the rows (each pixel counts its own width once)
     a = math.radians(row_angle_deg or 0.0)

@@ -297,7 +297,9 @@ class DefectLibrary:
                     x_px=r[2],
                     y_px=r[3],
                     kind=r[4],
-                    features=np.array([feats[name] for name in feature_names], float),
+                    features=np.array(
+                        [np.nan if feats[name] is None else feats[name] for name in feature_names], float
+                    ),
                     cluster=r[6],
                     expert_label=r[7],
                     predicted_label=r[8],
@@ -308,8 +310,9 @@ class DefectLibrary:
         return out
 
     def arrays(self, **filters: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids (N,), features (N, F), kinds (N,)) of the matching defects."""
-        recs = self.defects(**filters)
+        """(ids (N,), features (N, F), kinds (N,)) of the matching defects whose features are all defined
+        (rows with a NaN feature are left out: they can be neither clustered nor classified)."""
+        recs = [r for r in self.defects(**filters) if np.all(np.isfinite(r.features))]
         feats = np.array([r.features for r in recs]).reshape(len(recs), -1)
         if not recs:
             feats = np.zeros((0, len(filters.get("feature_names", FEATURE_NAMES))))
@@ -399,7 +402,7 @@ class DefectLibrary:
         from sklearn.ensemble import RandomForestClassifier
         from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-        recs = [r for r in self.defects() if r.expert_label]
+        recs = [r for r in self.defects() if r.expert_label and np.all(np.isfinite(r.features))]
         if not recs:
             raise InputError("no expert-labelled defects: relabel some first")
         models: dict[str, Any] = {}
@@ -575,8 +578,8 @@ def _defect_rows(
         raise InputError(f"add_defects: {n} positions, {len(kinds)} kinds, features {x.shape}")
     if set(kinds) - set(KINDS):
         raise InputError(f"unknown kinds {sorted(set(kinds) - set(KINDS))}")
-    if not np.all(np.isfinite(x)) or not np.all(np.isfinite(xy)):
-        raise InputError("add_defects: non-finite positions or features")
+    if not np.all(np.isfinite(xy)) or np.isinf(x).any():
+        raise InputError("add_defects: non-finite positions or infinite features (NaN = undefined is ok)")
     cl = np.full(n, -1, int) if clusters is None else np.asarray(clusters, int).reshape(n)
     pl = [None] * n if predicted_labels is None else list(predicted_labels)
     tl = [None] * n if true_labels is None else list(true_labels)
@@ -589,7 +592,7 @@ def _defect_rows(
             float(xy[i, 0]),
             float(xy[i, 1]),
             kinds[i],
-            json.dumps(dict(zip(names, map(float, x[i]), strict=True))),
+            json.dumps({n: (float(v) if np.isfinite(v) else None) for n, v in zip(names, x[i], strict=True)}),
             None if pa[i] is None else patch_to_bytes(pa[i]),
             int(cl[i]),
             pl[i],
@@ -627,12 +630,17 @@ class DefectClassifier:
         return int(self.meta["version"])
 
     def predict(self, features: np.ndarray, kinds: Sequence[str]) -> np.ndarray:
-        """Labels (N,) object array; None where the kind had no training data."""
+        """Labels (N,) object array; None where the kind had no training data or a feature is NaN."""
         k = np.asarray(list(kinds), dtype=object)
         x = np.asarray(features, float).reshape(len(k), -1)
+        if x.shape[1] != len(self.meta["feature_names"]):
+            raise InputError(
+                f"features have {x.shape[1]} columns, the classifier wants {self.meta['feature_names']}"
+            )
+        ok = np.all(np.isfinite(x), axis=1)
         out = np.full(len(k), None, dtype=object)
         for kind, model in self.models.items():
-            sel = k == kind
+            sel = (k == kind) & ok
             if not sel.any():
                 continue
             out[sel] = model if isinstance(model, str) else model.predict(x[sel])

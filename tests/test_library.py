@@ -136,3 +136,21 @@ def test_rejects_newer_schema_and_non_sqlite(tmp_path: Path) -> None:
     junk.write_bytes(b"not a database at all" * 100)
     with pytest.raises(InputError):
         DefectLibrary(junk)
+
+
+def test_undefined_features_are_stored_and_skipped(tmp_path: Path) -> None:
+    with DefectLibrary(tmp_path / "lib.sqlite") as lib:
+        truth = _fill(lib, n_per_class=4)
+        fid = lib.add_frame("flat.npy", 0.1)
+        f = np.array([CLASSES["dv1"][1]])
+        f[0, FEATURE_NAMES.index("height_rel")] = np.nan  # flat surroundings: no height reference
+        (nan_id,) = lib.add_defects(fid, [[5.0, 5.0]], ["depression"], f)
+        assert np.isnan(lib.defects(ids=[nan_id])[0].features[0])
+        assert len(lib.arrays()[0]) == len(truth)  # left out of clustering / training
+        lib.fit_clusters()
+        assert lib.defects(ids=[nan_id])[0].cluster == -1
+        for r in lib.defects():
+            if r.true_label:
+                lib.relabel(r.true_label, defect_id=r.id)
+        lib.train_classifier(cv_folds=2)
+        assert lib.predict_labels(f, ["depression"]) == [None]
