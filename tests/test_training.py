@@ -1,0 +1,47 @@
+"""Training smoke run (a few steps on tiny simulated data) and the seed rules of the training data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stm_feedback.errors import InputError
+from stm_feedback.nets import load_model
+from stm_feedback.training import TrainConfig, atom_peaks, frame_seeds, train
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("net", ["atoms", "defects"])
+def test_training_smoke_run_writes_loadable_weights(tmp_path: Path, net: str) -> None:
+    cfg = TrainConfig(net, steps=3, batch=2, crop_px=32, n_frames=2, workers=1, seed=3)
+    model, spec, summary = train(cfg, tmp_path, progress=False)
+    assert np.isfinite(summary["final_loss"])
+    assert summary["frame_seeds"][1] <= 1_000_000 and spec.training["steps"] == 3
+    loaded, spec2 = load_model(tmp_path, net)
+    assert spec2.version == spec.version and spec2.version.endswith("-s3-3")
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_training_seeds_stay_below_evaluation_range() -> None:
+    for net in ("terraces", "atoms", "defects"):
+        r = frame_seeds(TrainConfig(net, seed=10, n_frames=1000))
+        assert r.stop <= 1_000_000
+    with pytest.raises(InputError):
+        frame_seeds(TrainConfig("defects", seed=30, n_frames=1000))
+    with pytest.raises(InputError):
+        train(TrainConfig("nope", steps=1), None, progress=False)
+
+
+def test_atom_peaks_subpixel() -> None:
+    yy, xx = np.mgrid[0:20, 0:20]
+    prob = np.exp(-((xx - 7.3) ** 2 + (yy - 11.6) ** 2) / (2 * 0.8**2)).astype(np.float32)
+    p = atom_peaks(prob)
+    assert p.shape == (1, 2)
+    np.testing.assert_allclose(p[0], [7.3, 11.6], atol=0.15)
+    assert atom_peaks(np.zeros((10, 10), np.float32)).shape == (0, 2)
