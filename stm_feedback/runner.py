@@ -156,3 +156,41 @@ class ModelRunner:
             polarity=polarity,
             polarity_source=source,
         )
+
+
+def measure_latency(
+    runner: ModelRunner, size_px: int = 256, pixel_size_nm: float = 0.1, n: int = 50, warmup: int = 5
+) -> dict[str, dict[str, float]]:
+    """Median / p95 latency (ms) of each net (prepared input -> output on its own grid) and of the whole
+    ``predict`` on a simulated-like random frame of size_px^2 at pixel_size_nm."""
+    import time
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(0, 0.02, (size_px, size_px)).astype(np.float32)
+    norm = normalize_frame(img, pixel_size_nm)
+    out: dict[str, dict[str, float]] = {}
+
+    def stats(ts: list[float]) -> dict[str, float]:
+        a = np.array(ts) * 1e3
+        return {"p50_ms": float(np.median(a)), "p95_ms": float(np.percentile(a, 95))}
+
+    for name, spec in runner.specs.items():
+        x = resize(norm, resampled_shape(norm.shape, pixel_size_nm, spec.pixel_size_nm))
+        for _ in range(warmup):
+            runner.run_net(name, x)
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            runner.run_net(name, x)
+            ts.append(time.perf_counter() - t)
+        out[name] = {**stats(ts), "input_px": float(x.shape[0])}
+    if all(k in runner.specs for k in NET_NAMES):
+        for _ in range(warmup):
+            runner.predict(img, pixel_size_nm, -2.0)
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            runner.predict(img, pixel_size_nm, -2.0)
+            ts.append(time.perf_counter() - t)
+        out["predict"] = stats(ts)
+    return out

@@ -10,7 +10,45 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``train`` to app."""
+    """Add ``train`` and ``nets-latency`` to app."""
+
+    @app.command("nets-latency")
+    def latency_cmd(
+        models_dir: Annotated[Path, typer.Option(help="weights + specs to time")] = Path("models"),
+        spec: Annotated[
+            str, typer.Option(help="'trained' (models_dir) or an untrained preset: default | paper")
+        ] = "trained",
+        size: Annotated[int, typer.Option(help="frame side (px)")] = 256,
+        pixel_size_nm: Annotated[float, typer.Option(help="frame pixel size (nm)")] = 0.1,
+        n: Annotated[int, typer.Option(help="timed repetitions")] = 50,
+        threads: Annotated[int, typer.Option(help="torch threads")] = 2,
+    ) -> None:
+        """Latency (p50/p95 ms) of each network and of the whole ModelRunner.predict (PyTorch, CPU)."""
+        import torch
+
+        from stm_feedback.nets import NET_NAMES, build_net, spec_preset
+        from stm_feedback.runner import ModelRunner, measure_latency
+
+        torch.set_num_threads(max(1, threads))
+        if spec == "trained":
+            runner = ModelRunner.from_dir(models_dir, device="cpu", threads=threads)
+        else:
+            nets = {name: (build_net(spec_preset(name, spec)), spec_preset(name, spec)) for name in NET_NAMES}
+            runner = ModelRunner(nets, device="cpu", threads=threads)
+        res = measure_latency(runner, size, pixel_size_nm, n)
+        typer.echo(
+            json.dumps(
+                {
+                    "spec": spec,
+                    "threads": torch.get_num_threads(),
+                    "size_px": size,
+                    "pixel_size_nm": pixel_size_nm,
+                    "backend": runner.backend,
+                    **res,
+                },
+                indent=2,
+            )
+        )
 
     @app.command("train")
     def train_cmd(
