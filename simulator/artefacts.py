@@ -111,19 +111,30 @@ def scars(rng: np.random.Generator, z_nm: np.ndarray, n: int, amp_nm: float) -> 
     return out, lines
 
 
+BLOB_RHO_CUT = 4.0  # random_blobs_mask: ellipse radii beyond which the soft mask is taken as 0
+
+
 def random_blobs_mask(
     rng: np.random.Generator, shape: tuple[int, int], n: int, radius_px: tuple[float, float]
 ) -> np.ndarray:
     """Smooth soft mask (0..1) made of n irregular ellipses of the given radius range, pixels."""
     h, w = shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     mask = np.zeros(shape)
     for _ in range(n):
         cy, cx = rng.uniform(0, h), rng.uniform(0, w)
         ry, rx = rng.uniform(*radius_px), rng.uniform(*radius_px)
         th = rng.uniform(0, np.pi)
-        dx, dy = xx - cx, yy - cy
+        # evaluated in the box where the ellipse radius rho <= BLOB_RHO_CUT; outside, the sigmoid is
+        # < 1 / (1 + exp(8 (BLOB_RHO_CUT - 1))) = 4e-11 (was computed over the whole frame)
+        half = BLOB_RHO_CUT * max(rx, ry)
+        y0, y1 = max(int(np.floor(cy - half)), 0), min(int(np.ceil(cy + half)) + 1, h)
+        x0, x1 = max(int(np.floor(cx - half)), 0), min(int(np.ceil(cx + half)) + 1, w)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        dx = np.arange(x0, x1, dtype=np.float64)[None, :] - cx
+        dy = np.arange(y0, y1, dtype=np.float64)[:, None] - cy
         u = (dx * np.cos(th) + dy * np.sin(th)) / rx
         v = (-dx * np.sin(th) + dy * np.cos(th)) / ry
-        mask = np.maximum(mask, 1.0 / (1.0 + np.exp(8.0 * (np.sqrt(u * u + v * v) - 1.0))))
+        sub = mask[y0:y1, x0:x1]
+        np.maximum(sub, 1.0 / (1.0 + np.exp(8.0 * (np.sqrt(u * u + v * v) - 1.0))), out=sub)
     return mask

@@ -26,6 +26,8 @@ from simulator.surface import Surface
 from stm_feedback.physics import DIMER_ATOM_SEPARATION_NM
 
 STEP_MASK_HALF_WIDTH_NM = 0.4
+RING_POINTS = 24  # points on a template's boundary circle mapped to pixels for its drift-aware box
+STEP_DIST_CLIP_NM = 1.0  # IdealRender.step_dist_nm is clipped here (only < STEP_MASK_HALF_WIDTH_NM is used)
 
 
 @dataclass
@@ -34,7 +36,7 @@ class IdealRender:
 
     z_nm: np.ndarray
     terrace: np.ndarray  # int64 terrace index under each pixel
-    step_dist_nm: np.ndarray
+    step_dist_nm: np.ndarray  # distance to the nearest step edge, nm, clipped at STEP_DIST_CLIP_NM
     defect_instances: np.ndarray  # int32, Defect.id or 0
     defect_pixels: dict[int, tuple[float, float]]  # id -> (x_px, y_px) footprint centre
     terrace_ids: list[int] = field(default_factory=list)  # sorted ids present in ``terrace``
@@ -59,7 +61,7 @@ def render_ideal(
     """Sample the analytic surface at the raster positions of ``rows`` (default all rows) of ``geom``."""
     rows = np.arange(geom.height_px) if rows is None else np.asarray(rows)
     x, y = geom.sample_coords_nm(rows)
-    terrace, dist, z = surface.terrace_at(x, y)
+    terrace, dist, z = surface.terrace_at(x, y, max_dist_nm=STEP_DIST_CLIP_NM)
     present = present_terraces(surface, terrace)
     if len(present) == 1:  # most frames: no mask, no gather/scatter copies
         a, b = surface.lattice(present[0]).to_lattice(x, y)
@@ -79,35 +81,74 @@ def render_ideal(
     lats = [surface.lattice(d.terrace) for d in defects]
     c_nm = np.array([footprint_centre_nm(d, lat) for d, lat in zip(defects, lats, strict=True)])
     c_px = geom.to_pixels(c_nm)  # one vectorised inversion for all defects (pointwise, same numbers)
-    for d, lat, c, (cx, cy) in zip(defects, lats, c_nm, c_px, strict=True):
+    core_px = _halo_core_bounds_px(defects, c_nm, geom)
+    for k, (d, lat, c, (cx, cy)) in enumerate(zip(defects, lats, c_nm, c_px, strict=True)):
         cx, cy = float(cx), float(cy)
         centres[d.id] = (cx, cy)
         # the core (Gaussians of a few 0.1 nm) and the long charged halo get their own boxes: evaluating the
         # core over the halo box (up to ~18 nm) was the main cost of hard/training frames
-        sl = _box(cx, cy, core_radius_nm(d) / s + pad, r0, r1, geom.width_px)
+        if d.halo_amp_nm:
+            halo_rad = template_radius_nm(d) / s + pad
+            xl, xh, yl, yh = core_px[k]
+            sl = _span(
+                max(xl - pad, cx - halo_rad),
+                min(xh + pad, cx + halo_rad),
+                max(yl - pad, cy - halo_rad),
+                min(yh + pad, cy + halo_rad),
+                r0,
+                r1,
+                geom.width_px,
+            )
+        else:
+            rad = core_radius_nm(d) / s + pad
+            sl = _span(cx - rad, cx + rad, cy - rad, cy + rad, r0, r1, geom.width_px)
         if sl is not None:
             dz, foot = render_defect_core(d, lat, x[sl], y[sl], app, centre_nm=c)
             on = terrace[sl] == d.terrace  # a template never spills onto another terrace
             z[sl] += np.where(on, dz, 0.0)
             inst[sl][foot & on] = d.id
         if d.halo_amp_nm:
-            sl = _box(cx, cy, template_radius_nm(d) / s + pad, r0, r1, geom.width_px)
+            sl = _span(cx - halo_rad, cx + halo_rad, cy - halo_rad, cy + halo_rad, r0, r1, geom.width_px)
             if sl is not None:
                 dz = render_defect_halo(d, lat, x[sl], y[sl], app, centre_nm=c)
                 z[sl] += np.where(terrace[sl] == d.terrace, dz, 0.0)
     return IdealRender(z, terrace, dist, inst, centres, present)
 
 
-def _box(
-    cx_px: float, cy_px: float, rad_px: float, r0: int, r1: int, width_px: int
+def _span(
+    x_lo_px: float, x_hi_px: float, y_lo_px: float, y_hi_px: float, r0: int, r1: int, width_px: int
 ) -> tuple[slice, slice] | None:
-    """Slices (rows relative to r0, columns) of the square of half-width rad_px around (cx, cy), clipped to
-    rows r0..r1 and columns 0..width_px-1; None if empty."""
-    ya, yb = max(int(np.floor(cy_px - rad_px)), r0), min(int(np.ceil(cy_px + rad_px)), r1)
-    xa, xb = max(int(np.floor(cx_px - rad_px)), 0), min(int(np.ceil(cx_px + rad_px)), width_px - 1)
+    """Slices (rows relative to r0, columns) of the pixels in [x_lo, x_hi] x [y_lo, y_hi] (rounded outwards),
+    clipped to rows r0..r1 and columns 0..width_px-1; None if empty."""
+    ya, yb = max(int(np.floor(y_lo_px)), r0), min(int(np.ceil(y_hi_px)), r1)
+    xa, xb = max(int(np.floor(x_lo_px)), 0), min(int(np.ceil(x_hi_px)), width_px - 1)
     if ya > yb or xa > xb:
         return None
     return slice(ya - r0, yb - r0 + 1), slice(xa, xb + 1)
+
+
+def _halo_core_bounds_px(defects: list[Defect], c_nm: np.ndarray, geom: ScanGeometry) -> np.ndarray:
+    """(N, 4) pixel bounds (x_lo, x_hi, y_lo, y_hi) of the disc of ``core_radius_nm`` around each charged
+    defect's centre, through the real raster map (drift can compress or stretch the slow axis, so a radius in
+    nm / pixel size is not enough there); NaN rows for defects without a halo.
+
+    Before the core got its own box, charged defects evaluated it over the whole halo box: with these bounds
+    the core is dropped only where it is below its value at core_radius_nm (< 1e-6 nm)."""
+    out = np.full((len(defects), 4), np.nan)
+    idx = [k for k, d in enumerate(defects) if d.halo_amp_nm]
+    if not idx:
+        return out
+    ang = np.linspace(0.0, 2.0 * np.pi, RING_POINTS, endpoint=False)
+    ring = np.stack([np.cos(ang), np.sin(ang)], axis=1)
+    rad = np.array([core_radius_nm(defects[k]) for k in idx])
+    pts = c_nm[idx][:, None, :] + rad[:, None, None] * ring[None, :, :]
+    px = geom.to_pixels(pts.reshape(-1, 2)).reshape(len(idx), RING_POINTS, 2)
+    # chords between ring points fall inside the circle by at most r (1 - cos(pi / n)); widen by that + 1 px
+    m = rad * (1.0 - np.cos(np.pi / RING_POINTS)) / geom.pixel_size_nm + 1.0
+    out[idx] = np.stack(
+        [px[..., 0].min(1) - m, px[..., 0].max(1) + m, px[..., 1].min(1) - m, px[..., 1].max(1) + m], axis=1
+    )
+    return out
 
 
 def _cell_keys(i: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -149,7 +190,10 @@ def lattice_truth(surface: Surface, defects: list[Defect], geom: ScanGeometry) -
         ii, jj = np.meshgrid(np.arange(i0, i1 + 1), np.arange(j0, j1 + 1), indexing="ij")
         ii, jj = ii.ravel(), jj.ravel()
         c = lat.dimer_centres_nm(ii, jj)
-        on = surface.terrace_at(c[:, 0], c[:, 1])[0] == n
+        bbox = (c[:, 0].min(), c[:, 0].max(), c[:, 1].min(), c[:, 1].max())
+        if n not in surface.possible_terraces(*bbox):  # e.g. the far terraces of the 1 um instrument sample
+            continue
+        on = surface.terrace_at(c[:, 0], c[:, 1], max_dist_nm=0.0)[0] == n
         if removed.get(n):
             on &= ~np.isin(_cell_keys(ii, jj), _cell_keys(*np.array(list(removed[n])).T))
         ii, jj, c = ii[on], jj[on], c[on]

@@ -18,6 +18,9 @@ import numpy as np
 from simulator.lattice import TerraceLattice, terrace_lattice
 from stm_feedback.physics import ROW_SPACING_NM, STEP_HEIGHT_NM, SURFACE_LATTICE_NM
 
+# Surface.terrace_at: a step farther than this many ramp widths from every point is saturated there
+FAR_STEP_WIDTHS = 40.0
+
 
 @dataclass
 class StepEdge:
@@ -42,6 +45,22 @@ class StepEdge:
         kink = self.kink_offsets_nm[np.searchsorted(self.kink_breaks_nm, s)]
         return x_nm * m[0] + y_nm * m[1] - self.offset_nm - kink
 
+
+    def signed_distance_bounds_nm(
+        self, x_min_nm: float, x_max_nm: float, y_min_nm: float, y_max_nm: float
+    ) -> tuple[float, float]:
+        """(lower, upper) bounds (nm) of ``signed_distance_nm`` over the box [x_min, x_max] x [y_min, y_max]
+        (projection extremes at the box corners, kinks at their extremes, 1e-6 nm safety margin)."""
+        m0, m1, _, offsets = self._point_params
+        px = (x_min_nm * m0, x_max_nm * m0)
+        py = (y_min_nm * m1, y_max_nm * m1)
+        proj_lo, proj_hi = min(px) + min(py), max(px) + max(py)
+        k_lo, k_hi = self._kink_range
+        return proj_lo - self.offset_nm - k_hi - 1e-6, proj_hi - self.offset_nm - k_lo + 1e-6
+
+    @cached_property
+    def _kink_range(self) -> tuple[float, float]:
+        return float(np.min(self.kink_offsets_nm)), float(np.max(self.kink_offsets_nm))
 
     @cached_property
     def _point_params(self) -> tuple[float, float, list[float], list[float]]:
@@ -76,18 +95,47 @@ class Surface:
     def terrace_ids(self) -> list[int]:
         return list(range(self.n0, self.n0 + len(self.steps) + 1))
 
-    def terrace_at(self, x_nm: np.ndarray, y_nm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(terrace index (int64), distance to the nearest edge (nm, inf without steps), base height (nm))."""
+    def terrace_at(
+        self, x_nm: np.ndarray, y_nm: np.ndarray, max_dist_nm: float = np.inf
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(terrace index (int64), distance to the nearest edge (nm, inf without steps), base height (nm)).
+
+        With a finite ``max_dist_nm`` the distance is clipped at it, and steps provably farther than
+        max(max_dist_nm, 40 step widths) from every point are not evaluated point by point (their logistic
+        ramp is saturated there: exactly 0.1358 nm above, < 1e-18 nm below) -- a large speed-up on the 1 um
+        sample of ``SimulatedSTM``, whose frames see few of its steps.
+        """
         idx = np.full(np.shape(x_nm), self.n0, dtype=np.int64)
         dist = np.full(np.shape(x_nm), np.inf)
         height = np.full(np.shape(x_nm), self.n0 * STEP_HEIGHT_NM)
+        far_nm = max(float(max_dist_nm), FAR_STEP_WIDTHS * self.step_width_nm)
+        bbox = None
+        if np.isfinite(far_nm) and np.size(x_nm) > 0:
+            bbox = (float(np.min(x_nm)), float(np.max(x_nm)), float(np.min(y_nm)), float(np.max(y_nm)))
         for step in self.steps:
+            if bbox is not None:
+                lo, hi = step.signed_distance_bounds_nm(*bbox)
+                if lo > far_nm:  # every point far on the upper side
+                    idx += 1
+                    height += STEP_HEIGHT_NM
+                    continue
+                if hi < -far_nm:  # every point far below
+                    continue
             s = step.signed_distance_nm(x_nm, y_nm)
             idx += s > 0
             np.minimum(dist, np.abs(s), out=dist)
             # logistic ramp: the tip convolution later widens it further
             height += STEP_HEIGHT_NM / (1.0 + np.exp(np.clip(-s / self.step_width_nm, -50, 50)))
+        if np.isfinite(max_dist_nm):
+            np.minimum(dist, max_dist_nm, out=dist)
         return idx, dist, height
+
+    def possible_terraces(self, x_min_nm: float, x_max_nm: float, y_min_nm: float, y_max_nm: float) -> range:
+        """Terrace ids that may occur in the box (conservative: a superset of those ``terrace_at`` finds)."""
+        bounds = [st.signed_distance_bounds_nm(x_min_nm, x_max_nm, y_min_nm, y_max_nm) for st in self.steps]
+        surely_above = sum(lo > 0 for lo, _ in bounds)
+        maybe_above = sum(hi > 0 for _, hi in bounds)
+        return range(self.n0 + surely_above, self.n0 + maybe_above + 1)
 
     def terrace_at_point(self, x_nm: float, y_nm: float) -> tuple[int, float]:
         """(terrace index, distance to the nearest edge (nm, inf without steps)) of one point: the scalar

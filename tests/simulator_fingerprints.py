@@ -3,6 +3,9 @@ counts and sums), used to prove that performance work leaves the simulator's out
 
 Regenerate (only when the physics is changed on purpose, never to make a speed change pass):
     .venv/bin/python tests/simulator_fingerprints.py > tests/data/simulator_fingerprints.json
+The stored file was made with the simulator of commit ac2b86a (before the speed work), e.g. for a new case:
+    git archive ac2b86a simulator | tar -x -C /tmp/oldsim && cd /tmp && \
+    PYTHONPATH=/tmp/oldsim:/work/main /work/main/.venv/bin/python /work/main/tests/simulator_fingerprints.py
 """
 
 from __future__ import annotations
@@ -96,9 +99,22 @@ def render_instrument() -> SimFrame:
     return stm.scan()
 
 
+def render_instrument_moves() -> SimFrame:
+    """Fifth frame after four moves of the training-preset instrument: strong piezo creep compresses the slow
+    axis (a pixel box of nm radius / pixel size is then too small for a template)."""
+    stm = SimulatedSTM(seed=11, config=SimConfig.preset("training"))
+    frame = None
+    for k in range(5):
+        stm.set_frame(-300 + 97 * k, 200 - 61 * k, [25.6, 12.8, 40.0][k % 3], [96, 128, 64][k % 3], 15.0 * k)
+        frame = stm.scan()
+    assert frame is not None
+    return frame
+
+
 def all_fingerprints() -> dict[str, dict]:
     out = {c.name: _fingerprint(render_case(c)) for c in CASES}
     out["instrument"] = _fingerprint(render_instrument())
+    out["instrument_moves"] = _fingerprint(render_instrument_moves())
     return out
 
 

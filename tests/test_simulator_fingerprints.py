@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.simulator_fingerprints import CASES, _fingerprint, render_case, render_instrument
+from tests.simulator_fingerprints import (
+    CASES,
+    _fingerprint,
+    render_case,
+    render_instrument,
+    render_instrument_moves,
+)
 
 STORED = json.loads((Path(__file__).parent / "data" / "simulator_fingerprints.json").read_text())
 # image values are float32 nm of magnitude < ~2 nm: float32 rounding is ~1e-7 nm; allow reordered float64 sums
@@ -68,6 +74,10 @@ def test_frame_matches_stored_fingerprint(case) -> None:
 
 def test_instrument_scan_matches_stored_fingerprint() -> None:
     _compare("instrument", _fingerprint(render_instrument()))
+
+
+def test_instrument_after_moves_matches_stored_fingerprint() -> None:
+    _compare("instrument_moves", _fingerprint(render_instrument_moves()))
 
 
 def test_fingerprint_detects_a_change() -> None:
