@@ -1,6 +1,9 @@
-"""Time simulate_frame (image + full truth) per preset on one core.
+"""Time simulate_frame (image + full truth) per preset, and SimulatedSTM.scan, on one core.
 
-Run: .venv/bin/python benchmarks/bench_simulator.py [--n 20] [--size 256]  (pins BLAS/OpenMP to 1 thread)
+Run: .venv/bin/python benchmarks/bench_simulator.py [--n 20] [--size 256] [--no-instrument]
+(pins BLAS/OpenMP to 1 thread). Prints wall-clock (perf_counter) and process CPU time (process_time) per
+frame: on a shared, loaded machine the wall figure includes time the process waited for a core, the CPU figure
+does not.
 """
 
 from __future__ import annotations
@@ -16,6 +19,22 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from simulator.frame import SimConfig, simulate_frame  # noqa: E402
+from simulator.instrument import SimulatedSTM  # noqa: E402
+
+
+def _line(label: str, wall_ms: list[float], cpu_ms: list[float]) -> str:
+    w, c = np.array(wall_ms), np.array(cpu_ms)
+    return (
+        f"{label:28s} wall median {np.median(w):6.1f} ms, p90 {np.percentile(w, 90):6.1f}, max {w.max():6.1f}"
+        f" | cpu median {np.median(c):6.1f} ms, p90 {np.percentile(c, 90):6.1f}, max {c.max():6.1f}"
+        f" (n={len(w)})"
+    )
+
+
+def _timed(fn) -> tuple[float, float]:
+    t_wall, t_cpu = time.perf_counter(), time.process_time()
+    fn()
+    return (time.perf_counter() - t_wall) * 1000.0, (time.process_time() - t_cpu) * 1000.0
 
 
 def main() -> None:
@@ -23,20 +42,26 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--presets", default="clean,realistic,hard,training")
+    ap.add_argument("--no-instrument", action="store_true", help="skip the SimulatedSTM.scan timing")
     args = ap.parse_args()
     simulate_frame(0, 64, 0.1, SimConfig.preset("clean"))  # warm caches/imports
     for preset in args.presets.split(","):
         cfg = SimConfig.preset(preset)
-        ms = []
+        wall, cpu = [], []
         for seed in range(args.n):
-            t = time.perf_counter()
-            simulate_frame(1000 + seed, args.size, 0.1, cfg)
-            ms.append((time.perf_counter() - t) * 1000.0)
-        a = np.array(ms)
-        print(
-            f"{preset:10s} {args.size}x{args.size}: median {np.median(a):6.1f} ms, "
-            f"p90 {np.percentile(a, 90):6.1f} ms, max {a.max():6.1f} ms (n={args.n})"
-        )
+            w, c = _timed(lambda seed=seed, cfg=cfg: simulate_frame(1000 + seed, args.size, 0.1, cfg))
+            wall.append(w)
+            cpu.append(c)
+        print(_line(f"{preset} {args.size}x{args.size}", wall, cpu), flush=True)
+    if not args.no_instrument:
+        stm = SimulatedSTM(seed=3, config=SimConfig.preset("realistic"))
+        wall, cpu = [], []
+        for k in range(args.n):
+            stm.set_frame(-200.0 + 30.0 * k, 100.0 - 15.0 * k, 0.1 * args.size, args.size, 0.0)
+            w, c = _timed(stm.scan)
+            wall.append(w)
+            cpu.append(c)
+        print(_line(f"SimulatedSTM.scan {args.size}px", wall, cpu), flush=True)
 
 
 if __name__ == "__main__":
