@@ -67,7 +67,11 @@ def load_analyzer(settings: Settings) -> Analyzer:
             f"analyzer {settings.server.analyzer!r} cannot be loaded ({exc}); for the classical baseline "
             "set STM_FEEDBACK_SERVER__ANALYZER=stm_feedback.server:baseline_analyzer"
         ) from exc
-    return factory(settings)
+    analyzer = factory(settings)
+    # load the networks now, not on the first request: `serve` must fail at start-up (ModelError) when the
+    # weights are missing, and the first frame must not pay the loading time
+    getattr(analyzer, "runner", None)
+    return analyzer
 
 
 class BaselineAnalyzer:
