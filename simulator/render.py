@@ -193,6 +193,10 @@ def lattice_truth(surface: Surface, defects: list[Defect], geom: ScanGeometry) -
         bbox = (c[:, 0].min(), c[:, 0].max(), c[:, 1].min(), c[:, 1].max())
         if n not in surface.possible_terraces(*bbox):  # e.g. the far terraces of the 1 um instrument sample
             continue
+        # the lattice index box of a rotated frame holds up to twice its dimers: drop those that cannot map
+        # into the frame before the exact (iterative) inversion, which is pointwise, so the rest is unchanged
+        keep = geom.may_be_inside(c)
+        ii, jj, c = ii[keep], jj[keep], c[keep]
         on = surface.terrace_at(c[:, 0], c[:, 1], max_dist_nm=0.0)[0] == n
         if removed.get(n):
             on &= ~np.isin(_cell_keys(ii, jj), _cell_keys(*np.array(list(removed[n])).T))
@@ -200,18 +204,18 @@ def lattice_truth(surface: Surface, defects: list[Defect], geom: ScanGeometry) -
         if len(c) == 0:
             continue
         px = geom.to_pixels(c)
-        atoms = np.concatenate([c - half * lat.bond_dir, c + half * lat.bond_dir])
-        apx = geom.to_pixels(atoms).reshape(2, -1, 2)
         inside = (px[:, 0] >= -0.5) & (px[:, 0] <= W - 0.5) & (px[:, 1] >= -0.5) & (px[:, 1] <= H - 0.5)
+        ii, jj, c = ii[inside], jj[inside], c[inside]
+        atoms = np.concatenate([c - half * lat.bond_dir, c + half * lat.bond_dir])
+        out_a.append(geom.to_pixels(atoms).reshape(2, -1, 2))
         out_d.append(px[inside])
-        out_t.append(np.full(int(inside.sum()), n))
-        out_j.append(jj[inside])
+        out_t.append(np.full(len(c), n))
+        out_j.append(jj)
         bset = bare.get(n)
         if bset:
-            out_b.append(np.isin(_cell_keys(ii[inside], jj[inside]), _cell_keys(*np.array(list(bset)).T)))
+            out_b.append(np.isin(_cell_keys(ii, jj), _cell_keys(*np.array(list(bset)).T)))
         else:
-            out_b.append(np.zeros(int(inside.sum()), dtype=bool))
-        out_a.append(apx[:, inside])
+            out_b.append(np.zeros(len(c), dtype=bool))
     if not out_d:
         e2 = np.zeros((0, 2))
         ei = np.zeros(0, dtype=np.int64)

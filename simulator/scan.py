@@ -97,6 +97,26 @@ class ScanGeometry:
         dx, dy = self.drift(np.array([self.t0_s, self.t0_s + self.frame_time_s]))
         return np.concatenate([pts + [dx[0], dy[0]], pts + [dx[1], dy[1]]])
 
+    def may_be_inside(self, xy_nm: np.ndarray, margin_px: float = 3.0) -> np.ndarray:
+        """(N,) bool, conservative: False only for sample points xy_nm (N, 2) that ``to_pixels`` surely maps
+        outside the frame (by more than margin_px). One affine pass with the mid-frame drift, widened by the
+        largest drift excursion over the frame time (+-10 %) and the largest line jitter."""
+        xy = np.asarray(xy_nm, dtype=np.float64).reshape(-1, 2)
+        s = self.pixel_size_nm
+        c, sn = self._rot()
+        t_mid = self.t0_s + 0.5 * self.frame_time_s
+        t = self.t0_s + np.linspace(-0.1, 1.1, 121) * self.frame_time_s
+        dx, dy = self.drift(np.append(t, t_mid))
+        excursion_px = float(np.hypot(dx[:-1] - dx[-1], dy[:-1] - dy[-1]).max()) / s
+        m = excursion_px + float(np.abs(self.jitter_px).max(initial=0.0)) + margin_px
+        px = xy[:, 0] - self.centre_nm[0] - dx[-1]
+        py = xy[:, 1] - self.centre_nm[1] - dy[-1]
+        x_px = (c * px + sn * py) / s + 0.5 * (self.width_px - 1)
+        y_px = (-sn * px + c * py) / s + 0.5 * (self.height_px - 1)
+        return (x_px >= -0.5 - m) & (x_px <= self.width_px - 0.5 + m) & (y_px >= -0.5 - m) & (
+            y_px <= self.height_px - 0.5 + m
+        )
+
     def to_pixels(self, xy_nm: np.ndarray, iterations: int = 4) -> np.ndarray:
         """(N, 2) pixel positions (x_px, y_px) at which the tip records sample points xy_nm (N, 2).
 

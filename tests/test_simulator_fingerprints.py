@@ -86,3 +86,29 @@ def test_fingerprint_detects_a_change() -> None:
     frame.image_nm[60:64, 60:64] += 1e-4
     with pytest.raises(AssertionError):
         _compare(CASES[0].name, _fingerprint(frame))
+
+
+def test_may_be_inside_never_drops_a_point_that_maps_inside() -> None:
+    """The conservative pre-filter of lattice_truth: strong drift, creep and jitter, points all around."""
+    from simulator.scan import Drift, ScanGeometry
+
+    rng = np.random.default_rng(0)
+    drift = Drift(velocity_nm_per_s=np.array([0.05, -0.03]))  # 3 nm/min
+    drift.add_creep(0.0, np.array([1.5, 0.8]), 10.0)
+    geom = ScanGeometry(
+        centre_nm=np.array([3.0, -2.0]),
+        angle_deg=37.0,
+        pixel_size_nm=0.1,
+        height_px=96,
+        width_px=80,
+        t0_s=0.0,
+        line_time_s=0.4,
+        jitter_px=rng.poisson(2.0, 96) * rng.choice([-1.0, 1.0], 96),
+        drift=drift,
+    )
+    xy = rng.uniform(-12.0, 12.0, (20000, 2)) + geom.centre_nm
+    px = geom.to_pixels(xy)
+    inside = (px[:, 0] >= -0.5) & (px[:, 0] <= 79.5) & (px[:, 1] >= -0.5) & (px[:, 1] <= 95.5)
+    keep = geom.may_be_inside(xy)
+    assert inside.sum() > 1000 and (~keep).sum() > 1000  # both sides exercised
+    assert not np.any(inside & ~keep)
