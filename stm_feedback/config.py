@@ -44,6 +44,7 @@ class PlannerSettings(BaseModel):
 class LibrarySettings(BaseModel):
     path: Path = Path("stm-feedback-library.sqlite")
     patch_size_px: int = 24
+    patch_pixel_size_nm: float = 0.125  # row-aligned patches are resampled to this (24 px = 3 nm)
 
 
 class ServerSettings(BaseModel):

@@ -347,6 +347,13 @@ class DefectLibrary:
                 raise InputError(f"no such {what}")
             return int(n)
 
+    def labels_from_truth(self) -> int:
+        """Copy the simulator's true labels into the expert labels (a stand-in expert, evaluation only);
+        returns the number of rows changed."""
+        with self._tx() as cur:
+            cur.execute("UPDATE defects SET expert_label = true_label WHERE true_label IS NOT NULL")
+            return int(cur.rowcount)
+
     # ---------------------------------------------------------------------------------------------- models
     def _save_model(self, name: str, meta: dict[str, Any], blob: bytes) -> int:
         with self._tx() as cur:

@@ -1,0 +1,80 @@
+"""``stm-feedback library ...`` end to end on a small library, and features from simulated truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from stm_feedback.classify import FEATURE_NAMES, features_from_truth
+from stm_feedback.cli import app
+from stm_feedback.library import DefectLibrary
+
+runner = CliRunner()
+
+
+def _run(*args: str) -> str:
+    res = runner.invoke(app, list(args))
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+@pytest.fixture(scope="module")
+def sim_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    db = tmp_path_factory.mktemp("lib") / "lib.sqlite"
+    out = _run("library", "add-sim", "--db", str(db), "--n", "3", "--size-px", "128", "--first-seed", "7")
+    assert "added 3 frames" in out
+    return db
+
+
+def test_features_from_truth_on_a_simulated_frame() -> None:
+    from simulator.frame import SimConfig, simulate_frame
+
+    f = simulate_frame(11, size_px=128, pixel_size_nm=0.1, config=SimConfig.preset("realistic"))
+    rows = features_from_truth(f.image_nm, f.truth, patch_size_px=16)
+    present = {int(i) for i in np.unique(f.truth.defect_instances) if i > 0}
+    assert len(rows.kinds) == len(present) > 0
+    by_id = {d.id: d for d in f.truth.defects}
+    assert sorted(rows.classes) == sorted(by_id[i].cls for i in present)
+    assert rows.features.shape == (len(present), len(FEATURE_NAMES)) and np.isfinite(rows.features).all()
+    assert rows.patches.shape == (len(present), 16, 16)
+    # protrusions stand above the lattice, depressions below it
+    h = rows.features[:, FEATURE_NAMES.index("height_rel")]
+    assert np.all(h[rows.kinds == "protrusion"] > 0) and np.all(h[rows.kinds == "depression"] < 0.5)
+
+
+def test_cli_cluster_train_list_show_relabel_export_figures(sim_db: Path, tmp_path: Path) -> None:
+    db = str(sim_db)
+    out = _run("library", "cluster", "--db", db)
+    assert "clusters, sizes" in out and "ARI vs true classes" in out
+    out = _run("library", "train", "--db", db, "--from-truth", "--folds", "2")
+    assert "classifier v1" in out and "predicted labels for" in out
+    out = _run("library", "list", "--db", db, "--kind", "depression", "--limit", "3")
+    assert "depression" in out and "protrusion " not in out
+    assert "defects" in _run("library", "list", "--db", db, "--summary")
+    png = tmp_path / "d1.png"
+    out = _run("library", "show", "1", "--db", db, "--png", str(png))
+    assert "height_rel" in out and png.stat().st_size > 1000
+    _run("library", "relabel", "--db", db, "--id", "1", "--label", "my_class")
+    with DefectLibrary(sim_db) as lib:
+        assert lib.defects(ids=[1])[0].expert_label == "my_class"
+        kind = lib.defects(ids=[1])[0].kind
+    out = _run("library", "relabel", "--db", db, "--cluster", "0", "--kind", kind, "--label", "big")
+    assert out.startswith("relabelled")
+    bad = runner.invoke(
+        app, ["library", "relabel", "--db", db, "--cluster", "99", "--kind", kind, "--label", "x"]
+    )
+    assert bad.exit_code == 2 and "error" in bad.output
+    _run("library", "export", "--db", db, "--out", str(tmp_path / "exp"))
+    assert (tmp_path / "exp" / "defects.csv").exists() and (tmp_path / "exp" / "patches.npz").exists()
+    for by in ("cluster", "true"):
+        _run("library", "figures", "--db", db, "--out", str(tmp_path / by), "--by", by)
+        for name in ("dendrogram.png", "counts.png", "class_means.png"):
+            assert (tmp_path / by / name).stat().st_size > 5000
+
+
+def test_cli_missing_library_is_a_clear_error(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["library", "list", "--db", str(tmp_path / "nope.sqlite")])
+    assert res.exit_code == 2 and "no library" in res.output
