@@ -164,9 +164,10 @@ def render_defect_core(
     foot = np.zeros(a.shape, dtype=bool)
     # footprint rectangles and removed atoms are evaluated only on the points near the footprint (gathered
     # once): the atom Gaussians (sigma <= 0.1 nm) are < exp(-32) of their peak outside NEAR_SIGMAS widths
-    ij = np.array(d.dimers, dtype=np.float64)
-    a_lo, a_hi = ij[:, 0].min() * SURFACE_LATTICE_NM, ij[:, 0].max() * SURFACE_LATTICE_NM
-    b_lo, b_hi = ij[:, 1].min() * ROW_SPACING_NM, ij[:, 1].max() * ROW_SPACING_NM
+    i_idx = [i for i, _ in d.dimers]
+    j_idx = [j for _, j in d.dimers]
+    a_lo, a_hi = min(i_idx) * SURFACE_LATTICE_NM, max(i_idx) * SURFACE_LATTICE_NM
+    b_lo, b_hi = min(j_idx) * ROW_SPACING_NM, max(j_idx) * ROW_SPACING_NM
     wa = max(FOOT_HALF_ALONG_NM, NEAR_SIGMAS * app.atom_sigma_along_nm)
     wb = max(FOOT_HALF_ACROSS_NM, 0.5 * DIMER_ATOM_SEPARATION_NM + NEAR_SIGMAS * app.atom_sigma_across_nm)
     near = np.nonzero((a >= a_lo - wa) & (a <= a_hi + wa) & (b >= b_lo - wb) & (b <= b_hi + wb))
@@ -228,12 +229,12 @@ def render_defect(
     return z, foot
 
 
+_MARGIN = [(di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1)]
+
+
 def _blocked_cells(d: Defect) -> list[DimerIndex]:
     """Footprint plus a one-dimer margin along and across the row (no touching defects)."""
-    out = []
-    for i, j in d.dimers:
-        out += [(i + di, j + dj) for di in (-1, 0, 1) for dj in (-1, 0, 1)]
-    return out
+    return [(i + di, j + dj) for i, j in d.dimers for di, dj in _MARGIN]
 
 
 def _lattice_floats(lat: TerraceLattice) -> tuple[float, float, float, float, float, float]:
@@ -329,7 +330,7 @@ def place_defects(
                 bare=[(i + di, j + dj) for di, dj in bare],
             )
             appearance_for(rng, d)
-            occupied.update((n, ci, cj) for ci, cj in _blocked_cells(d))
+            occupied.update([(n, ci, cj) for ci, cj in _blocked_cells(d)])
             placed.append(d)
             break
     return placed

@@ -104,15 +104,35 @@ def render_ideal(
             sl = _span(cx - rad, cx + rad, cy - rad, cy + rad, r0, r1, geom.width_px)
         if sl is not None:
             dz, foot = render_defect_core(d, lat, x[sl], y[sl], app, centre_nm=c)
-            on = terrace[sl] == d.terrace  # a template never spills onto another terrace
-            z[sl] += np.where(on, dz, 0.0)
-            inst[sl][foot & on] = d.id
+            _add_on_terrace(z[sl], inst[sl], terrace[sl], d.terrace, dz, foot, d.id)
         if d.halo_amp_nm:
             sl = _span(cx - halo_rad, cx + halo_rad, cy - halo_rad, cy + halo_rad, r0, r1, geom.width_px)
             if sl is not None:
                 dz = render_defect_halo(d, lat, x[sl], y[sl], app, centre_nm=c)
-                z[sl] += np.where(terrace[sl] == d.terrace, dz, 0.0)
+                _add_on_terrace(z[sl], None, terrace[sl], d.terrace, dz, None, d.id)
     return IdealRender(z, terrace, dist, inst, centres, present)
+
+
+def _add_on_terrace(
+    z_box: np.ndarray,
+    inst_box: np.ndarray | None,
+    terrace_box: np.ndarray,
+    n: int,
+    dz_nm: np.ndarray,
+    foot: np.ndarray | None,
+    defect_id: int,
+) -> None:
+    """In place on the box views: z += dz and inst = id on the footprint, only on terrace n (a template never
+    spills onto another terrace). Most boxes lie on one terrace: then no masking pass is needed."""
+    if (terrace_box == n).all():
+        z_box += dz_nm
+        if foot is not None and inst_box is not None:
+            inst_box[foot] = defect_id
+        return
+    on = terrace_box == n
+    z_box += np.where(on, dz_nm, 0.0)
+    if foot is not None and inst_box is not None:
+        inst_box[foot & on] = defect_id
 
 
 def _span(
