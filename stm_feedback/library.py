@@ -407,13 +407,15 @@ class DefectLibrary:
         """
         import sklearn
         from sklearn.ensemble import RandomForestClassifier
-        from sklearn.model_selection import StratifiedKFold, cross_val_score
+        from sklearn.metrics import adjusted_rand_score
+        from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
         recs = [r for r in self.defects() if r.expert_label and np.all(np.isfinite(r.features))]
         if not recs:
             raise InputError("no expert-labelled defects: relabel some first")
         models: dict[str, Any] = {}
         cv: dict[str, float | None] = {}
+        cv_ari: dict[str, float | None] = {}
         counts: dict[str, dict[str, int]] = {}
         for kind in KINDS:
             sub = [r for r in recs if r.kind == kind]
@@ -425,7 +427,7 @@ class DefectLibrary:
             counts[kind] = {str(a): int(b) for a, b in zip(labels, n_per, strict=True)}
             if len(labels) == 1:
                 models[kind] = str(labels[0])  # a constant: nothing to learn
-                cv[kind] = None
+                cv[kind] = cv_ari[kind] = None
                 continue
             clf = RandomForestClassifier(
                 n_estimators=200,
@@ -437,9 +439,11 @@ class DefectLibrary:
             folds = min(cv_folds, int(n_per.min()))
             if folds >= 2:
                 skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=random_state)
-                cv[kind] = float(np.mean(cross_val_score(clf, x, y, cv=skf)))
+                pred = cross_val_predict(clf, x, y, cv=skf)
+                cv[kind] = float(np.mean(pred == y))
+                cv_ari[kind] = float(adjusted_rand_score(y, pred))
             else:
-                cv[kind] = None
+                cv[kind] = cv_ari[kind] = None
             models[kind] = clf.fit(x, y)
         meta = {
             "format": CLASSIFIER_FORMAT,
@@ -448,6 +452,7 @@ class DefectLibrary:
             "n_train": len(recs),
             "label_counts": counts,
             "cv_accuracy": cv,
+            "cv_ari": cv_ari,  # ARI of the out-of-fold predictions vs the labels (a ceiling for clustering)
         }
         version = self._save_model("classifier", meta, pickle.dumps(models, protocol=pickle.HIGHEST_PROTOCOL))
         return {**meta, "version": version}

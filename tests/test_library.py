@@ -85,6 +85,7 @@ def test_fit_clusters_relabel_train_predict_round_trip(tmp_path: Path) -> None:
         info = lib.train_classifier(cv_folds=3)
         assert info["version"] == 1 and info["n_train"] == len(truth)
         assert info["cv_accuracy"]["depression"] == pytest.approx(1.0)
+        assert info["cv_ari"]["depression"] == pytest.approx(1.0)
         assert info["cv_accuracy"]["protrusion"] is None  # one label: a constant, nothing to validate
 
     # a new process (fresh handle) names new defects with the stored classifier

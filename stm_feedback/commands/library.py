@@ -201,7 +201,9 @@ def register(app: typer.Typer) -> None:
             for kind, acc in info["cv_accuracy"].items():
                 counts = info["label_counts"].get(kind, {})
                 acc_s = "n/a" if acc is None else f"{acc:.3f}"
-                typer.echo(f"  {kind}: {folds}-fold CV accuracy {acc_s}  labels {counts}")
+                ari = info["cv_ari"].get(kind)
+                ari_s = "n/a" if ari is None else f"{ari:.3f}"
+                typer.echo(f"  {kind}: {folds}-fold CV accuracy {acc_s}, ARI {ari_s}  labels {counts}")
             if predict:
                 typer.echo(f"predicted labels for {lib.update_predictions()} defects")
 
