@@ -58,6 +58,8 @@ MIN_BANDWIDTH = 1.0  # floor in standardised units: tiny or degenerate sets woul
 BANDWIDTH_RANDOM_STATE = 0
 # estimate_bandwidth subsamples above this (seeded) to stay O(n) on big libraries
 BANDWIDTH_MAX_SAMPLES = 2000
+# above this many defects of a kind, mean shift seeds from bandwidth-sized bins, not every point (speed)
+BIN_SEEDING_ABOVE = 1000
 
 
 # ---------------------------------------------------------------------------------- features
@@ -228,7 +230,7 @@ def _check_inputs(features: np.ndarray, kinds: Sequence[str] | np.ndarray) -> tu
 
 
 def _transform(x: np.ndarray, feature_names: Sequence[str]) -> np.ndarray:
-    """Apply the per-column log1p of size features (see module docstring)."""
+    """Per-column log1p of sizes and arcsinh of signed heights (see module docstring); a copy."""
     out = x.copy()
     for j, name in enumerate(feature_names):
         if name in LOG_FEATURES:
@@ -298,7 +300,8 @@ def _fit_kind(
         raw = np.zeros(1, int)
         centres = z.copy()
     else:
-        ms = MeanShift(bandwidth=bandwidth, cluster_all=True).fit(z)
+        # big libraries: seed from a grid of bandwidth-sized bins instead of every point (same modes, O(bins))
+        ms = MeanShift(bandwidth=bandwidth, cluster_all=True, bin_seeding=n > BIN_SEEDING_ABOVE).fit(z)
         raw = ms.labels_.astype(int)
         centres = ms.cluster_centers_
     # deterministic numbering: biggest cluster first, ties by the centre's features (lexicographic)

@@ -139,3 +139,14 @@ def test_row_aligned_patch_rotates_rows_onto_x() -> None:
     assert (
         np.std(patch, axis=1).mean() < 0.1 * np.std(patch, axis=0).mean()
     )  # constant along x, varies along y
+
+
+def test_big_sets_use_bin_seeding_and_still_recover_clusters() -> None:
+    from stm_feedback.classify import BIN_SEEDING_ABOVE
+
+    rng = np.random.default_rng(3)
+    centres = np.array([[-1, 1, 0.7, 0.4, 0.6], [-4, 3, 0.6, 1.2, 0.7], [-1.5, 8, 0.5, 2.5, 1.4]])
+    truth = rng.integers(0, 3, BIN_SEEDING_ABOVE + 200)
+    x = centres[truth] + rng.normal(0, 0.04, (len(truth), F))
+    cl = cluster_defects(x, ["depression"] * len(truth))
+    assert adjusted_rand_score(truth, cl) == pytest.approx(1.0)
