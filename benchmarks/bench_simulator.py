@@ -1,9 +1,9 @@
 """Time simulate_frame (image + full truth) per preset, and SimulatedSTM.scan, on one core.
 
 Run: .venv/bin/python benchmarks/bench_simulator.py [--n 20] [--size 256] [--no-instrument]
-(pins BLAS/OpenMP to 1 thread). Prints wall-clock (perf_counter) and process CPU time (process_time) per
-frame: on a shared, loaded machine the wall figure includes time the process waited for a core, the CPU figure
-does not.
+[--drawn-pixel-size] (pins BLAS/OpenMP to 1 thread). Prints wall-clock (perf_counter) and process CPU time
+(process_time) per frame: on a shared, loaded machine the wall figure includes time the process waited for a
+core, the CPU figure does not.
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--presets", default="clean,realistic,hard,training")
     ap.add_argument("--no-instrument", action="store_true", help="skip the SimulatedSTM.scan timing")
+    ap.add_argument(
+        "--drawn-pixel-size",
+        action="store_true",
+        help="also time the training preset with pixel_size_nm=None (0.05-0.2 nm/px), seeds 2000..",
+    )
     args = ap.parse_args()
     simulate_frame(0, 64, 0.1, SimConfig.preset("clean"))  # warm caches/imports
     for preset in args.presets.split(","):
@@ -53,6 +58,14 @@ def main() -> None:
             wall.append(w)
             cpu.append(c)
         print(_line(f"{preset} {args.size}x{args.size}", wall, cpu), flush=True)
+    if args.drawn_pixel_size:
+        cfg = SimConfig.preset("training")
+        wall, cpu = [], []
+        for seed in range(args.n):
+            w, c = _timed(lambda seed=seed: simulate_frame(2000 + seed, args.size, None, cfg))
+            wall.append(w)
+            cpu.append(c)
+        print(_line(f"training {args.size}x{args.size} px=None", wall, cpu), flush=True)
     if not args.no_instrument:
         stm = SimulatedSTM(seed=3, config=SimConfig.preset("realistic"))
         wall, cpu = [], []
