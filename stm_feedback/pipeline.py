@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from stm_feedback import postprocess as pp
 from stm_feedback.classify import FEATURE_NAMES
@@ -185,11 +186,18 @@ def postprocess_maps(
     n_ter = int(labels.max()) + 1 if labels.size else 0
     fits: dict[int, LatticeFit] = {}
     terraces: list[Terrace] = []
+    area_px = np.bincount(labels.ravel() + 1, minlength=n_ter + 1)[1:]
+    boxes = ndimage.find_objects(labels + 1)  # bounding box of terrace t at [t]
+    order = np.argsort(atom_ter, kind="stable")
+    bounds = np.searchsorted(atom_ter[order], np.arange(n_ter + 1))
     for t in range(n_ter):
-        sel = atom_ter == t
+        sel = order[bounds[t] : bounds[t + 1]]  # atom indices of terrace t, ascending
         fit = fit_row_lattice(atoms_nm[sel])
-        area_nm2 = float((labels == t).sum()) * s * s
-        fft_deg = fft_row_angle_deg(maps.image_norm, s, labels == t)
+        area_nm2 = float(area_px[t]) * s * s
+        fft_deg = None
+        if params.fft_check or fit is None:
+            box = boxes[t]
+            fft_deg = fft_row_angle_deg(maps.image_norm[box], s, labels[box] == t)
         if fit is not None:
             fits[t] = fit
             terraces.append(
@@ -198,7 +206,7 @@ def postprocess_maps(
                     round(fit.row_angle_deg, 4),
                     round(fit.row_phase_nm, 4),
                     round(area_nm2, 3),
-                    int(sel.sum()),
+                    len(sel),
                     None if fft_deg is None else round(fft_deg, 3),
                     round(fit.residual_nm, 4),
                 )
@@ -210,7 +218,7 @@ def postprocess_maps(
                     round(fft_deg, 4) if fft_deg is not None else 0.0,
                     0.0,
                     round(area_nm2, 3),
-                    int(sel.sum()),
+                    len(sel),
                     None if fft_deg is None else round(fft_deg, 3),
                     None,
                 )
@@ -263,10 +271,11 @@ def postprocess_maps(
     kinds: list[str] = []
     feats: list[np.ndarray] = []
     recs: list[tuple[str, int]] = []
+    blob_ter: dict[str, np.ndarray] = {}
     for kind, bl in blobs.items():
         if len(bl.slices):
-            ter_of = [pp.majority_label(labels, bl.labels, k + 1, sl) for k, sl in enumerate(bl.slices)]
-            ang = [fits[t].row_angle_deg if t in fits else None for t in ter_of]
+            blob_ter[kind] = pp.blob_terraces(labels, bl)
+            ang = [fits[t].row_angle_deg if t in fits else None for t in blob_ter[kind].tolist()]
             feats.append(pp.blob_features(img, bl, s, atoms_xy, params.feature_ring_nm, ang))
             kinds += [kind] * len(bl.slices)
             recs += [(kind, k) for k in range(len(bl.slices))]
@@ -289,8 +298,7 @@ def postprocess_maps(
     tm.lap("classes")
 
     defects: list[Defect] = []
-    avoid: dict[float, np.ndarray] = {}
-    any_defect = np.zeros((h, w), bool)
+    margin_of: dict[str, np.ndarray] = {kind: np.zeros(len(bl.slices) + 1) for kind, bl in blobs.items()}
     for i, (kind, k) in enumerate(recs):
         bl = blobs[kind]
         x, y = bl.centre_xy_px[k]
@@ -298,12 +306,8 @@ def postprocess_maps(
         height_rel, cells, circ = (float(features[i, FEATURE_NAMES.index(n)]) for n in FEATURE_NAMES_USED)
         label = labels_cls[i] or cluster_label(kind, int(clusters[i]))
         must, margin = defect_rule(kind, label, height_rel, cells, ps)
-        sl = bl.slices[k]
-        foot = bl.labels[sl] == k + 1
-        any_defect[sl] |= foot
-        if must:
-            mk = avoid.setdefault(margin, np.zeros((h, w), bool))
-            mk[sl] |= foot
+        if must:  # margin 0 would read as "not must-avoid" below
+            margin_of[kind][k + 1] = margin if margin > 0 else -1.0
         defects.append(
             Defect(
                 x_px=round(float(x), 3),
@@ -315,11 +319,20 @@ def postprocess_maps(
                 height_rel=_round_or_none(height_rel, 4),
                 circularity=_round_or_none(circ, 4),
                 must_avoid=bool(must),
-                terrace=pp.majority_label(labels, bl.labels, k + 1, sl),
+                terrace=int(blob_ter[kind][k]),
                 area_cells=round(cells, 3),
                 score=round(float(bl.score[k]), 4),
             )
         )
+    any_defect = np.zeros((h, w), bool)
+    avoid: dict[float, np.ndarray] = {}
+    for kind, bl in blobs.items():
+        if not len(bl.slices):
+            continue
+        any_defect |= bl.labels > 0
+        for margin in np.unique(margin_of[kind][margin_of[kind] != 0]).tolist():
+            mk = avoid.setdefault(max(margin, 0.0), np.zeros((h, w), bool))
+            mk |= (margin_of[kind] == margin)[bl.labels]
 
     # 7. planner: resolved = near a detected atom; unresolved terrace pixels outside defects are unknown
     atom_px = np.zeros((h, w), bool)

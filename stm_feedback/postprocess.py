@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from stm_feedback.classify import FEATURE_NAMES, defect_features, row_aligned_patch
+from stm_feedback.classify import FEATURE_NAMES, row_aligned_patch
 from stm_feedback.errors import InputError
 from stm_feedback.lattice import row_offset_nm, unit_vectors
 from stm_feedback.physics import DIMER_ATOM_SEPARATION_NM, UNIT_CELL_AREA_NM2
@@ -38,6 +39,9 @@ class PostprocessParams:
     frame_clustering: bool = (
         False  # mean shift on each frame's own defects (~1 s with sklearn: off in real time)
     )
+    # FFT cross-check of every fitted terrace's row angle (~1.5 ms per 256x256 terrace, off in real time);
+    # terraces without an atom fit always get it, it is their reported row angle
+    fft_check: bool = False
     patch_size_px: int = 24  # row-aligned library patch
     patch_pixel_size_nm: float = 0.125
 
@@ -96,30 +100,39 @@ def find_atoms(
     terraces: the paper's per-terrace sub-images).
     """
     r = max(1, int(round(peak_radius_nm / pixel_size_nm)))
-    size = 2 * r + 1
-    peak = (atom_prob == ndimage.maximum_filter(atom_prob, size=size, mode="nearest")) & (
-        atom_prob > threshold
-    )
+    prob = np.ascontiguousarray(atom_prob, dtype=np.float32)
+    # max filter = grey dilation with a (2r+1)^2 square; BORDER_REPLICATE = scipy's mode="nearest"
+    local_max = cv2.dilate(prob, np.ones((2 * r + 1, 2 * r + 1), np.uint8), borderType=cv2.BORDER_REPLICATE)
+    peak = (prob == local_max) & (prob > threshold)
     if valid is not None:
         peak &= valid
-    lab, n = ndimage.label(peak, structure=np.ones((3, 3)))
-    if n == 0:
+    rows, cols = np.nonzero(peak)
+    if len(rows) == 0:
         return np.empty((0, 2)), np.empty(0)
-    idx = np.arange(1, n + 1)
-    seeds = np.asarray(ndimage.center_of_mass(peak, lab, idx))  # (n, 2) row, col of the plateau
-    rows = np.clip(np.rint(seeds[:, 0]).astype(np.int64), 0, atom_prob.shape[0] - 1)
-    cols = np.clip(np.rint(seeds[:, 1]).astype(np.int64), 0, atom_prob.shape[1] - 1)
-    # Gaussian 3-point refinement per axis (exact for Gaussian peaks), vectorised with edge padding
-    lp = np.log(np.maximum(np.pad(atom_prob.astype(np.float64), 1, mode="edge"), 1e-6))
-    r1, c1 = rows + 1, cols + 1
+    # merge flat-topped maxima (8-connected plateaus) into their centre; most peaks are single pixels
+    lab, n = ndimage.label(peak, structure=np.ones((3, 3)))
+    if n < len(rows):
+        ids = lab[rows, cols] - 1
+        cnt = np.bincount(ids, minlength=n)
+        r_c = np.bincount(ids, rows.astype(np.float64), minlength=n) / cnt
+        c_c = np.bincount(ids, cols.astype(np.float64), minlength=n) / cnt
+        rows = np.clip(np.rint(r_c).astype(np.int64), 0, prob.shape[0] - 1)
+        cols = np.clip(np.rint(c_c).astype(np.int64), 0, prob.shape[1] - 1)
+    # Gaussian 3-point refinement per axis (exact for Gaussian peaks) on the 5 pixels of each peak only
+    h, w = prob.shape
+
+    def _lp(rr: np.ndarray, cc: np.ndarray) -> np.ndarray:
+        v = prob[np.clip(rr, 0, h - 1), np.clip(cc, 0, w - 1)].astype(np.float64)
+        return np.log(np.maximum(v, 1e-6))
 
     def _offset(m: np.ndarray, z0: np.ndarray, p: np.ndarray) -> np.ndarray:
         den = m - 2 * z0 + p
         return np.clip(np.where(den < 0, 0.5 * (m - p) / np.where(den < 0, den, -1.0), 0.0), -0.5, 0.5)
 
-    x = cols + _offset(lp[r1, c1 - 1], lp[r1, c1], lp[r1, c1 + 1])
-    y = rows + _offset(lp[r1 - 1, c1], lp[r1, c1], lp[r1 + 1, c1])
-    score = atom_prob[rows, cols].astype(np.float64)
+    z0 = _lp(rows, cols)
+    x = cols + _offset(_lp(rows, cols - 1), z0, _lp(rows, cols + 1))
+    y = rows + _offset(_lp(rows - 1, cols), z0, _lp(rows + 1, cols))
+    score = prob[rows, cols].astype(np.float64)
     return np.stack([x, y], axis=1), score
 
 
@@ -128,10 +141,15 @@ def pair_dimers(atoms_xy_nm: np.ndarray, tol_nm: float = 0.08) -> np.ndarray:
     if len(atoms_xy_nm) < 2:
         return np.empty((0, 2), np.int64)
     tree = cKDTree(atoms_xy_nm)
-    d, j = tree.query(atoms_xy_nm, k=2)
-    nn, dist = j[:, 1], d[:, 1]
-    i = np.arange(len(atoms_xy_nm))
-    ok = (nn[nn] == i) & (i < nn) & (np.abs(dist - DIMER_ATOM_SEPARATION_NM) < tol_nm)
+    # a partner farther than 0.24 + tol cannot pair, and a mutual partner within it is always found: the
+    # bounded query gives the same pairs as the unbounded one at a fraction of the cost
+    d, j = tree.query(atoms_xy_nm, k=2, distance_upper_bound=DIMER_ATOM_SEPARATION_NM + tol_nm)
+    n_at = len(atoms_xy_nm)
+    found = j[:, 1] < n_at
+    nn = np.where(found, j[:, 1], np.arange(n_at))
+    dist = d[:, 1]
+    i = np.arange(n_at)
+    ok = found & (nn[nn] == i) & (i < nn) & (np.abs(dist - DIMER_ATOM_SEPARATION_NM) < tol_nm)
     return np.stack([i[ok], nn[ok]], axis=1)
 
 
@@ -168,32 +186,122 @@ class Blobs:
     area_px: np.ndarray  # (K,)
 
 
+def _blob_pixels(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols, ids) of every labelled pixel (label > 0), raster order."""
+    rows, cols = np.nonzero(lab)
+    return rows, cols, lab[rows, cols]
+
+
 def find_blobs(
     prob: np.ndarray, pixel_size_nm: float, threshold: float = 0.5, min_area_nm2: float = 0.05
 ) -> Blobs:
-    """Blobs of ``prob > threshold`` (8-connected) of at least ``min_area_nm2``; centres by
-    scipy.ndimage.center_of_mass of the probability inside each blob."""
+    """Blobs of ``prob > threshold`` (8-connected) of at least ``min_area_nm2``; centres by the
+    probability-weighted centre of mass inside each blob (what scipy.ndimage.center_of_mass computes, here
+    with bincounts over the blob pixels only)."""
     mask = prob > threshold
     lab, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    empty = Blobs(np.zeros(prob.shape, np.int32), [], np.empty((0, 2)), np.empty(0), np.empty(0))
     if n == 0:
-        return Blobs(lab.astype(np.int32), [], np.empty((0, 2)), np.empty(0), np.empty(0))
-    idx = np.arange(1, n + 1)
-    area = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+        return empty
+    rows, cols, ids = _blob_pixels(lab)
+    area = np.bincount(ids, minlength=n + 1)[1:]
     keep = area * pixel_size_nm**2 >= min_area_nm2
     if not keep.all():
         remap = np.zeros(n + 1, np.int32)
         remap[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
         lab = remap[lab]
         n = int(keep.sum())
-        idx = np.arange(1, n + 1)
+        if n == 0:
+            return empty
+        rows, cols, ids = _blob_pixels(lab)
         area = area[keep]
-    if n == 0:
-        return Blobs(lab.astype(np.int32), [], np.empty((0, 2)), np.empty(0), np.empty(0))
-    com = np.asarray(ndimage.center_of_mass(prob, lab, idx)).reshape(-1, 2)
+    p = prob[rows, cols].astype(np.float64)
+    wsum = np.bincount(ids, p, minlength=n + 1)[1:]
+    cx = np.bincount(ids, p * cols, minlength=n + 1)[1:] / wsum
+    cy = np.bincount(ids, p * rows, minlength=n + 1)[1:] / wsum
+    score = np.zeros(n + 1)
+    np.maximum.at(score, ids, p)
     slices = [s for s in ndimage.find_objects(lab) if s is not None]
-    # per-slice max: ndimage.maximum sorts the whole frame (measured ~25 ms at 256x256)
-    score = np.array([float(prob[sl][lab[sl] == k + 1].max()) for k, sl in enumerate(slices)])
-    return Blobs(lab.astype(np.int32), slices, com[:, ::-1].copy(), score, area.astype(np.float64))
+    return Blobs(
+        lab.astype(np.int32, copy=False),
+        slices,
+        np.stack([cx, cy], axis=1),
+        score[1:],
+        area.astype(np.float64),
+    )
+
+
+def blob_terraces(terrace_labels: np.ndarray, blobs: Blobs) -> np.ndarray:
+    """Most common terrace label (>= 0) under each blob (K,) int, -1 where a blob lies only on step/unknown
+    pixels; ties go to the smaller terrace id."""
+    k = len(blobs.slices)
+    rows, cols, ids = _blob_pixels(blobs.labels)
+    ter = terrace_labels[rows, cols].astype(np.int64)
+    on = ter >= 0
+    n_ter = int(ter.max()) + 1 if on.any() else 1
+    counts = np.bincount((ids[on] - 1) * n_ter + ter[on], minlength=k * n_ter).reshape(k, n_ter)
+    return np.where(counts.max(axis=1) > 0, counts.argmax(axis=1), -1)
+
+
+def _main_components(blob_labels: np.ndarray, n_blobs: int) -> np.ndarray:
+    """Labels (H, W) int32 restricted to each blob's largest 4-connected component (what
+    ``classify.defect_features`` measures; ties: the component met first in raster order)."""
+    lab4, n4 = ndimage.label(blob_labels > 0)
+    if n4 == n_blobs:
+        return blob_labels
+    owner = np.zeros(n4 + 1, np.int64)
+    owner[lab4.ravel()] = blob_labels.ravel()
+    size = np.bincount(lab4.ravel(), minlength=n4 + 1)
+    comp = np.arange(1, n4 + 1)
+    order = np.lexsort((comp, -size[1:], owner[1:]))  # by owner, then size desc, then raster order
+    first = order[np.r_[True, owner[1:][order[1:]] != owner[1:][order[:-1]]]]
+    keep = np.zeros(n4 + 1, np.int32)
+    keep[comp[first]] = owner[comp[first]]
+    return keep[lab4]
+
+
+def _disk(radius_px: float) -> np.ndarray:
+    """uint8 kernel of the integer offsets with sqrt(dx^2 + dy^2) <= radius_px (float64, as scipy's EDT)."""
+    r = int(math.floor(radius_px))
+    off = np.arange(-r, r + 1)
+    return (np.sqrt((off[:, None] ** 2 + off[None, :] ** 2).astype(np.float64)) <= radius_px).astype(np.uint8)
+
+
+_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.uint8)
+
+
+def _ring_levels(
+    height: np.ndarray, main: np.ndarray, slices: list[tuple[slice, slice]], ring_px: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per blob: ring pixel values sorted within blobs (concatenated), start offsets (K,), counts (K,).
+
+    The ring of blob k = pixels at Euclidean distance d with 1 < d <= ring_px from its footprint. All blobs
+    are dilated in one call: their crops are tiled side by side into one atlas with gaps the kernel cannot
+    cross, so the cost is one cv2.dilate instead of one distance transform per blob."""
+    h, w = height.shape
+    m = int(math.floor(ring_px)) + 1
+    boxes = []
+    for sy, sx in slices:
+        boxes.append((max(0, sy.start - m), min(h, sy.stop + m), max(0, sx.start - m), min(w, sx.stop + m)))
+    widths = np.array([b[3] - b[2] for b in boxes])
+    offs = np.concatenate([[0], np.cumsum(widths + m)])
+    ah = max(b[1] - b[0] for b in boxes)
+    mask_a = np.zeros((ah, int(offs[-1])), np.uint8)
+    tile_a = np.full(mask_a.shape, -1, np.int64)
+    for k, (y0, y1, x0, x1) in enumerate(boxes):
+        o = int(offs[k])
+        mask_a[: y1 - y0, o : o + x1 - x0] = main[y0:y1, x0:x1] == k + 1
+        tile_a[: y1 - y0, o : o + x1 - x0] = k
+    ring = (cv2.dilate(mask_a, _disk(ring_px)) > 0) & (cv2.dilate(mask_a, _CROSS) == 0) & (tile_a >= 0)
+    rr, cc = np.nonzero(ring)
+    k_of = tile_a[rr, cc]
+    y0s = np.array([b[0] for b in boxes])
+    x0s = np.array([b[2] for b in boxes])
+    vals = height[rr + y0s[k_of], cc - offs[:-1][k_of] + x0s[k_of]].astype(np.float64)
+    order = np.lexsort((vals, k_of))
+    counts = np.bincount(k_of, minlength=len(boxes))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return vals[order], starts, counts
 
 
 def blob_features(
@@ -204,32 +312,143 @@ def blob_features(
     ring_nm: float = 1.2,
     row_angle_deg: list[float | None] | None = None,
 ) -> np.ndarray:
-    """Features (K, F) in ``classify.FEATURE_NAMES`` order per blob (``row_angle_deg[k]``: the blob's terrace
-    row direction for the row-aligned extents, None if unknown),
-    computed with ``classify.defect_features`` on a crop around the blob (ring + margin) so the cost is per
-    blob, not per frame. ``height_nm``: apparent height with its true sign (raw image, nm)."""
+    """Features (K, F) in ``classify.FEATURE_NAMES`` order per blob, the values ``classify.defect_features``
+    gives for each blob's footprint (tested to agree), computed for all blobs at once.
+
+    ``height_nm``: apparent height with its true sign (raw image, nm); ``atoms_xy_px`` (N, 2) detected atom
+    centres; ``row_angle_deg[k]``: the blob's terrace row direction for the row-aligned extents (None = 0).
+    Definitions (see classify.defect_features): each blob's largest 4-connected component is measured;
+    circularity from its OpenCV contour; height_rel = (z_centre - z_level) / (z_atoms - z_level) with
+    z_level = median of the ring 1 < d <= ring_nm around the footprint, z_atoms = mean height at detected
+    atoms within ring_nm + 1 nm of the centre and off the footprint (>= 3 of them, else the ring's 90th
+    percentile), z_centre = mean height within max(1 px, 0.15 nm) of the centre; NaN without corrugation.
+    """
+    k_n = len(blobs.slices)
+    out = np.full((k_n, len(FEATURE_NAMES)), np.nan)
+    if k_n == 0:
+        return out
     h, w = height_nm.shape
-    out = np.empty((len(blobs.slices), len(FEATURE_NAMES)))
-    pad = int(math.ceil((ring_nm + 1.5) / pixel_size_nm))
+    s = pixel_size_nm
+    main = _main_components(blobs.labels, k_n)
+    rows, cols, ids = _blob_pixels(main)
+    ids0 = ids - 1
+    area_px = np.bincount(ids0, minlength=k_n).astype(np.float64)
+    cx = np.bincount(ids0, cols.astype(np.float64), minlength=k_n) / area_px
+    cy = np.bincount(ids0, rows.astype(np.float64), minlength=k_n) / area_px
+
+    # circularity: one findContours for all (main components of different blobs are not 8-adjacent)
+    perim = np.full(k_n, np.nan)
+    c_area = np.full(k_n, np.nan)
+    contours, _ = cv2.findContours((main > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    for c in contours:
+        k = int(main[c[0, 0, 1], c[0, 0, 0]]) - 1
+        a = cv2.contourArea(c)
+        if not np.isfinite(c_area[k]) or a > c_area[k]:
+            perim[k], c_area[k] = cv2.arcLength(c, closed=True), a
+    for k in np.flatnonzero(~np.isfinite(c_area)):  # enclosed in another blob's hole: measure alone
+        sy, sx = blobs.slices[k]
+        cs, _ = cv2.findContours(
+            (main[sy, sx] == k + 1).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
+        )
+        c = max(cs, key=cv2.contourArea)
+        perim[k], c_area[k] = cv2.arcLength(c, closed=True), cv2.contourArea(c)
+    circ = np.where(perim <= 0, 1.0, np.minimum(1.0, 4.0 * math.pi * c_area / np.maximum(perim, 1e-300) ** 2))
+
+    # local level: median of the ring; atom level: detected atoms near the centre, off the footprint
+    ring_px = max(2.0, ring_nm / s)
+    vals, starts, counts = _ring_levels(height_nm, main, blobs.slices, ring_px)
+    lo, hi = starts + (counts - 1) // 2, starts + counts // 2
+    level = (
+        (vals[np.minimum(lo, len(vals) - 1)] + vals[np.minimum(hi, len(vals) - 1)]) / 2
+        if len(vals)
+        else np.zeros(k_n)
+    )
+    atom_level = np.full(k_n, np.nan)
     atoms = np.asarray(atoms_xy_px, float).reshape(-1, 2)
-    for k, (sy, sx) in enumerate(blobs.slices):
-        y0, y1 = max(0, sy.start - pad), min(h, sy.stop + pad)
-        x0, x1 = max(0, sx.start - pad), min(w, sx.stop + pad)
-        mask = blobs.labels[y0:y1, x0:x1] == k + 1
-        near = (atoms[:, 0] >= x0) & (atoms[:, 0] < x1) & (atoms[:, 1] >= y0) & (atoms[:, 1] < y1)
-        try:
-            out[k] = defect_features(
-                height_nm[y0:y1, x0:x1],
-                mask,
-                pixel_size_nm,
-                atoms[near] - [x0, y0],
-                row_angle_deg=None if row_angle_deg is None else row_angle_deg[k],
-                ring_nm=ring_nm,
-            )
-        except ZeroDivisionError:  # flat surroundings: no height reference; the planner treats NaN as unknown
-            out[k] = np.nan
-            out[k, FEATURE_NAMES.index("area_cells")] = area_cells(mask.sum() * pixel_size_nm**2)
+    if len(atoms):
+        reach_px = (ring_nm + 1.0) / s
+        near_lists = cKDTree(atoms).query_ball_point(np.stack([cx, cy], axis=1), reach_px * (1 + 1e-9) + 1e-9)
+        kk = np.repeat(np.arange(k_n), [len(x) for x in near_lists])
+        if len(kk):
+            j = np.concatenate([np.asarray(x, np.int64) for x in near_lists])
+            d_nm = np.hypot(atoms[j, 0] - cx[kk], atoms[j, 1] - cy[kk]) * s
+            ac = np.clip(np.rint(atoms[j, 0]).astype(np.int64), 0, w - 1)
+            ar = np.clip(np.rint(atoms[j, 1]).astype(np.int64), 0, h - 1)
+            ok = (d_nm <= ring_nm + 1.0) & (main[ar, ac] != kk + 1)
+            n_ok = np.bincount(kk[ok], minlength=k_n)
+            z_sum = np.bincount(kk[ok], height_nm[ar[ok], ac[ok]].astype(np.float64), minlength=k_n)
+            atom_level = np.where(n_ok >= 3, z_sum / np.maximum(n_ok, 1), np.nan)
+
+    # z_centre: mean height of the pixels within r of the centre
+    r_px = max(1.0, 0.15 / s)
+    o = np.arange(-int(math.ceil(r_px)) - 1, int(math.ceil(r_px)) + 2)
+    px = np.rint(cx)[:, None, None] + o[None, None, :]
+    py = np.rint(cy)[:, None, None] + o[None, :, None]
+    core = (
+        ((px - cx[:, None, None]) ** 2 + (py - cy[:, None, None]) ** 2 <= r_px**2)
+        & (px >= 0)
+        & (px < w)
+        & (py >= 0)
+        & (py < h)
+    )
+    pxi = np.clip(px, 0, w - 1).astype(np.int64)
+    pyi = np.clip(py, 0, h - 1).astype(np.int64)
+    z = height_nm[np.broadcast_to(pyi, core.shape), np.broadcast_to(pxi, core.shape)].astype(np.float64)
+    z_centre = (z * core).sum(axis=(1, 2)) / np.maximum(core.sum(axis=(1, 2)), 1)
+
+    # extents along / across the rows of the pixel footprint
+    ang = np.array(
+        [math.radians((row_angle_deg[k] if row_angle_deg is not None else None) or 0.0) for k in range(k_n)]
+    )
+    dx, dy = cols - cx[ids0], rows - cy[ids0]
+    along = dx * np.cos(ang)[ids0] + dy * np.sin(ang)[ids0]
+    across = -dx * np.sin(ang)[ids0] + dy * np.cos(ang)[ids0]
+    ext = []
+    for v in (along, across):
+        hi_v = np.full(k_n, -np.inf)
+        lo_v = np.full(k_n, np.inf)
+        np.maximum.at(hi_v, ids0, v)
+        np.minimum.at(lo_v, ids0, v)
+        ext.append((hi_v - lo_v + 1.0) * s)
+
+    for k in range(k_n):
+        n = int(counts[k])
+        if n < 4:  # footprint fills its surroundings: classify's fallback on the blob's own crop
+            v = _fallback_values(height_nm, main, blobs.slices[k], k + 1, ring_nm, s)
+            level[k] = float(np.median(v))
+            seg = v
+        else:
+            seg = vals[starts[k] : starts[k] + n]
+        if not math.isfinite(atom_level[k]) or atom_level[k] - level[k] <= 1e-6:
+            atom_level[k] = float(np.percentile(seg, 90))
+    corr = atom_level - level
+    height_rel = np.where(corr > 1e-9, (z_centre - level) / np.where(corr > 1e-9, corr, 1.0), np.nan)
+    values = {
+        "height_rel": height_rel,
+        "area_cells": area_px * s * s / UNIT_CELL_AREA_NM2,
+        "circularity": circ,
+        "extent_along_nm": ext[0],
+        "extent_across_nm": ext[1],
+    }
+    for j, name in enumerate(FEATURE_NAMES):
+        out[:, j] = values[name]
     return out
+
+
+def _fallback_values(
+    height: np.ndarray, main: np.ndarray, sl: tuple[slice, slice], k: int, ring_nm: float, s: float
+) -> np.ndarray:
+    """classify's values when a ring has < 4 pixels: everything outside the footprint in its crop."""
+    h, w = height.shape
+    pad = int(math.ceil((ring_nm + 1.5) / s))
+    sy, sx = sl
+    crop = (
+        slice(max(0, sy.start - pad), min(h, sy.stop + pad)),
+        slice(max(0, sx.start - pad), min(w, sx.stop + pad)),
+    )
+    outside = main[crop] != k
+    sub = height[crop].astype(np.float64)
+    return sub[outside] if outside.any() else sub.ravel()
 
 
 def area_cells(area_nm2: float) -> float:

@@ -114,20 +114,46 @@ def test_oracle_lattice_explains_drifted_dimers(pipe: Pipeline, seed: int) -> No
         assert ours <= nominal + 0.01, (ours, nominal)
 
 
-if __name__ == "__main__":  # timing of the post-processing (docs/analysis-schema.md)
+def bench(n_frames: int = 10, repeats: int = 3, size_px: int = 256, preset: str = "realistic") -> dict:
+    """Post-processing wall time (ms) of ``analyze_maps`` on oracle maps of simulated frames (0.1 nm/px):
+    median / p90 / min over n_frames x repeats runs after one warm-up per frame, per-stage medians, and the
+    median numbers of atoms and defects (what the time is for)."""
     import time
 
     pipe_ = Pipeline(Settings())
-    tot, stages = [], {}
-    for seed in range(1_000_010, 1_000_020):
-        f = simulate(seed, 256, 0.1)
+    tot, stages, n_atoms, n_defects = [], {}, [], []
+    for seed in range(1_000_010, 1_000_010 + n_frames):
+        f = simulate(seed, size_px, 0.1, preset)
         m = oracle_maps(f.image_nm, f.truth, f.bias_v)
-        pipe_.analyze_maps(f.image_nm, m, 0.1, f.bias_v)  # warm-up
-        for _ in range(3):
+        a = pipe_.analyze_maps(f.image_nm, m, 0.1, f.bias_v)  # warm-up
+        n_atoms.append(len(a.atoms))
+        n_defects.append(len(a.defects))
+        for _ in range(repeats):
             t0 = time.perf_counter()
             a = pipe_.analyze_maps(f.image_nm, m, 0.1, f.bias_v)
             tot.append((time.perf_counter() - t0) * 1e3)
             for k, v in a.timings_ms.items():
                 stages.setdefault(k, []).append(v)
-    print(f"wall ms median {np.median(tot):.1f} p90 {np.percentile(tot, 90):.1f}")
-    print({k: round(float(np.median(v)), 2) for k, v in stages.items()})
+    return {
+        "wall_ms_median": round(float(np.median(tot)), 2),
+        "wall_ms_p90": round(float(np.percentile(tot, 90)), 2),
+        "wall_ms_min": round(float(np.min(tot)), 2),
+        "stages_ms_median": {k: round(float(np.median(v)), 2) for k, v in stages.items()},
+        "atoms_median": int(np.median(n_atoms)),
+        "defects_median": int(np.median(n_defects)),
+    }
+
+
+if __name__ == "__main__":  # timing of the post-processing (docs/analysis-schema.md)
+    import argparse
+    import os
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frames", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--size-px", type=int, default=256)
+    ap.add_argument("--preset", default="realistic")
+    args = ap.parse_args()
+    res = bench(args.frames, args.repeats, args.size_px, args.preset)
+    res["load_average_1min"] = round(os.getloadavg()[0], 2)
+    print(res)
