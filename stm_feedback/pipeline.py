@@ -14,14 +14,15 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from stm_feedback import postprocess as pp
 from stm_feedback.classify import FEATURE_NAMES
 from stm_feedback.config import Settings, load_settings
 from stm_feedback.errors import InputError, ModelError
-from stm_feedback.lattice import LatticeFit, fft_row_angle_deg, fit_row_lattice, row_index
+from stm_feedback.lattice import LatticeFit, bond_prior_deg, fft_row_angle_deg, fit_row_lattice, row_index
 from stm_feedback.maps import NetworkMaps
-from stm_feedback.planner import clearance_maps, defect_rule, distance_px, propose_sites
+from stm_feedback.planner import clearance_maps, defect_rule, near_mask, propose_sites
 from stm_feedback.quality import assess
 from stm_feedback.schema import Analysis, Atom, Defect, Dimer, ImageInfo, Terrace
 
@@ -181,8 +182,12 @@ def postprocess_maps(
     atom_ter = labels[a_rows, a_cols] if len(atoms_xy) else np.empty(0, np.int32)
     tm.lap("atoms")
 
-    # 3. lattice per terrace
+    # 3. lattice per terrace (the dimer pairs' bonds, computed once here, give the fit its search prior)
     atoms_nm = atoms_xy * s
+    atom_tree = cKDTree(atoms_nm) if len(atoms_nm) else None
+    pairs = pp.pair_dimers(atoms_nm, params.dimer_tol_nm, tree=atom_tree)
+    pair_ter = np.where(atom_ter[pairs[:, 0]] == atom_ter[pairs[:, 1]], atom_ter[pairs[:, 0]], -1)
+    bonds = atoms_nm[pairs[:, 1]] - atoms_nm[pairs[:, 0]]
     n_ter = int(labels.max()) + 1 if labels.size else 0
     fits: dict[int, LatticeFit] = {}
     terraces: list[Terrace] = []
@@ -192,7 +197,7 @@ def postprocess_maps(
     bounds = np.searchsorted(atom_ter[order], np.arange(n_ter + 1))
     for t in range(n_ter):
         sel = order[bounds[t] : bounds[t + 1]]  # atom indices of terrace t, ascending
-        fit = fit_row_lattice(atoms_nm[sel])
+        fit = fit_row_lattice(atoms_nm[sel], prior_deg=bond_prior_deg(bonds[pair_ter == t]))
         area_nm2 = float(area_px[t]) * s * s
         fft_deg = None
         if params.fft_check or fit is None:
@@ -226,7 +231,6 @@ def postprocess_maps(
     tm.lap("lattice")
 
     # 4. dimers: mutual-nearest atom pairs across the bond, kept when consistent with the terrace lattice
-    pairs = pp.pair_dimers(atoms_nm, params.dimer_tol_nm)
     dim_xy = np.empty((0, 2))
     dim_ter = np.empty(0, int)
     dim_row = np.empty(0, int)
@@ -276,7 +280,7 @@ def postprocess_maps(
         if len(bl.slices):
             blob_ter[kind] = pp.blob_terraces(labels, bl)
             ang = [fits[t].row_angle_deg if t in fits else None for t in blob_ter[kind].tolist()]
-            feats.append(pp.blob_features(img, bl, s, atoms_xy, params.feature_ring_nm, ang))
+            feats.append(pp.blob_features(img, bl, s, atoms_xy, params.feature_ring_nm, ang, atom_tree))
             kinds += [kind] * len(bl.slices)
             recs += [(kind, k) for k in range(len(bl.slices))]
     features = np.concatenate(feats) if feats else np.zeros((0, len(FEATURE_NAMES)))
@@ -337,7 +341,7 @@ def postprocess_maps(
     # 7. planner: resolved = near a detected atom; unresolved terrace pixels outside defects are unknown
     atom_px = np.zeros((h, w), bool)
     atom_px[a_rows, a_cols] = True
-    resolved = distance_px(atom_px) * s <= ps.resolved_radius_nm
+    resolved = near_mask(atom_px, ps.resolved_radius_nm, s, inclusive=True)
     unresolved = (labels >= 0) & ~resolved & ~any_defect
     clear = clearance_maps(labels, step, unresolved, avoid, s, ps)
     angles = {t: f.row_angle_deg for t, f in fits.items()}
@@ -355,12 +359,13 @@ def postprocess_maps(
     )
     tm.lap("quality")
 
-    # round in numpy, then build the dataclasses from plain lists (Python round() per field cost ~10 ms)
-    axy = np.round(atoms_xy, 3).tolist()
+    # round in numpy, then build the dataclasses from flat lists of floats (Python round() per field cost
+    # ~10 ms; nested [x, y] lists double the number of GC-tracked containers per frame)
+    axy = np.round(atoms_xy, 3)
     asc = np.round(atoms_score, 4).tolist()
-    atoms = [Atom(x, y, t, sc) for (x, y), t, sc in zip(axy, atom_ter.tolist(), asc, strict=True)]
-    dxy = np.round(dim_xy, 3).tolist()
-    dimers = [Dimer(x, y, t, r) for (x, y), t, r in zip(dxy, dim_ter.tolist(), dim_row.tolist(), strict=True)]
+    atoms = list(map(Atom, axy[:, 0].tolist(), axy[:, 1].tolist(), atom_ter.tolist(), asc))
+    dxy = np.round(dim_xy, 3).reshape(-1, 2)
+    dimers = list(map(Dimer, dxy[:, 0].tolist(), dxy[:, 1].tolist(), dim_ter.tolist(), dim_row.tolist()))
     tm.lap("objects")
     tm.ms["total"] = round(sum(tm.ms.values()), 3)
     return Analysis(

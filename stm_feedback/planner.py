@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -93,15 +94,107 @@ def border_distance_px(shape: tuple[int, int]) -> np.ndarray:
     return np.minimum(ys[:, None], xs[None, :])
 
 
+@lru_cache(maxsize=64)
+def _near_kernel(radius_nm: float, pixel_size_nm: float, inclusive: bool) -> np.ndarray:
+    """uint8 kernel of the pixel offsets o with f32(dist(o)) * s < radius_nm (``inclusive``: <=), evaluated
+    with exactly the float32 arithmetic of ``distance_px(mask) * s - radius_nm`` (the distances come from
+    cv2.distanceTransform itself), so dilating a mask with it gives the same pixels as thresholding the
+    distance map."""
+    r = int(math.ceil(radius_nm / pixel_size_nm)) + 1
+    src = np.full((2 * r + 1, 2 * r + 1), 255, np.uint8)
+    src[r, r] = 0
+    d_nm = cv2.distanceTransform(src, cv2.DIST_L2, cv2.DIST_MASK_PRECISE) * pixel_size_nm
+    return ((d_nm <= radius_nm) if inclusive else (d_nm - radius_nm < 0)).astype(np.uint8)
+
+
+# above this kernel radius (px) one exact distance transform of the frame is cheaper than a dilation
+_MAX_DILATE_RADIUS_PX = 14
+
+
+def near_mask(
+    feature: np.ndarray, radius_nm: float, pixel_size_nm: float, inclusive: bool = False
+) -> np.ndarray:
+    """Pixels whose centre is closer than ``radius_nm`` (``inclusive``: or exactly at) to a True pixel of
+    ``feature``: identical to ``distance_px(feature) * s - radius_nm < 0`` (or ``... * s <= radius_nm``),
+    computed by a dilation with an exact disk kernel when that is cheaper than the distance transform."""
+    if radius_nm <= 0 and not inclusive:
+        return np.zeros(feature.shape, bool)
+    if not feature.any():
+        return np.zeros(feature.shape, bool)
+    if int(math.ceil(radius_nm / pixel_size_nm)) + 1 > _MAX_DILATE_RADIUS_PX:
+        d_nm = distance_px(feature) * pixel_size_nm
+        return (d_nm <= radius_nm) if inclusive else (d_nm - radius_nm < 0)
+    kernel = _near_kernel(float(radius_nm), float(pixel_size_nm), inclusive)
+    return cv2.dilate(feature.astype(np.uint8), kernel) > 0
+
+
+class _NearestPixel:
+    """Exact Euclidean distance (px, float32) from query pixels to the nearest True pixel of a mask, by a
+    cKDTree over the mask's 4-boundary pixels (the nearest mask pixel of any outside point is one of them).
+    Equal to cv2.distanceTransform's value up to 1 float32 ulp (cv2 does not always round its sqrt
+    correctly on multi-pixel masks)."""
+
+    def __init__(self, mask: np.ndarray) -> None:
+        self.mask = mask
+        inner = cv2.erode(mask.astype(np.uint8), np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.uint8))
+        rc = np.argwhere(mask & (inner == 0))
+        self.tree = cKDTree(rc) if len(rc) else None
+
+    def distance_px(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        if self.tree is None:
+            return np.full(len(rows), 1e6, np.float32)
+        d, _ = self.tree.query(np.stack([rows, cols], axis=1))
+        return np.where(self.mask[rows, cols], 0.0, d).astype(np.float32)
+
+
 @dataclass
 class Clearance:
-    """Per-pixel planning maps (H, W): ``raw_nm`` = distance to the nearest must-avoid thing (defect footprint
-    step/unknown pixel, unresolved pixel), margins not applied; ``slack_nm`` = smallest (distance - margin)
-    over all rules including the border; ``safe`` = slack_nm >= 0 on a terrace."""
+    """Planning maps. ``safe`` (H, W) bool: terrace pixel with slack >= 0. ``at(rows, cols)`` gives, at
+    given pixels, ``raw_nm`` = distance to the nearest must-avoid thing (defect footprint, step/unknown
+    pixel, unresolved pixel), margins not applied, and ``slack_nm`` = smallest (distance - margin) over all
+    rules including the border; the full (H, W) maps ``raw_nm`` / ``slack_nm`` are computed on first access
+    (the planner itself needs them only at candidate dimers)."""
 
-    raw_nm: np.ndarray
-    slack_nm: np.ndarray
     safe: np.ndarray
+    rules: list[tuple[np.ndarray, float]]  # (mask, margin_nm) of every distance rule
+    border_slack_nm: np.ndarray  # (H, W) float32 border distance - border margin
+    pixel_size_nm: float
+    _maps: tuple[np.ndarray, np.ndarray] | None = None
+    _near: list[_NearestPixel] | None = None
+
+    def at(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(raw_nm, slack_nm) float32 at pixels (rows, cols), equal to the full maps there."""
+        rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+        if self._near is None:
+            self._near = [_NearestPixel(m) for m, _ in self.rules]
+        s = self.pixel_size_nm
+        raw = np.full(len(rows), np.float32(1e6) * s, np.float32)  # distance_px of an empty mask
+        slack = self.border_slack_nm[rows, cols].astype(np.float32)
+        for near, (_, margin) in zip(self._near, self.rules, strict=True):
+            d = near.distance_px(rows, cols) * s
+            raw = np.minimum(raw, d)
+            slack = np.minimum(slack, d - margin)
+        return raw, slack
+
+    def _full(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._maps is None:
+            s = self.pixel_size_nm
+            raw = np.full(self.safe.shape, np.float32(1e6) * s, np.float32)
+            slack = self.border_slack_nm.copy()
+            for mask, margin in self.rules:
+                d = distance_px(mask) * s
+                raw = np.minimum(raw, d)
+                slack = np.minimum(slack, d - margin)
+            self._maps = (raw.astype(np.float32), slack.astype(np.float32))
+        return self._maps
+
+    @property
+    def raw_nm(self) -> np.ndarray:
+        return self._full()[0]
+
+    @property
+    def slack_nm(self) -> np.ndarray:
+        return self._full()[1]
 
 
 def clearance_maps(
@@ -113,22 +206,22 @@ def clearance_maps(
     settings: PlannerSettings,
 ) -> Clearance:
     """Build the planning maps. ``avoid_masks``: margin_nm -> (H, W) bool union of must-avoid footprints
-    with that margin; ``unresolved`` (H, W) bool; ``step_mask`` (H, W) bool (step edges)."""
+    with that margin; ``unresolved`` (H, W) bool; ``step_mask`` (H, W) bool (step edges).
+
+    safe = on a terrace and, for every rule, distance * s - margin >= 0 (float32, pixel-centre distances):
+    each rule is one dilation of its mask with an exact disk kernel (``near_mask``) instead of a distance
+    transform of the frame; the distances themselves are needed only at candidate dimers (``Clearance.at``).
+    """
+    s = float(pixel_size_nm)  # a Python float keeps the float32 maps float32 (NEP 50), as before
     off_terrace = (terrace_labels < 0) | step_mask
-    d_step = distance_px(off_terrace) * pixel_size_nm
-    d_unres = distance_px(unresolved) * pixel_size_nm
-    raw = np.minimum(d_step, d_unres)
-    slack = np.minimum(d_step - settings.step_margin_nm, d_unres - settings.unknown_margin_nm)
-    for margin_nm, mask in avoid_masks.items():
-        if mask.any():
-            d = distance_px(mask) * pixel_size_nm
-            raw = np.minimum(raw, d)
-            slack = np.minimum(slack, d - margin_nm)
-    slack = np.minimum(
-        slack, border_distance_px(terrace_labels.shape) * pixel_size_nm - settings.border_margin_nm
-    )
-    safe = (slack >= 0) & ~off_terrace
-    return Clearance(raw.astype(np.float32), slack.astype(np.float32), safe)
+    rules = [(off_terrace, settings.step_margin_nm), (unresolved, settings.unknown_margin_nm)]
+    rules += [(mask, margin) for margin, mask in avoid_masks.items()]
+    rules = [(np.asarray(m, bool), float(g)) for m, g in rules if np.any(m)]
+    border_slack = border_distance_px(terrace_labels.shape) * s - settings.border_margin_nm
+    safe = (border_slack >= 0) & ~off_terrace
+    for mask, margin in rules:
+        safe &= ~near_mask(mask, margin, s)
+    return Clearance(safe, rules, border_slack.astype(np.float32), s)
 
 
 def _neighbour(tree: cKDTree, xy_nm: np.ndarray, step_nm: np.ndarray, tol_nm: float) -> np.ndarray:
@@ -161,10 +254,8 @@ def propose_sites(
     cols = np.clip(np.rint(xy_px[:, 0]).astype(int), 0, w - 1)
     rows = np.clip(np.rint(xy_px[:, 1]).astype(int), 0, h - 1)
     safe = clearance.safe[rows, cols]
-    raw = clearance.raw_nm[rows, cols] - HALF_PIXEL_DIAGONAL * pixel_size_nm
-    slack = clearance.slack_nm[rows, cols]
     xy_nm = xy_px * pixel_size_nm
-    cands: list[tuple[float, float, float, list[int]]] = []  # (clearance, score, -position key, members)
+    groups: list[np.ndarray] = []  # (n, k*r) global dimer indices of the candidate chains, terrace by terrace
     for t, angle in row_angles_deg.items():
         idx = np.flatnonzero((ter == t) & safe)
         if len(idx) < k * r:
@@ -185,27 +276,40 @@ def propose_sites(
             rows_of.append(np.where(prev >= 0, acr[np.maximum(prev, 0)], -1))
         members = np.concatenate(rows_of, axis=1)  # (N, k*r) local indices, -1 = missing
         ok = np.all(members >= 0, axis=1)
-        for m in members[ok]:
-            g = idx[m]
-            cands.append((float(raw[g].min()), float(slack[g].min()), g.tolist()))
-    cands.sort(key=lambda c: (-c[0], -c[1], xy_px[c[2][0], 1], xy_px[c[2][0], 0]))
-    used: set[int] = set()
+        if ok.any():
+            groups.append(idx[members[ok]])
+    if not groups:
+        return []
+    cand = np.concatenate(groups)  # (C, k*r)
+    # distances only at the dimers of candidate chains
+    used_d = np.unique(cand)
+    raw_d, slack_d = clearance.at(rows[used_d], cols[used_d])
+    raw = np.full(len(xy_px), np.nan, np.float32)
+    slack = np.full(len(xy_px), np.nan, np.float32)
+    raw[used_d] = raw_d - HALF_PIXEL_DIAGONAL * pixel_size_nm
+    slack[used_d] = slack_d
+    c_raw = raw[cand].min(axis=1)
+    c_slack = slack[cand].min(axis=1)
+    # best clearance first, then slack, then position of the first dimer (y, x); stable like list.sort
+    order = np.lexsort((xy_px[cand[:, 0], 0], xy_px[cand[:, 0], 1], -c_slack, -c_raw))
+    taken = np.zeros(len(xy_px), bool)
     sites: list[Site] = []
-    for clear, score, g in cands:
-        if used.intersection(g):
+    for i in order.tolist():
+        g = cand[i]
+        if taken[g].any():
             continue
-        used.update(g)
+        taken[g] = True
         pts = xy_px[g]
         c = pts.mean(axis=0)
         sites.append(
             Site(
                 center_x_px=float(c[0]),
                 center_y_px=float(c[1]),
-                dimers=[[float(x), float(y)] for x, y in pts],
+                dimers=pts.tolist(),
                 terrace=int(ter[g[0]]),
-                clearance_nm=round(clear, 4),
+                clearance_nm=round(float(c_raw[i]), 4),
                 pattern=f"{k}x{r}",
-                score=round(score, 4),
+                score=round(float(c_slack[i]), 4),
             )
         )
         if len(sites) >= settings.max_sites:

@@ -136,11 +136,12 @@ def find_atoms(
     return np.stack([x, y], axis=1), score
 
 
-def pair_dimers(atoms_xy_nm: np.ndarray, tol_nm: float = 0.08) -> np.ndarray:
-    """Index pairs (M, 2) of atoms that are mutual nearest neighbours at 0.24 +- tol nm (one dimer)."""
+def pair_dimers(atoms_xy_nm: np.ndarray, tol_nm: float = 0.08, tree: cKDTree | None = None) -> np.ndarray:
+    """Index pairs (M, 2) of atoms that are mutual nearest neighbours at 0.24 +- tol nm (one dimer);
+    ``tree``: an optional cKDTree of ``atoms_xy_nm`` to reuse."""
     if len(atoms_xy_nm) < 2:
         return np.empty((0, 2), np.int64)
-    tree = cKDTree(atoms_xy_nm)
+    tree = tree if tree is not None else cKDTree(atoms_xy_nm)
     # a partner farther than 0.24 + tol cannot pair, and a mutual partner within it is always found: the
     # bounded query gives the same pairs as the unbounded one at a fraction of the cost
     d, j = tree.query(atoms_xy_nm, k=2, distance_upper_bound=DIMER_ATOM_SEPARATION_NM + tol_nm)
@@ -184,6 +185,13 @@ class Blobs:
     centre_xy_px: np.ndarray  # (K, 2) probability-weighted centre of mass
     score: np.ndarray  # (K,) max probability in the blob
     area_px: np.ndarray  # (K,)
+    pixels: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (rows, cols, ids) of all blob pixels
+
+    def pixel_lists(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, cols, ids >= 1) of every blob pixel in raster order (cached)."""
+        if self.pixels is None:
+            self.pixels = _blob_pixels(self.labels)
+        return self.pixels
 
 
 def _blob_pixels(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -235,7 +243,7 @@ def blob_terraces(terrace_labels: np.ndarray, blobs: Blobs) -> np.ndarray:
     """Most common terrace label (>= 0) under each blob (K,) int, -1 where a blob lies only on step/unknown
     pixels; ties go to the smaller terrace id."""
     k = len(blobs.slices)
-    rows, cols, ids = _blob_pixels(blobs.labels)
+    rows, cols, ids = blobs.pixel_lists()
     ter = terrace_labels[rows, cols].astype(np.int64)
     on = ter >= 0
     n_ter = int(ter.max()) + 1 if on.any() else 1
@@ -243,21 +251,27 @@ def blob_terraces(terrace_labels: np.ndarray, blobs: Blobs) -> np.ndarray:
     return np.where(counts.max(axis=1) > 0, counts.argmax(axis=1), -1)
 
 
-def _main_components(blob_labels: np.ndarray, n_blobs: int) -> np.ndarray:
-    """Labels (H, W) int32 restricted to each blob's largest 4-connected component (what
-    ``classify.defect_features`` measures; ties: the component met first in raster order)."""
-    lab4, n4 = ndimage.label(blob_labels > 0)
-    if n4 == n_blobs:
-        return blob_labels
+def _main_components(blobs: Blobs) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each blob restricted to its largest 4-connected component (what ``classify.defect_features``
+    measures; ties: the component met first in raster order): (labels (H, W) int32, rows, cols, ids)."""
+    k_n = len(blobs.slices)
+    rows, cols, ids = blobs.pixel_lists()
+    lab4, n4 = ndimage.label(blobs.labels > 0)
+    if n4 == k_n:
+        return blobs.labels, rows, cols, ids
+    comp = lab4[rows, cols]
+    size = np.bincount(comp, minlength=n4 + 1)
     owner = np.zeros(n4 + 1, np.int64)
-    owner[lab4.ravel()] = blob_labels.ravel()
-    size = np.bincount(lab4.ravel(), minlength=n4 + 1)
-    comp = np.arange(1, n4 + 1)
-    order = np.lexsort((comp, -size[1:], owner[1:]))  # by owner, then size desc, then raster order
+    owner[comp] = ids
+    c = np.arange(1, n4 + 1)
+    order = np.lexsort((c, -size[1:], owner[1:]))  # by owner, then size desc, then raster order
     first = order[np.r_[True, owner[1:][order[1:]] != owner[1:][order[:-1]]]]
-    keep = np.zeros(n4 + 1, np.int32)
-    keep[comp[first]] = owner[comp[first]]
-    return keep[lab4]
+    chosen = np.zeros(n4 + 1, bool)
+    chosen[c[first]] = True
+    keep = chosen[comp]
+    main = blobs.labels.copy()
+    main[rows[~keep], cols[~keep]] = 0
+    return main, rows[keep], cols[keep], ids[keep]
 
 
 def _disk(radius_px: float) -> np.ndarray:
@@ -272,36 +286,41 @@ _CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.uint8)
 
 def _ring_levels(
     height: np.ndarray, main: np.ndarray, slices: list[tuple[slice, slice]], ring_px: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per blob: ring pixel values sorted within blobs (concatenated), start offsets (K,), counts (K,).
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per blob: the heights (float64) of its ring = pixels at Euclidean distance d with 1 < d <= ring_px
+    from its footprint (``main`` == k + 1), and the ring sizes (K,).
 
-    The ring of blob k = pixels at Euclidean distance d with 1 < d <= ring_px from its footprint. All blobs
-    are dilated in one call: their crops are tiled side by side into one atlas with gaps the kernel cannot
-    cross, so the cost is one cv2.dilate instead of one distance transform per blob."""
+    All blobs are dilated in one call: their crops are stacked vertically into one atlas with gaps the kernel
+    cannot cross, so the cost is one cv2.dilate instead of one distance transform per blob, and each
+    blob's ring pixels come out contiguous in raster order."""
     h, w = height.shape
     m = int(math.floor(ring_px)) + 1
-    boxes = []
-    for sy, sx in slices:
-        boxes.append((max(0, sy.start - m), min(h, sy.stop + m), max(0, sx.start - m), min(w, sx.stop + m)))
-    widths = np.array([b[3] - b[2] for b in boxes])
-    offs = np.concatenate([[0], np.cumsum(widths + m)])
-    ah = max(b[1] - b[0] for b in boxes)
-    mask_a = np.zeros((ah, int(offs[-1])), np.uint8)
-    tile_a = np.full(mask_a.shape, -1, np.int64)
+    boxes = [
+        (max(0, sy.start - m), min(h, sy.stop + m), max(0, sx.start - m), min(w, sx.stop + m))
+        for sy, sx in slices
+    ]
+    starts = np.cumsum([0] + [y1 - y0 + m for y0, y1, _, _ in boxes])
+    aw = max(x1 - x0 for _, _, x0, x1 in boxes)
+    mask_a = np.zeros((int(starts[-1]), aw), np.uint8)
+    valid = np.zeros(mask_a.shape, bool)
+    img_a = np.zeros(mask_a.shape, np.float32)
     for k, (y0, y1, x0, x1) in enumerate(boxes):
-        o = int(offs[k])
-        mask_a[: y1 - y0, o : o + x1 - x0] = main[y0:y1, x0:x1] == k + 1
-        tile_a[: y1 - y0, o : o + x1 - x0] = k
-    ring = (cv2.dilate(mask_a, _disk(ring_px)) > 0) & (cv2.dilate(mask_a, _CROSS) == 0) & (tile_a >= 0)
-    rr, cc = np.nonzero(ring)
-    k_of = tile_a[rr, cc]
-    y0s = np.array([b[0] for b in boxes])
-    x0s = np.array([b[2] for b in boxes])
-    vals = height[rr + y0s[k_of], cc - offs[:-1][k_of] + x0s[k_of]].astype(np.float64)
-    order = np.lexsort((vals, k_of))
-    counts = np.bincount(k_of, minlength=len(boxes))
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    return vals[order], starts, counts
+        r0 = int(starts[k])
+        tile = (slice(r0, r0 + y1 - y0), slice(0, x1 - x0))
+        np.equal(main[y0:y1, x0:x1], k + 1, out=valid[tile])
+        mask_a[tile] = valid[tile]
+        valid[tile] = True
+        img_a[tile] = height[y0:y1, x0:x1]
+    # cv2 morphology vectorises along rows: dilate the (wide) transpose, the kernels are symmetric
+    mask_t = np.ascontiguousarray(mask_a.T)
+    ring = (cv2.dilate(mask_t, _disk(ring_px)) > 0).T
+    ring &= (cv2.dilate(mask_t, _CROSS) == 0).T
+    ring &= valid
+    per_row = np.count_nonzero(ring, axis=1)
+    counts = np.add.reduceat(per_row, starts[:-1].astype(np.int64))
+    vals = img_a[ring].astype(np.float64)
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    return [vals[bounds[k] : bounds[k + 1]] for k in range(len(boxes))], counts
 
 
 def blob_features(
@@ -311,12 +330,14 @@ def blob_features(
     atoms_xy_px: np.ndarray,
     ring_nm: float = 1.2,
     row_angle_deg: list[float | None] | None = None,
+    atom_tree_nm: cKDTree | None = None,
 ) -> np.ndarray:
     """Features (K, F) in ``classify.FEATURE_NAMES`` order per blob, the values ``classify.defect_features``
     gives for each blob's footprint (tested to agree), computed for all blobs at once.
 
     ``height_nm``: apparent height with its true sign (raw image, nm); ``atoms_xy_px`` (N, 2) detected atom
-    centres; ``row_angle_deg[k]``: the blob's terrace row direction for the row-aligned extents (None = 0).
+    centres; ``row_angle_deg[k]``: the blob's terrace row direction for the row-aligned extents (None = 0);
+    ``atom_tree_nm``: optional cKDTree of ``atoms_xy_px * pixel_size_nm`` (reused from the dimer pairing).
     Definitions (see classify.defect_features): each blob's largest 4-connected component is measured;
     circularity from its OpenCV contour; height_rel = (z_centre - z_level) / (z_atoms - z_level) with
     z_level = median of the ring 1 < d <= ring_nm around the footprint, z_atoms = mean height at detected
@@ -329,8 +350,7 @@ def blob_features(
         return out
     h, w = height_nm.shape
     s = pixel_size_nm
-    main = _main_components(blobs.labels, k_n)
-    rows, cols, ids = _blob_pixels(main)
+    main, rows, cols, ids = _main_components(blobs)
     ids0 = ids - 1
     area_px = np.bincount(ids0, minlength=k_n).astype(np.float64)
     cx = np.bincount(ids0, cols.astype(np.float64), minlength=k_n) / area_px
@@ -356,18 +376,13 @@ def blob_features(
 
     # local level: median of the ring; atom level: detected atoms near the centre, off the footprint
     ring_px = max(2.0, ring_nm / s)
-    vals, starts, counts = _ring_levels(height_nm, main, blobs.slices, ring_px)
-    lo, hi = starts + (counts - 1) // 2, starts + counts // 2
-    level = (
-        (vals[np.minimum(lo, len(vals) - 1)] + vals[np.minimum(hi, len(vals) - 1)]) / 2
-        if len(vals)
-        else np.zeros(k_n)
-    )
+    rings, counts = _ring_levels(height_nm, main, blobs.slices, ring_px)
     atom_level = np.full(k_n, np.nan)
     atoms = np.asarray(atoms_xy_px, float).reshape(-1, 2)
     if len(atoms):
-        reach_px = (ring_nm + 1.0) / s
-        near_lists = cKDTree(atoms).query_ball_point(np.stack([cx, cy], axis=1), reach_px * (1 + 1e-9) + 1e-9)
+        tree = atom_tree_nm if atom_tree_nm is not None else cKDTree(atoms * s)
+        reach_nm = (ring_nm + 1.0) * (1 + 1e-9) + 1e-9  # the exact test follows
+        near_lists = tree.query_ball_point(np.stack([cx, cy], axis=1) * s, reach_nm)
         kk = np.repeat(np.arange(k_n), [len(x) for x in near_lists])
         if len(kk):
             j = np.concatenate([np.asarray(x, np.int64) for x in near_lists])
@@ -411,14 +426,12 @@ def blob_features(
         np.minimum.at(lo_v, ids0, v)
         ext.append((hi_v - lo_v + 1.0) * s)
 
+    level = np.empty(k_n)
     for k in range(k_n):
-        n = int(counts[k])
-        if n < 4:  # footprint fills its surroundings: classify's fallback on the blob's own crop
-            v = _fallback_values(height_nm, main, blobs.slices[k], k + 1, ring_nm, s)
-            level[k] = float(np.median(v))
-            seg = v
-        else:
-            seg = vals[starts[k] : starts[k] + n]
+        seg = rings[k]
+        if counts[k] < 4:  # footprint fills its surroundings: classify's fallback on the blob's own crop
+            seg = _fallback_values(height_nm, main, blobs.slices[k], k + 1, ring_nm, s)
+        level[k] = _median(seg)
         if not math.isfinite(atom_level[k]) or atom_level[k] - level[k] <= 1e-6:
             atom_level[k] = float(np.percentile(seg, 90))
     corr = atom_level - level
@@ -433,6 +446,14 @@ def blob_features(
     for j, name in enumerate(FEATURE_NAMES):
         out[:, j] = values[name]
     return out
+
+
+def _median(v: np.ndarray) -> float:
+    """np.median of a 1-D float64 array (same value), without its per-call overhead."""
+    n = len(v)
+    lo, hi = (n - 1) // 2, n // 2
+    part = np.partition(v, [lo, hi])
+    return float((part[lo] + part[hi]) / 2)
 
 
 def _fallback_values(

@@ -35,11 +35,16 @@ def tip_change_lines(
     w = max(2, int(round(window_nm / pixel_size_nm)))
     if h < 2 * w + 2:
         return []
-    z = height.astype(np.float64).copy()
-    for t in np.unique(terrace_labels):
-        sel = terrace_labels == t
-        if sel.any():
-            z[sel] -= np.median(z[sel])
+    z = height.astype(np.float64)  # a copy
+    lab = terrace_labels.ravel()
+    counts = np.bincount(lab + 1)  # label -1 (steps/unknown) is levelled as a group of its own too
+    if np.count_nonzero(counts) == 1:
+        z -= np.median(z)
+    else:
+        zf = z.ravel()
+        for t in np.flatnonzero(counts) - 1:
+            sel = lab == t
+            zf[sel] -= np.median(zf[sel])
     m = np.median(z, axis=1)
     # sliding medians via a strided view (no Python loop over lines)
     win = np.lib.stride_tricks.sliding_window_view(m, w)  # (h - w + 1, w): win[j] = m[j:j+w]

@@ -88,3 +88,40 @@ def test_find_blobs_centres_and_scores() -> None:
     ter[:, 44:47] = -1
     want = [pp.majority_label(ter, bl.labels, k + 1, sl) for k, sl in enumerate(bl.slices)]
     assert pp.blob_terraces(ter, bl).tolist() == want
+
+
+@pytest.mark.parametrize("s", [0.1, 0.0733, 0.05, 0.2])
+def test_near_mask_equals_thresholded_distance_transform(s: float) -> None:
+    from stm_feedback.planner import distance_px, near_mask
+
+    rng = np.random.default_rng(int(s * 1e4))
+    mask = rng.random((90, 110)) > 0.995
+    mask[40:46, 50:58] = True
+    mask[0, :5] = True  # at the border
+    for radius_nm in (0.6, 0.8, 1.0, 1.5, 2.0):
+        d_nm = distance_px(mask) * s
+        np.testing.assert_array_equal(near_mask(mask, radius_nm, s), d_nm - radius_nm < 0)
+        np.testing.assert_array_equal(near_mask(mask, radius_nm, s, inclusive=True), d_nm <= radius_nm)
+    assert not near_mask(np.zeros((5, 5), bool), 1.0, s).any()
+
+
+def test_clearance_at_points_equals_full_maps() -> None:
+    from stm_feedback.config import PlannerSettings
+    from stm_feedback.planner import clearance_maps
+
+    rng = np.random.default_rng(5)
+    h, w, s = 120, 100, 0.1
+    labels = np.zeros((h, w), np.int32)
+    labels[:, 60:63] = -1
+    step = labels < 0
+    unres = np.zeros((h, w), bool)
+    unres[100:, :30] = True
+    avoid = {0.8: rng.random((h, w)) > 0.998, 1.5: np.zeros((h, w), bool)}
+    avoid[1.5][20:24, 20:26] = True
+    clear = clearance_maps(labels, step, unres, avoid, s, PlannerSettings())
+    rows, cols = rng.integers(0, h, 500), rng.integers(0, w, 500)
+    raw, slack = clear.at(rows, cols)
+    # cv2's distances of multi-pixel masks are not always the correctly rounded float32 sqrt: 1 ulp
+    np.testing.assert_allclose(raw, clear.raw_nm[rows, cols], rtol=3e-7, atol=0)
+    np.testing.assert_allclose(slack, clear.slack_nm[rows, cols], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(clear.safe, (clear.slack_nm >= 0) & (labels >= 0))
