@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 import itertools
 import logging
-import math
 import queue
 import threading
 import time
@@ -26,6 +25,7 @@ import numpy as np
 import zmq
 
 from stm_feedback.config import ServerSettings, Settings
+from stm_feedback.drift import DriftEstimate, bin_mean, drift_bin_factor, estimate_drift
 from stm_feedback.errors import InputError, ModelError, ProtocolError
 from stm_feedback.protocol import (
     QUEUED_TYPES,
@@ -123,84 +123,16 @@ def describe_models(analyzer: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ drift estimate
 
 
-DRIFT_MAX_PX = 256  # drift is estimated on frames block-averaged to at most this many pixels per side
-
-
-def drift_bin_factor(shape: tuple[int, ...]) -> int:
-    """Integer block size that brings the longer side of ``shape`` to at most ``DRIFT_MAX_PX``."""
-    return max(1, math.ceil(max(shape) / DRIFT_MAX_PX))
-
-
-def bin_mean(image: np.ndarray, factor: int) -> np.ndarray:
-    """Block mean over ``factor`` x ``factor`` pixels (edges cropped to a multiple), float32. Besides speed,
-    binning by >= the dimer pitch in pixels washes out the lattice, which would otherwise alias the shift."""
-    if factor == 1:
-        return np.array(image, np.float32, copy=True)
-    h, w = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
-    return image[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3), dtype=np.float32)
-
-
-def refine_with_defects(
-    prev: Analysis, current: Analysis, dx_px: float, dy_px: float, tol_px: float
-) -> tuple[float, float, int]:
-    """Refine an image-based shift with the defects both frames share: move the previous defects by the shift,
-    pair each with the nearest current defect within ``tol_px``, add the median residual. Returns
-    (dx_px, dy_px, n_pairs); the shift is unchanged with fewer than 3 pairs."""
-    if len(prev.defects) < 3 or len(current.defects) < 3:
-        return dx_px, dy_px, 0
-    from scipy.spatial import cKDTree
-
-    moved = np.array([[d.x_px + dx_px, d.y_px + dy_px] for d in prev.defects])
-    now = np.array([[d.x_px, d.y_px] for d in current.defects])
-    dist, idx = cKDTree(now).query(moved, distance_upper_bound=tol_px)
-    ok = np.isfinite(dist)
-    if ok.sum() < 3:
-        return dx_px, dy_px, int(ok.sum())
-    residual = np.median(now[idx[ok]] - moved[ok], axis=0)
-    return dx_px + float(residual[0]), dy_px + float(residual[1]), int(ok.sum())
-
-
-def estimate_shift_px(
-    previous: np.ndarray, current: np.ndarray, window: bool = True
-) -> tuple[float, float, float]:
-    """Apparent motion (dx_px, dy_px) of the content from ``previous`` to ``current`` (same shape) by phase
-    correlation with a parabolic sub-pixel peak, and the correlation peak height (0..1, higher = more
-    trustworthy). ``window``: Hanning taper against edge effects (off for blob images: zero at the edges)."""
-    a = np.asarray(previous, np.float64)
-    b = np.asarray(current, np.float64)
-    a, b = a - a.mean(), b - b.mean()
-    if window:
-        taper = np.outer(np.hanning(a.shape[0]), np.hanning(a.shape[1]))
-        a, b = a * taper, b * taper
-    cross = np.fft.fft2(b) * np.conj(np.fft.fft2(a))
-    cross /= np.maximum(np.abs(cross), 1e-12)
-    r = np.fft.ifft2(cross).real
-    h, w = r.shape
-    iy, ix = np.unravel_index(int(np.argmax(r)), r.shape)
-    dy = iy + _parabola_peak(r[(iy - 1) % h, ix], r[iy, ix], r[(iy + 1) % h, ix])
-    dx = ix + _parabola_peak(r[iy, (ix - 1) % w], r[iy, ix], r[iy, (ix + 1) % w])
-    # the correlation is circular: shifts beyond half the frame are negative shifts
-    dy = dy - h if dy > h / 2 else dy
-    dx = dx - w if dx > w / 2 else dx
-    return float(dx), float(dy), float(r[iy, ix])
-
-
-def _parabola_peak(left: float, centre: float, right: float) -> float:
-    """Sub-sample offset (-0.5..0.5) of the vertex of the parabola through three equally spaced samples."""
-    curvature = left - 2 * centre + right
-    return 0.0 if curvature == 0 else float(np.clip(0.5 * (left - right) / curvature, -0.5, 0.5))
+def _defects_xy_px(analysis: Analysis) -> np.ndarray:
+    return np.array([[d.x_px, d.y_px] for d in analysis.defects], np.float64).reshape(-1, 2)
 
 
 def measure_drift(
     prev: Analysis | None, prev_binned: np.ndarray | None, analysis: Analysis, binned: np.ndarray, factor: int
-) -> tuple[float, float, float, str] | None:
-    """(dx_px, dy_px, response, method): apparent motion in input pixels of the content from the previous
-    frame to this one, or None without a previous frame of the same shape and pixel size.
-
-    Phase correlation of the frames block-averaged by ``factor`` (``bin_mean``) gives the shift; binning also
-    washes out the dimer lattice, which would otherwise alias it by whole lattice periods. When at least 3
-    defects pair up across the two frames, their median displacement refines it (method "image+defects").
-    """
+) -> DriftEstimate | None:
+    """Apparent motion in input pixels of the surface from the previous full frame to this one
+    (``stm_feedback.drift.estimate_drift`` on the frames block-averaged by ``factor``, with both analyses'
+    defects), or None without a previous frame of the same shape and pixel size."""
     if prev is None or prev_binned is None or prev_binned.shape != binned.shape:
         return None
     if (prev.image.height_px, prev.image.width_px) != (analysis.image.height_px, analysis.image.width_px):
@@ -208,10 +140,7 @@ def measure_drift(
     px = analysis.image.pixel_size_nm
     if abs(prev.image.pixel_size_nm - px) > 1e-6 * px:
         return None
-    dx, dy, resp = estimate_shift_px(prev_binned, binned)
-    dx, dy = dx * factor, dy * factor
-    dx, dy, n_pairs = refine_with_defects(prev, analysis, dx, dy, tol_px=max(2.0, 1.5 * factor))
-    return dx, dy, resp, "image+defects" if n_pairs >= 3 else "image"
+    return estimate_drift(prev_binned, binned, px, factor, _defects_xy_px(prev), _defects_xy_px(analysis))
 
 
 @dataclass
@@ -225,10 +154,12 @@ class InstrumentState:
     latest_meta: dict[str, Any] = field(default_factory=dict)
     latest_partial: Analysis | None = None
     frames: int = 0
-    drift_px: tuple[float, float] | None = None  # last frame-to-frame apparent motion (dx, dy)
+    drift_px: tuple[float, float] | None = None  # last frame-to-frame apparent motion (dx, dy), or None
     drift_nm: tuple[float, float] | None = None
-    drift_method: str | None = None
+    drift_method: str | None = None  # DriftEstimate.method of the last estimate ("ambiguous": no number)
     drift_response: float | None = None
+    drift_pairs: int = 0
+    drift_candidates_px: list[list[float]] = field(default_factory=list)  # (dx, dy, peak) when ambiguous
     cumulative_drift_nm: tuple[float, float] = (0.0, 0.0)
     previous_binned: np.ndarray | None = None  # last full frame after bin_mean, for the next drift estimate
 
@@ -237,16 +168,24 @@ class InstrumentState:
         binned: np.ndarray,
         analysis: Analysis,
         meta: dict[str, Any],
-        shift: tuple[float, float, float, str] | None,
+        shift: DriftEstimate | None,
     ) -> None:
-        """Record a full frame's analysis and its shift (``measure_drift``) from the previous frame."""
+        """Record a full frame's analysis and its drift estimate (``measure_drift``) from the previous frame.
+        An ambiguous estimate clears ``drift_px`` (a wrong number is worse than none) and is not accumulated;
+        no estimate at all (first frame, new size) leaves the previous values."""
         px = float(meta["pixel_size_nm"])
         if shift is not None:
-            dx, dy, resp, method = shift
-            self.drift_px, self.drift_nm = (dx, dy), (dx * px, dy * px)
-            self.drift_method, self.drift_response = method, resp
-            cx, cy = self.cumulative_drift_nm
-            self.cumulative_drift_nm = (cx + dx * px, cy + dy * px)
+            self.drift_method, self.drift_response = shift.method, shift.response
+            self.drift_pairs = shift.n_pairs
+            if shift.dx_px is None or shift.dy_px is None:
+                self.drift_px = self.drift_nm = None
+                self.drift_candidates_px = [[round(v, 3) for v in c] for c in shift.candidates_px]
+            else:
+                dx, dy = shift.dx_px, shift.dy_px
+                self.drift_px, self.drift_nm = (dx, dy), (dx * px, dy * px)
+                self.drift_candidates_px = []
+                cx, cy = self.cumulative_drift_nm
+                self.cumulative_drift_nm = (cx + dx * px, cy + dy * px)
         self.latest, self.latest_frame_id, self.latest_unix_s = analysis, analysis.image.frame_id, time.time()
         self.latest_meta = meta
         self.previous_binned = binned
@@ -259,6 +198,9 @@ class InstrumentState:
             "drift_nm": list(self.drift_nm) if self.drift_nm else None,
             "method": self.drift_method,
             "response": self.drift_response,
+            "n_pairs": self.drift_pairs,
+            "ambiguous": self.drift_method == "ambiguous",
+            "candidates_px": self.drift_candidates_px,
             "cumulative_drift_nm": list(self.cumulative_drift_nm),
         }
 
