@@ -19,7 +19,7 @@ REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 class ModelSettings(BaseModel):
     models_dir: Path = REPO_MODELS_DIR
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1"
-    backend: Literal["auto", "torch", "openvino"] = "auto"
+    backend: Literal["auto", "torch", "openvino", "torch-eager"] = "auto"  # see stm_feedback/backends.py
     threads: int = 0  # 0 = leave torch's default
 
 

@@ -10,10 +10,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
 
+from stm_feedback.backends import select_backend
 from stm_feedback.errors import ModelError
 from stm_feedback.maps import NetworkMaps
 from stm_feedback.nets import NET_NAMES, NetSpec, fuse_batchnorm, load_model
@@ -52,6 +54,14 @@ def prepare_module(net: nn.Module, device: torch.device) -> nn.Module:
     return net.to(device=device, memory_format=torch.channels_last)
 
 
+def atom_map_confidence(atom_prob: np.ndarray, threshold: float = 0.3) -> float:
+    """Sum of the atom-map values at its local maxima (3x3) above threshold: large when the net sees a
+    clean lattice of atoms (used to pick the polarity when the bias is unknown)."""
+    mx = cv2.dilate(atom_prob, np.ones((3, 3), np.uint8))
+    peaks = (atom_prob >= mx) & (atom_prob > threshold)
+    return float(atom_prob[peaks].sum())
+
+
 class ModelRunner:
     """The three resident networks. ``predict`` is thread-compatible but not re-entrant (one frame at a
     time per runner; the nets use all configured threads themselves)."""
@@ -62,6 +72,7 @@ class ModelRunner:
         device: str = "auto",
         threads: int = 0,
         require_all: bool = True,
+        backend: str = "torch-eager",
     ) -> None:
         missing = [n for n in NET_NAMES if n not in nets]
         if missing and require_all:
@@ -72,25 +83,30 @@ class ModelRunner:
         self.specs: dict[str, NetSpec] = {n: s for n, (_, s) in nets.items()}
         self.modules = {n: prepare_module(m, self._device) for n, (m, _) in nets.items()}
         self._amp = self._device.type == "cuda"
+        # execution backend (stm_feedback.backends): one engine per net, compiled per input shape
+        self._backend = select_backend(backend, self._device, threads)
+        self.engines = {
+            n: self._backend.engine(m, self.specs[n].out_channels) for n, m in self.modules.items()
+        }
 
     @classmethod
-    def from_dir(cls, models_dir: str | Path, device: str = "auto", threads: int = 0) -> ModelRunner:
+    def from_dir(
+        cls, models_dir: str | Path, device: str = "auto", threads: int = 0, backend: str = "torch-eager"
+    ) -> ModelRunner:
         """Load ``nn0_terraces``, ``nn1_atoms``, ``nn2_defects`` (.pt + .json) from models_dir."""
         d = Path(models_dir)
-        return cls({n: load_model(d, n) for n in NET_NAMES}, device=device, threads=threads)
+        return cls({n: load_model(d, n) for n in NET_NAMES}, device=device, threads=threads, backend=backend)
 
     @classmethod
     def from_settings(cls, models: Any) -> ModelRunner:
-        """From a ``stm_feedback.config.ModelSettings`` (models_dir, device, threads; backend "auto"/"torch"
-        run PyTorch — the only backend implemented here)."""
+        """From a ``stm_feedback.config.ModelSettings`` (models_dir, device, threads, backend: see
+        stm_feedback.backends; "auto" = the fastest available)."""
         backend = getattr(models, "backend", "auto")
-        if backend not in ("auto", "torch"):
-            raise ModelError(f"backend {backend!r} is not available in this build; use 'auto' or 'torch'")
-        return cls.from_dir(models.models_dir, device=models.device, threads=models.threads)
+        return cls.from_dir(models.models_dir, device=models.device, threads=models.threads, backend=backend)
 
     @property
     def backend(self) -> str:
-        return "torch-fp16" if self._amp else "torch-fp32"
+        return self._backend.name
 
     @property
     def device(self) -> str:
@@ -105,12 +121,7 @@ class ModelRunner:
         """Raw network output (C, h, w) float32 for one prepared input (h, w) at the net's pixel size."""
         spec = self.specs[name]
         padded, pad = pad_to_multiple(x_net, spec.pool_multiple)
-        t = torch.from_numpy(np.ascontiguousarray(padded, np.float32))[None, None]
-        t = t.to(self._device).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast("cuda", torch.float16, enabled=self._amp):
-            y = self.modules[name](t)
-            y = torch.softmax(y, 1) if spec.out_channels > 1 else torch.sigmoid(y)
-        out = y[0].float().cpu().numpy()
+        out = self.engines[name](np.ascontiguousarray(padded, np.float32))  # probabilities (C, h, w)
         return np.ascontiguousarray(crop_padding(out, pad))
 
     def net_on_frame(self, name: str, norm: np.ndarray, pixel_size_nm: float, invert: bool) -> np.ndarray:
@@ -133,11 +144,20 @@ class ModelRunner:
         norm = normalize_frame(img, s)
         empty = bias_v is not None and float(bias_v) > 0
         step = self.net_on_frame("terraces", norm, s, False)[0]
-        atom_invert = empty and self.specs["atoms"].polarity == "rows_bright"
-        atoms = self.net_on_frame("atoms", norm, s, atom_invert)[0]
+        rows_bright_net = self.specs["atoms"].polarity == "rows_bright"
+        atoms = self.net_on_frame("atoms", norm, s, empty and rows_bright_net)[0]
         defects = self.net_on_frame("defects", norm, s, False)
         if bias_v is not None:
             polarity, source = ("empty" if empty else "filled"), "bias"
+        elif rows_bright_net:
+            # bias unknown: also try the inverted frame and keep the polarity whose atom map is the more
+            # confident (the net was trained mostly on rows-bright frames); costs one more atom-net pass
+            atoms_inv = self.net_on_frame("atoms", norm, s, True)[0]
+            if atom_map_confidence(atoms_inv) > atom_map_confidence(atoms):
+                atoms, polarity = atoms_inv, "empty"
+            else:
+                polarity = "filled"
+            source = "estimated"
         else:
             window_px = max(3, int(round(0.4 / s)) | 1)  # ~half a row period: atoms vs. their trough
             rows_dark = estimate_rows_dark(norm, atoms, window_px=window_px)

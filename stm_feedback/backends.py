@@ -1,0 +1,278 @@
+"""Inference backends: how the loaded networks are executed (the networks themselves live in nets.py).
+
+A backend turns a prepared ``nn.Module`` (eval, BatchNorm folded) into an *engine*: a callable mapping one
+padded network input (h, w) float32 to its output probabilities (C, h, w) float32 (softmax over channels
+when C > 1, else sigmoid). Engines cache one compiled graph per input shape.
+
+Fallback chain for ``backend="auto"`` (order chosen by measurement, docs/performance.md):
+  CPU:  OpenVINO (bf16 inference precision when the CPU has native bf16 — AMX or AVX512-bf16 — else fp32)
+        -> PyTorch traced + frozen, channels_last (bf16 autocast when the CPU has native bf16, else fp32).
+  CUDA: PyTorch fp16 autocast with pinned host memory (same code path as the CPU PyTorch engine).
+``"torch-eager"`` is the reference: plain PyTorch fp32 eager mode, no tracing, no reduced precision.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from stm_feedback.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+BACKEND_CHOICES: tuple[str, ...] = ("auto", "openvino", "torch", "torch-eager")
+Engine = Callable[[np.ndarray], np.ndarray]
+
+
+class BackendUnavailable(ModelError):
+    """The requested backend cannot run here (package missing, wrong device)."""
+
+
+# ------------------------------------------------------------------------------------------ CPU features
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """CPU feature flags of this machine (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AMX-BF16 tiles or AVX512-BF16 dot products)."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+# ----------------------------------------------------------------------------------------------- modules
+
+
+class WithActivation(nn.Module):
+    """Network logits -> probabilities inside the graph (fused by the compilers): softmax over channels
+    when there are several, else sigmoid."""
+
+    def __init__(self, net: nn.Module, out_channels: int) -> None:
+        super().__init__()
+        self.net = net
+        self.softmax = out_channels > 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)
+        return torch.softmax(y, 1) if self.softmax else torch.sigmoid(y)
+
+
+class _ShapeCache:
+    """Compiled artefacts per input shape, built once under a lock (engines may be shared by threads)."""
+
+    def __init__(self, build: Callable[[tuple[int, int]], object]) -> None:
+        self._build = build
+        self._items: dict[tuple[int, int], object] = {}
+        self._lock = threading.Lock()
+
+    def get(self, shape: tuple[int, int]) -> object:
+        item = self._items.get(shape)
+        if item is None:
+            with self._lock:
+                item = self._items.get(shape)
+                if item is None:
+                    item = self._build(shape)
+                    self._items[shape] = item
+        return item
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _check_input(x: np.ndarray) -> np.ndarray:
+    if not isinstance(x, np.ndarray) or x.ndim != 2:
+        raise ModelError(f"engine input must be a 2-D (h, w) array, got {getattr(x, 'shape', type(x))}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- PyTorch
+
+
+class TorchEngine:
+    """One net in PyTorch. ``traced``: torch.jit.trace + freeze per input shape (channels_last);
+    ``dtype``: autocast precision (None = fp32; torch.bfloat16 on CPU; torch.float16 on CUDA)."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        out_channels: int,
+        device: torch.device,
+        traced: bool,
+        dtype: torch.dtype | None,
+    ) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.traced = traced
+        wrapped = WithActivation(module, out_channels).eval()
+        self.module = wrapped.to(device, memory_format=torch.channels_last)
+        self._cache = _ShapeCache(self._trace)
+        self._pinned = device.type == "cuda"
+
+    def _autocast(self) -> torch.autocast:
+        enabled = self.dtype is not None
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=enabled)
+
+    def _trace(self, shape: tuple[int, int]) -> nn.Module:
+        example = torch.zeros((1, 1, *shape), device=self.device)
+        example = example.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(False), torch.no_grad(), self._autocast():
+            traced = torch.jit.trace(self.module, example, check_trace=False)
+            frozen = torch.jit.freeze(traced.eval())
+            for _ in range(2):  # the profiling executor specialises on the first runs: do them now
+                frozen(example)
+        return frozen
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = _check_input(x)
+        t = torch.from_numpy(x)[None, None]
+        if self._pinned:  # page-locked host memory: asynchronous host -> device copy
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        t = t.contiguous(memory_format=torch.channels_last)
+        if self.traced:
+            fn = self._cache.get(x.shape)
+            with torch.no_grad(), self._autocast():
+                y = fn(t)
+        else:
+            with torch.inference_mode(), self._autocast():
+                y = self.module(t)
+        return np.ascontiguousarray(y[0].float().cpu().numpy())
+
+
+# --------------------------------------------------------------------------------------------- OpenVINO
+
+
+def _import_openvino():  # noqa: ANN202 - module object
+    """The openvino package, or BackendUnavailable (monkeypatched in the fallback test)."""
+    try:
+        import openvino
+    except ImportError as e:
+        raise BackendUnavailable(
+            "OpenVINO is not installed (pip install 'stm-feedback[fast]' or `pip install openvino`)"
+        ) from e
+    return openvino
+
+
+class OpenVINOEngine:
+    """One net in OpenVINO on the CPU: the PyTorch module converted once with dynamic (h, w), then
+    reshaped and compiled per input shape with the given inference precision ("bf16" or "f32")."""
+
+    def __init__(self, module: nn.Module, out_channels: int, precision: str, threads: int) -> None:
+        ov = _import_openvino()
+        self._ov = ov
+        self.precision = precision
+        self._core = ov.Core()
+        wrapped = WithActivation(module, out_channels).eval().float()
+        example = torch.zeros(1, 1, 64, 64)
+        with torch.no_grad():
+            self._model = ov.convert_model(wrapped, example_input=example, input=[(1, 1, -1, -1)])
+        self._config: dict[str, object] = {
+            "INFERENCE_PRECISION_HINT": precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+        }
+        if threads > 0:
+            self._config["INFERENCE_NUM_THREADS"] = int(threads)
+        self._cache = _ShapeCache(self._compile)
+        self._lock = threading.Lock()  # one infer request per compiled shape: serialise its use
+
+    def _compile(self, shape: tuple[int, int]) -> object:
+        model = self._model.clone()
+        model.reshape([1, 1, *shape])
+        compiled = self._core.compile_model(model, "CPU", self._config)
+        return compiled.create_infer_request()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = _check_input(x)
+        request = self._cache.get(x.shape)
+        with self._lock:
+            request.infer({0: x[None, None]})
+            out = request.get_output_tensor(0).data
+            return np.array(out[0], dtype=np.float32, copy=True)
+
+
+# --------------------------------------------------------------------------------------------- backends
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A way to run nets: ``kind`` "openvino" / "torch" / "torch-eager", ``precision`` "fp32" / "bf16" /
+    "fp16", on ``device``. ``name`` is what runner.backend reports: "openvino-bf16", "torch-jit-bf16"
+    (traced + frozen), "torch-fp32" (eager reference, the name it had before backends existed), ...."""
+
+    kind: str
+    precision: str
+    device: torch.device
+    threads: int = 0
+
+    @property
+    def name(self) -> str:
+        prefix = {"torch": "torch-jit", "torch-eager": "torch"}.get(self.kind, self.kind)
+        return f"{prefix}-{self.precision}"
+
+    def engine(self, module: nn.Module, out_channels: int) -> Engine:
+        """An engine for one prepared module (eval, BN folded) with out_channels output channels."""
+        if self.kind == "openvino":
+            ov_precision = "bf16" if self.precision == "bf16" else "f32"
+            return OpenVINOEngine(module, out_channels, ov_precision, self.threads)
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        return TorchEngine(module, out_channels, self.device, traced=self.kind == "torch", dtype=dtype)
+
+
+def _openvino_backend(device: torch.device, threads: int, bf16: bool | None) -> Backend:
+    if device.type != "cpu":
+        raise BackendUnavailable(f"the OpenVINO backend runs on the CPU only, not on {device}")
+    ov = _import_openvino()
+    if bf16 is None:
+        caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        bf16 = "BF16" in caps and cpu_has_native_bf16()
+    return Backend("openvino", "bf16" if bf16 else "fp32", device, threads)
+
+
+def _torch_backend(device: torch.device, threads: int, bf16: bool | None) -> Backend:
+    if device.type == "cuda":
+        return Backend("torch", "fp16", device, threads)
+    if bf16 is None:
+        bf16 = cpu_has_native_bf16() and torch.backends.mkldnn.is_available()
+    return Backend("torch", "bf16" if bf16 else "fp32", device, threads)
+
+
+def select_backend(
+    requested: str = "auto", device: torch.device | str = "cpu", threads: int = 0, bf16: bool | None = None
+) -> Backend:
+    """The backend for ``requested`` (one of BACKEND_CHOICES) on ``device``.
+
+    "auto" walks the fallback chain (OpenVINO on CPU, then PyTorch) and logs why a link was skipped;
+    an explicit "openvino" raises BackendUnavailable when it cannot run. ``bf16``: None = use bf16 where the
+    CPU has native bf16, True/False = force (CUDA always uses fp16 autocast).
+    """
+    dev = torch.device(device)
+    if requested not in BACKEND_CHOICES:
+        raise ModelError(f"unknown backend {requested!r}; choose one of {BACKEND_CHOICES}")
+    if requested == "torch-eager":
+        return Backend("torch-eager", "fp16" if dev.type == "cuda" else "fp32", dev, threads)
+    if requested == "openvino":
+        return _openvino_backend(dev, threads, bf16)
+    if requested == "torch":
+        return _torch_backend(dev, threads, bf16)
+    if dev.type == "cpu":
+        try:
+            return _openvino_backend(dev, threads, bf16)
+        except BackendUnavailable as e:
+            log.info("backend auto: OpenVINO skipped (%s); using PyTorch", e)
+    return _torch_backend(dev, threads, bf16)
