@@ -183,6 +183,26 @@ def fit_row_lattice(
     )
 
 
+def local_fits(
+    xy_nm: np.ndarray, tile_nm: float = 5.0, min_atoms: int = 40, min_coherence: float = 0.3
+) -> dict[tuple[float, float], LatticeFit]:
+    """Row lattice fitted separately in square tiles of ``tile_nm`` (key = (floor(x / tile), floor(y /
+    tile))) with >= ``min_atoms`` atoms and a normalised coherence >= ``min_coherence``: follows rows that
+    drift or creep bends across a terrace, where one straight lattice has no coherence."""
+    xy = np.asarray(xy_nm, float).reshape(-1, 2)
+    out: dict[tuple[float, float], LatticeFit] = {}
+    if len(xy) < min_atoms:
+        return out
+    keys = np.floor(xy / tile_nm)
+    uniq, inv, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    for i in np.flatnonzero(counts >= min_atoms):
+        sub = xy[inv.ravel() == i]
+        fit = fit_row_lattice(sub, min_coherence=min_coherence)
+        if fit is not None:
+            out[(float(uniq[i, 0]), float(uniq[i, 1]))] = fit
+    return out
+
+
 def row_offset_nm(xy_nm: np.ndarray, row_angle_deg: float, row_phase_nm: float) -> np.ndarray:
     """Signed distance (nm, in [-0.384, 0.384)) of points (N, 2) from the nearest row centre line."""
     _, n = unit_vectors(row_angle_deg)

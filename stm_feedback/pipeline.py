@@ -20,7 +20,14 @@ from stm_feedback import postprocess as pp
 from stm_feedback.classify import FEATURE_NAMES
 from stm_feedback.config import Settings, load_settings
 from stm_feedback.errors import InputError, ModelError
-from stm_feedback.lattice import LatticeFit, bond_prior_deg, fft_row_angle_deg, fit_row_lattice, row_index
+from stm_feedback.lattice import (
+    LatticeFit,
+    bond_prior_deg,
+    fft_row_angle_deg,
+    fit_row_lattice,
+    local_fits,
+    row_index,
+)
 from stm_feedback.maps import NetworkMaps
 from stm_feedback.planner import clearance_maps, defect_rule, near_mask, propose_sites
 from stm_feedback.quality import assess
@@ -230,35 +237,55 @@ def postprocess_maps(
             )
     tm.lap("lattice")
 
-    # 4. dimers: mutual-nearest atom pairs across the bond, kept when consistent with the terrace lattice
+    # 4. dimers: mutual-nearest atom pairs across the bond, kept when consistent with the terrace lattice;
+    # where one straight lattice does not describe a terrace (drift/creep bends the rows: normalised
+    # coherence < params.local_fit_below_coherence, or no fit at all) each pair is checked against a fit
+    # of the atoms in its params.local_tile_nm tile instead (row index -1 there unless a global fit exists)
     dim_xy = np.empty((0, 2))
     dim_ter = np.empty(0, int)
     dim_row = np.empty(0, int)
+    dim_angle = np.empty(0)
     if len(pairs):
         pt = atom_ter[pairs[:, 0]]
         same = pt == atom_ter[pairs[:, 1]]
-        keep = np.zeros(len(pairs), bool)
+        mid_nm = (atoms_nm[pairs[:, 0]] + atoms_nm[pairs[:, 1]]) / 2
+        p_angle = np.full(len(pairs), np.nan)
+        p_phase = np.full(len(pairs), np.nan)
         rows_idx = np.full(len(pairs), -1, int)
-        for t, fit in fits.items():
-            sel = same & (pt == t)
-            if sel.any():
-                ok = pp.dimers_on_lattice(
-                    atoms_nm,
-                    pairs[sel],
-                    fit.row_angle_deg,
-                    fit.row_phase_nm,
-                    params.dimer_max_bond_tilt_deg,
-                    params.dimer_max_row_offset_nm,
-                )
-                keep[np.flatnonzero(sel)[ok]] = True
-                mid = (atoms_nm[pairs[sel, 0]] + atoms_nm[pairs[sel, 1]]) / 2
-                rows_idx[sel] = row_index(mid, fit.row_angle_deg, fit.row_phase_nm)
-        pairs, pt, rows_idx = pairs[keep], pt[keep], rows_idx[keep]
+        for t in range(n_ter):
+            sel = np.flatnonzero(same & (pt == t))
+            if not len(sel):
+                continue
+            fit = fits.get(t)
+            if fit is not None:
+                rows_idx[sel] = row_index(mid_nm[sel], fit.row_angle_deg, fit.row_phase_nm)
+            if fit is not None and fit.coherence >= params.local_fit_below_coherence:
+                p_angle[sel], p_phase[sel] = fit.row_angle_deg, fit.row_phase_nm
+                continue
+            if fit is not None:  # where no tile fit exists the weak global fit still decides
+                p_angle[sel], p_phase[sel] = fit.row_angle_deg, fit.row_phase_nm
+            a_sel = order[bounds[t] : bounds[t + 1]]
+            tiles = local_fits(atoms_nm[a_sel], params.local_tile_nm, params.local_min_atoms)
+            for key, lfit in tiles.items():
+                in_tile = np.all(np.floor(mid_nm[sel] / params.local_tile_nm) == key, axis=1)
+                p_angle[sel[in_tile]], p_phase[sel[in_tile]] = lfit.row_angle_deg, lfit.row_phase_nm
+        keep = same & np.isfinite(p_angle)
+        if keep.any():
+            keep[keep] = pp.dimers_on_lattice(
+                atoms_nm,
+                pairs[keep],
+                p_angle[keep],
+                p_phase[keep],
+                params.dimer_max_bond_tilt_deg,
+                params.dimer_max_row_offset_nm,
+            )
+        pairs, pt, rows_idx, dim_angle = pairs[keep], pt[keep], rows_idx[keep], p_angle[keep]
         if len(pairs):
             # row index within the terrace, 0 = the row with the smallest p.n among detected dimers
             for t in np.unique(pt):
-                sel = pt == t
-                rows_idx[sel] -= rows_idx[sel].min()
+                if t in fits:  # no global fit: rows stay -1 (unknown)
+                    sel = pt == t
+                    rows_idx[sel] -= rows_idx[sel].min()
         dim_xy = (atoms_xy[pairs[:, 0]] + atoms_xy[pairs[:, 1]]) / 2
         dim_ter, dim_row = pt, rows_idx
     tm.lap("dimers")
@@ -345,7 +372,7 @@ def postprocess_maps(
     unresolved = (labels >= 0) & ~resolved & ~any_defect
     clear = clearance_maps(labels, step, unresolved, avoid, s, ps)
     angles = {t: f.row_angle_deg for t, f in fits.items()}
-    sites = propose_sites(dim_xy, dim_ter, angles, clear, s, ps)
+    sites = propose_sites(dim_xy, dim_ter, angles, clear, s, ps, dimer_angle_deg=dim_angle)
     tm.lap("planner")
 
     quality = assess(

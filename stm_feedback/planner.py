@@ -28,7 +28,6 @@ from scipy.spatial import cKDTree
 
 from stm_feedback.config import PlannerSettings
 from stm_feedback.errors import InputError
-from stm_feedback.lattice import unit_vectors
 from stm_feedback.physics import DEFECT_CLASSES, ROW_SPACING_NM, SURFACE_LATTICE_NM
 from stm_feedback.schema import Site
 
@@ -237,9 +236,12 @@ def propose_sites(
     clearance: Clearance,
     pixel_size_nm: float,
     settings: PlannerSettings,
+    dimer_angle_deg: np.ndarray | None = None,
 ) -> list[Site]:
     """Ranked sites (best first, at most ``max_sites``, no two sharing a dimer) of the configured pattern.
 
+    ``dimer_angle_deg`` (optional, (M,)): each dimer's local row direction (NaN = use its terrace's); with
+    it, terraces missing from ``row_angles_deg`` are searched too.
     Candidates: every chain of k detected dimers along +u (and r adjacent rows along +n) on one terrace whose
     dimers all sit on safe pixels. Rank by ``clearance_nm`` (largest first), ties by position (deterministic).
     ``clearance_nm`` = min over the site's dimers of ``raw_nm`` at the dimer's nearest pixel minus half
@@ -255,12 +257,21 @@ def propose_sites(
     rows = np.clip(np.rint(xy_px[:, 1]).astype(int), 0, h - 1)
     safe = clearance.safe[rows, cols]
     xy_nm = xy_px * pixel_size_nm
+    per_dimer = np.full(len(xy_px), np.nan)
+    if dimer_angle_deg is not None:
+        per_dimer[:] = np.asarray(dimer_angle_deg, float).reshape(-1)
+    terraces = list(row_angles_deg) + sorted(
+        int(t) for t in np.unique(ter[np.isfinite(per_dimer)]) if int(t) not in row_angles_deg
+    )
     groups: list[np.ndarray] = []  # (n, k*r) global dimer indices of the candidate chains, terrace by terrace
-    for t, angle in row_angles_deg.items():
+    for t in terraces:
         idx = np.flatnonzero((ter == t) & safe)
+        ang = np.where(np.isfinite(per_dimer[idx]), per_dimer[idx], row_angles_deg.get(t, np.nan))
+        idx, ang = idx[np.isfinite(ang)], np.deg2rad(ang[np.isfinite(ang)])
         if len(idx) < k * r:
             continue
-        u, n = unit_vectors(angle)
+        u = np.stack([np.cos(ang), np.sin(ang)], axis=1)  # (N, 2) row direction at each dimer
+        n = np.stack([-np.sin(ang), np.cos(ang)], axis=1)
         sub = xy_nm[idx]
         tree = cKDTree(sub)
         nxt = _neighbour(tree, sub, SURFACE_LATTICE_NM * u, settings.dimer_pitch_tol_nm)

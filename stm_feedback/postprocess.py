@@ -16,8 +16,9 @@ from scipy.spatial import cKDTree
 
 from stm_feedback.classify import FEATURE_NAMES, row_aligned_patch
 from stm_feedback.errors import InputError
-from stm_feedback.lattice import row_offset_nm, unit_vectors
-from stm_feedback.physics import DIMER_ATOM_SEPARATION_NM, UNIT_CELL_AREA_NM2
+from stm_feedback.physics import DIMER_ATOM_SEPARATION_NM, ROW_SPACING_NM, UNIT_CELL_AREA_NM2
+
+_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.uint8)  # 4-neighbour structuring element
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,11 @@ class PostprocessParams:
     defect_threshold: float = 0.5  # protrusion/depression prob above this is defect footprint
     min_defect_area_nm2: float = 0.05  # smaller blobs are noise
     feature_ring_nm: float = 1.2  # ring around a footprint for the local level (classify.defect_features)
+    # local lattice fits (tiles of local_tile_nm, >= local_min_atoms atoms) validate the dimers of terraces
+    # whose global fit is missing or has a normalised row coherence below local_fit_below_coherence
+    local_fit_below_coherence: float = 0.8
+    local_tile_nm: float = 5.0
+    local_min_atoms: int = 40
     frame_clustering: bool = (
         False  # mean shift on each frame's own defects (~1 s with sklearn: off in real time)
     )
@@ -67,11 +73,16 @@ def segment_terraces(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Terrace labels (H, W) int32 (0..K-1, -1 = step edge or unknown) and the step mask (H, W) bool.
 
-    Terraces are the 4-connected components of the non-step pixels (step_prob <= threshold); components
-    smaller than ``min_area_nm2`` are set to -1. Ids in raster order of first appearance.
+    Terraces are the 4-connected components of the non-step pixels (step_prob <= threshold) after the
+    step mask is grown by one pixel (4-neighbours): scan-line jitter breaks a step band into row segments
+    that no longer overlap, and without the extra pixel the terraces on both sides joined through the
+    gaps (10 of 50 hard and 3 of 30 realistic simulated frames, truth step masks; 0 with it). The grown
+    pixels then join the adjacent terrace (the larger id where two meet), so only step pixels are -1.
+    Components smaller than ``min_area_nm2`` are set to -1. Ids in raster order of first appearance.
     """
     step = step_prob > threshold
-    lab, n = ndimage.label(~step)
+    barrier = cv2.dilate(step.astype(np.uint8), _CROSS) > 0
+    lab, n = ndimage.label(~barrier)
     if n == 0:
         return np.full(step.shape, -1, np.int32), step
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
@@ -79,7 +90,12 @@ def segment_terraces(
     keep[0] = False
     remap = np.full(n + 1, -1, np.int32)
     remap[keep] = np.arange(int(keep.sum()), dtype=np.int32)
-    return remap[lab], step
+    labels = remap[lab]
+    ring = barrier & ~step
+    if ring.any():
+        grown = cv2.dilate((labels + 1).astype(np.float32), _CROSS).astype(np.int32) - 1
+        labels[ring] = grown[ring]
+    return labels, step
 
 
 # ------------------------------------------------------------------------------------------------ atoms
@@ -157,21 +173,24 @@ def pair_dimers(atoms_xy_nm: np.ndarray, tol_nm: float = 0.08, tree: cKDTree | N
 def dimers_on_lattice(
     atoms_xy_nm: np.ndarray,
     pairs: np.ndarray,
-    row_angle_deg: float,
-    row_phase_nm: float,
+    row_angle_deg: float | np.ndarray,
+    row_phase_nm: float | np.ndarray,
     max_bond_tilt_deg: float = 30.0,
     max_row_offset_nm: float = 0.2,
 ) -> np.ndarray:
     """Bool (M,): pairs whose bond runs across the rows (within ``max_bond_tilt_deg`` of n) and whose midpoint
-    lies within ``max_row_offset_nm`` of a fitted row centre line."""
+    lies within ``max_row_offset_nm`` of a fitted row centre line. Angle and phase: one lattice, or one per
+    pair (arrays (M,))."""
     if len(pairs) == 0:
         return np.zeros(0, bool)
     a, b = atoms_xy_nm[pairs[:, 0]], atoms_xy_nm[pairs[:, 1]]
     bond = b - a
-    _, n = unit_vectors(row_angle_deg)
-    cos_t = np.abs(bond @ n) / np.maximum(np.hypot(bond[:, 0], bond[:, 1]), 1e-12)
+    ang = np.deg2rad(np.broadcast_to(np.asarray(row_angle_deg, float), (len(pairs),)))
+    n = np.stack([-np.sin(ang), np.cos(ang)], axis=1)
+    cos_t = np.abs(np.sum(bond * n, axis=1)) / np.maximum(np.hypot(bond[:, 0], bond[:, 1]), 1e-12)
     mid = (a + b) / 2
-    off = np.abs(row_offset_nm(mid, row_angle_deg, row_phase_nm))
+    sn = np.sum(mid * n, axis=1)
+    off = np.abs((sn - row_phase_nm + ROW_SPACING_NM / 2) % ROW_SPACING_NM - ROW_SPACING_NM / 2)
     return (cos_t >= math.cos(math.radians(max_bond_tilt_deg))) & (off <= max_row_offset_nm)
 
 
@@ -280,8 +299,6 @@ def _disk(radius_px: float) -> np.ndarray:
     off = np.arange(-r, r + 1)
     return (np.sqrt((off[:, None] ** 2 + off[None, :] ** 2).astype(np.float64)) <= radius_px).astype(np.uint8)
 
-
-_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.uint8)
 
 
 def _ring_levels(
