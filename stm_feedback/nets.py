@@ -93,7 +93,7 @@ DEFAULT_SPECS: dict[str, NetSpec] = {
         "defectnet",
         (12,),
         3,
-        pixel_size_nm=0.2,
+        pixel_size_nm=0.15,
         polarity="raw",
         outputs=("background", "protrusion", "depression"),
     ),

@@ -14,7 +14,7 @@ from simulator.truth import GroundTruth
 from stm_feedback.maps import NetworkMaps
 from stm_feedback.preprocess import map_coords, normalize_frame, resampled_shape, resize
 
-ATOM_SIGMA_NM = 0.06  # width of the atom Gaussians: the two atoms of a dimer (0.24 nm) stay 4 sigma apart
+ATOM_SIGMA_NM = 0.07  # width of the atom Gaussians: the two atoms of a dimer (0.24 nm) stay 3.4 sigma apart
 DEFECT_CLASS_INDEX: dict[str, int] = {"background": 0, "protrusion": 1, "depression": 2}
 
 

@@ -65,6 +65,8 @@ def register(app: typer.Typer) -> None:
         workers: Annotated[int, typer.Option(help="processes simulating the cache")] = 2,
         threads: Annotated[int, typer.Option(help="torch threads")] = 2,
         spec: Annotated[str, typer.Option(help="width preset: default (cheap) | paper")] = "default",
+        widths: Annotated[str, typer.Option(help="override widths, e.g. 16,32,32,64 ('' = preset)")] = "",
+        convs: Annotated[int, typer.Option(help="override convs per U-Net level (0 = preset)")] = 0,
         check: Annotated[
             bool, typer.Option(help="atoms only: F1 self-check on held-out frames afterwards")
         ] = True,
@@ -86,6 +88,8 @@ def register(app: typer.Typer) -> None:
             lr=lr,
             workers=workers,
             spec_preset=spec,
+            widths=tuple(int(v) for v in widths.split(",")) if widths else None,
+            convs_per_level=convs or None,
         )
         try:
             model, net_spec, summary = train(cfg, out)
