@@ -1,10 +1,9 @@
 """Simulated adapter through the real daemon on loopback (classical baseline analyzer: no weights needed), the
-Nanonis path end to end (simulated STM -> Nanonis TCP -> our adapter -> daemon), the write path, the demo, and
-the write-then-verify loop (needs the trained pipeline; skipped with the reason otherwise)."""
+Nanonis path end to end (simulated STM -> Nanonis TCP -> our adapter -> daemon), the write path and the demo.
+The write-then-verify loop is tested in test_server_write_verify.py."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,37 +104,3 @@ def test_demo_small(tmp_path: Path) -> None:
     for name in ("sim-stm-00001.png", "sim-stm-00001_overlay.png", "sim-stm-00001.json", "summary.txt"):
         assert (tmp_path / name).stat().st_size > 0
     assert "sim-stm-00001: 64x64 px" in (tmp_path / "summary.txt").read_text()
-
-
-def _pipeline_ready() -> str | None:
-    """None if the trained pipeline can be built here, else why not."""
-    if importlib.util.find_spec("stm_feedback.pipeline") is None:
-        return "stm_feedback.pipeline is not on this branch yet"
-    try:
-        from stm_feedback.config import load_settings
-        from stm_feedback.server import load_analyzer
-
-        load_analyzer(load_settings())
-    except Exception as exc:
-        return f"pipeline cannot be built: {type(exc).__name__}: {exc}"
-    return None
-
-
-@pytest.mark.slow
-def test_write_then_verify_loop() -> None:
-    why = _pipeline_ready()
-    if why:
-        pytest.skip(why)
-    from instrument_adapters.demo_write_verify import write_then_verify
-    from stm_feedback.demo import start_daemon
-
-    server, _label = start_daemon()
-    try:
-        with Client(server.endpoint, timeout_ms=120_000, retries=0) as client:
-            adapter = SimulatedAdapter(seed=7, preset="clean", pixels=128, size_nm=12.8)
-            res = write_then_verify(adapter, client)
-    finally:
-        server.stop()
-    assert res.ok, res.to_dict()
-    assert res.bared_count == 3 and res.touched_must_avoid == []
-    assert res.truth_distance_nm <= 0.384 + 0.4  # the drift estimate really points at the patch

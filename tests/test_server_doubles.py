@@ -89,3 +89,35 @@ def test_double_is_deterministic() -> None:
     a, b = DeterministicTestAnalyzer().analyze(img, 0.1), DeterministicTestAnalyzer().analyze(img, 0.1)
     assert a.to_json_dict() == b.to_json_dict()
     assert len(a.defects) == 4 and len(a.sites) == 2 * 3
+
+
+class SimulatorOracleRunner:
+    """TEST DOUBLE for ``stm_feedback.runner.ModelRunner`` while trained weights are missing: its "network
+    maps" are the perfect maps (``stm_feedback.targets.oracle_maps``) of the simulator's ground truth for the
+    frame the ``SimulatedSTM`` scanned last. Any other image (a partial frame, a frame from elsewhere) is
+    rejected with ``InputError``, so it can never pass off truth for a frame it does not know."""
+
+    backend = "oracle-test-double"
+    device = "cpu"
+
+    def __init__(self, stm: Any) -> None:
+        self.stm = stm
+
+    def versions(self) -> dict[str, str]:
+        return {"oracle": "simulator-truth"}
+
+    def predict(self, image: np.ndarray, pixel_size_nm: float, bias_v: float | None = None) -> Any:
+        from stm_feedback.targets import oracle_maps
+
+        frame = self.stm.last_frame
+        if frame is None or frame.image_nm.shape != image.shape or not np.array_equal(frame.image_nm, image):
+            raise InputError("oracle runner: not the frame the simulated STM scanned last")
+        return oracle_maps(frame.image_nm, frame.truth, bias_v)
+
+
+def oracle_pipeline(stm: Any) -> Any:
+    """The real ``Pipeline`` (post-processing, planner) on ``SimulatorOracleRunner`` maps of ``stm``."""
+    from stm_feedback.config import load_settings
+    from stm_feedback.pipeline import Pipeline
+
+    return Pipeline(load_settings(), runner=SimulatorOracleRunner(stm))
