@@ -17,6 +17,26 @@ def resolved_fraction(resolved: np.ndarray, terrace_labels: np.ndarray, defect_m
     return float((resolved & area).sum() / n) if n else 0.0
 
 
+def _level_terraces(height: np.ndarray, terrace_labels: np.ndarray, max_samples: int = 4096) -> np.ndarray:
+    """Height (float64 copy) minus a least-squares plane per terrace (label -1 as a group of its own), fitted
+    on a strided subsample of <= ``max_samples`` pixels: steps and sample tilt are not tip changes."""
+    z = height.astype(np.float64)
+    h, w = z.shape
+    lab = terrace_labels.ravel()
+    zf = z.ravel()
+    rr, cc = np.divmod(np.arange(h * w), w)
+    for t in np.flatnonzero(np.bincount(lab + 1)) - 1:
+        idx = np.flatnonzero(lab == t)
+        sub = idx[:: max(1, len(idx) // max_samples)]
+        a = np.stack([np.ones(len(sub)), cc[sub], rr[sub]], axis=1).astype(np.float64)
+        if len(sub) >= 3:
+            coef = np.linalg.lstsq(a, zf[sub], rcond=None)[0]
+        else:
+            coef = np.array([zf[sub].mean(), 0.0, 0.0])
+        zf[idx] -= coef[0] + coef[1] * cc[idx] + coef[2] * rr[idx]
+    return z
+
+
 def tip_change_lines(
     height: np.ndarray,
     terrace_labels: np.ndarray,
@@ -26,25 +46,20 @@ def tip_change_lines(
 ) -> list[int]:
     """Scan-line indices (rows) where the apparent height jumps between consecutive blocks of lines.
 
-    Each terrace's median is removed first (steps are not tip changes), then a per-line median profile m[i] is
-    built; the jump at line i is median(m[i:i+w]) - median(m[i-w:i]) with w = ``window_nm`` (two row periods,
-    so rows running along x do not alias into jumps). Lines whose |jump| exceeds ``k_sigma`` robust sigmas
-    (1.4826 * MAD of the jump profile) and is a local maximum are reported (first line of the new tip state).
+    A plane is removed per terrace first (steps and tilt are not tip changes), then a per-line median
+    profile m[i] is built; the jump at line i is median(m[i:i+w]) - median(m[i-w:i]) with w = ``window_nm``
+    (two row periods, so rows running along x do not alias into jumps). Lines whose |jump| exceeds
+    ``k_sigma`` robust sigmas and is a local maximum are candidates; sigma = 1.4826 * MAD of the jump
+    profile, floored by the jump noise expected from the line-to-line scatter of m (a smooth profile must
+    not make every wiggle significant). Each candidate is then placed at the split of m[p - w : p + w]
+    that best separates the two levels (least absolute deviations): the first line of the new tip state
+    (the jump profile itself is flat over +-w/2 around a step).
     """
     h = height.shape[0]
     w = max(2, int(round(window_nm / pixel_size_nm)))
     if h < 2 * w + 2:
         return []
-    z = height.astype(np.float64)  # a copy
-    lab = terrace_labels.ravel()
-    counts = np.bincount(lab + 1)  # label -1 (steps/unknown) is levelled as a group of its own too
-    if np.count_nonzero(counts) == 1:
-        z -= np.median(z)
-    else:
-        zf = z.ravel()
-        for t in np.flatnonzero(counts) - 1:
-            sel = lab == t
-            zf[sel] -= np.median(zf[sel])
+    z = _level_terraces(height, terrace_labels)
     m = np.median(z, axis=1)
     # sliding medians via a strided view (no Python loop over lines)
     win = np.lib.stride_tricks.sliding_window_view(m, w)  # (h - w + 1, w): win[j] = m[j:j+w]
@@ -52,15 +67,29 @@ def tip_change_lines(
     jump = np.zeros(h)
     jump[w : h - w + 1] = med[w:] - med[: h - 2 * w + 1]
     core = jump[w : h - w + 1]
-    sigma = 1.4826 * np.median(np.abs(core - np.median(core))) + 1e-12
+    d = np.diff(m)
+    line_sigma = 1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2)
+    sigma = max(1.4826 * np.median(np.abs(core - np.median(core))), 1.77 * line_sigma / np.sqrt(w)) + 1e-12
     a = np.abs(jump)
     cand = np.flatnonzero(a > k_sigma * sigma)
     out: list[int] = []
     for i in cand:
         lo, hi = max(0, i - w), min(h, i + w + 1)
         if a[i] == a[lo:hi].max() and (not out or i - out[-1] > w):
-            out.append(int(i))
+            out.append(_split_line(m, int(i), w))
     return out
+
+
+def _split_line(m: np.ndarray, p: int, w: int) -> int:
+    """Line k in (p - w, p + w] minimising sum |m[:k] - L| + sum |m[k:] - R| over m[p - w : p + w], with L,
+    R the medians of the w lines before / after p."""
+    lo, hi = max(0, p - w), min(len(m), p + w)
+    seg = m[lo:hi]
+    left, right = np.median(m[lo:p]), np.median(m[p:hi])
+    cost_l = np.concatenate([[0.0], np.cumsum(np.abs(seg - left))])  # cost of lines [lo, lo + j) on the left
+    cost_r = np.concatenate([np.cumsum(np.abs(seg - right)[::-1])[::-1], [0.0]])  # lines [lo + j, hi)
+    j = int(np.argmin((cost_l + cost_r)[1:])) + 1
+    return lo + j
 
 
 def double_tip_suspected(

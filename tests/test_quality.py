@@ -1,0 +1,97 @@
+"""Image quality against simulator truth: tip-change lines and double-tip suspicion (stm_feedback/quality.py).
+
+Seeded frames of the "clean" preset with one artefact switched on (flat background, so the artefact is the
+only line-to-line change) and the same frames without it. Measured on the hard preset (tilt up to 2 deg,
+0.2 nm background humps, line offsets): see docs/analysis-schema.md, quality section.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stm_feedback.config import Settings
+from stm_feedback.maps import NetworkMaps
+from stm_feedback.pipeline import Pipeline
+from stm_feedback.quality import double_tip_suspected, tip_change_lines
+from tests.test_pipeline_oracle import oracle_maps, simulate
+
+TIP_CHANGE = {"p_tip_change": 1.0, "tip_change_dz_nm": (0.04, 0.1)}
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Pipeline:
+    return Pipeline(Settings())
+
+
+def _analyze(pipe: Pipeline, f):  # noqa: ANN001, ANN202
+    maps = oracle_maps(f.image_nm, f.truth, f.bias_v)
+    return pipe.analyze_maps(f.image_nm, maps, f.pixel_size_nm, f.bias_v)
+
+
+@pytest.mark.parametrize("seed", [1_000_300, 1_000_301, 1_000_302])
+def test_tip_change_line_found_where_truth_has_it(pipe: Pipeline, seed: int) -> None:
+    f = simulate(seed, 192, 0.1, "clean", **TIP_CHANGE)
+    assert f.truth.tip_change_lines, "the override must produce a tip change"
+    a = _analyze(pipe, f)
+    first = f.truth.tip_change_lines[0]
+    assert any(abs(k - first) <= 3 for k in a.quality.tip_change_lines), (first, a.quality.tip_change_lines)
+    assert len(a.quality.tip_change_lines) == 1, a.quality.tip_change_lines
+    assert any("tip change" in n for n in a.quality.notes)
+
+
+@pytest.mark.parametrize("seed", [1_000_300, 1_000_301, 1_000_302])
+def test_no_tip_change_lines_on_clean_frames(pipe: Pipeline, seed: int) -> None:
+    f = simulate(seed, 192, 0.1, "clean")
+    assert not f.truth.tip_change_lines
+    assert _analyze(pipe, f).quality.tip_change_lines == []
+
+
+def test_tip_change_ignores_steps_and_tilt() -> None:
+    """A terrace step (per-terrace levelling) and a tilted plane along y are not tip changes."""
+    h, w, s = 160, 120, 0.1
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:h, :w]
+    labels = np.where(xx + 0.3 * yy < 70, 0, 1).astype(np.int32)
+    z = 0.136 * labels + 0.02 * np.cos(2 * np.pi * yy * s / 0.768) + rng.normal(0, 0.005, (h, w))
+    assert tip_change_lines(z, labels, s) == []
+    tilted = z + np.tan(np.radians(1.5)) * yy * s
+    assert tip_change_lines(tilted, labels, s) == []
+    jumped = tilted.copy()
+    jumped[90:] += 0.08  # 8 robust sigmas of this profile (row modulation along y) are ~0.04 nm
+    assert tip_change_lines(jumped, labels, s) == [90]
+
+
+def _ghost_maps(f, offset_px: np.ndarray) -> NetworkMaps:  # noqa: ANN001
+    """Oracle maps whose defect footprints also appear shifted by ``offset_px`` (what a detector sees when a
+    second apex images every defect twice)."""
+    m = oracle_maps(f.image_nm, f.truth, f.bias_v)
+    dx, dy = (int(round(v)) for v in offset_px)
+    for name in ("protrusion_prob", "depression_prob"):
+        p = getattr(m, name)
+        ghost = np.roll(np.roll(p, dy, axis=0), dx, axis=1)
+        setattr(m, name, np.maximum(p, ghost))
+    return m
+
+
+@pytest.mark.parametrize("seed", [1_000_310, 1_000_312])
+def test_double_tip_suspected_from_repeated_defects(pipe: Pipeline, seed: int) -> None:
+    """Ghost copies 2 nm away (closer ones merge with large footprints into one blob and are not seen)."""
+    f = simulate(seed, 256, 0.1, "realistic", p_double=0.0, p_tip_change=0.0)
+    a = _analyze(pipe, f)
+    assert len(a.defects) >= 6, "the rule needs >= 3 pairs: pick a frame with enough defects"
+    assert not a.quality.double_tip_suspected
+    a = pipe.analyze_maps(f.image_nm, _ghost_maps(f, np.array([18.0, 9.0])), 0.1, f.bias_v)
+    assert a.quality.double_tip_suspected
+    assert any("double tip" in n for n in a.quality.notes)
+
+
+def test_double_tip_rule_on_points() -> None:
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 200, (12, 2))
+    kinds = ["protrusion"] * 6 + ["depression"] * 6
+    assert not double_tip_suspected(xy, kinds, 0.1)
+    twice = np.concatenate([xy, xy + [10.0, 5.0]])
+    assert double_tip_suspected(twice, kinds + kinds, 0.1)
+    # pairs of different kinds at the offset do not count
+    assert not double_tip_suspected(twice, kinds + kinds[::-1], 0.1)
