@@ -14,7 +14,9 @@ Fallback chain for ``backend="auto"`` (order chosen by measurement, docs/perform
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,19 +170,57 @@ def _import_openvino():  # noqa: ANN202 - module object
     return openvino
 
 
+def cache_dir() -> Path:
+    """Where converted/compiled models are cached: ``$STM_FEEDBACK_CACHE_DIR`` or ~/.cache/stm-feedback."""
+    env = os.environ.get("STM_FEEDBACK_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "stm-feedback"
+
+
+def module_fingerprint(module: nn.Module, *extra: object) -> str:
+    """sha256 (hex, 24 chars) of a module's class, parameters and buffers plus ``extra`` (cache key)."""
+    h = hashlib.sha256(type(module).__qualname__.encode())
+    for key, t in module.state_dict().items():
+        h.update(key.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(repr(extra).encode())
+    return h.hexdigest()[:24]
+
+
+def _convert_cached(ov, wrapped: nn.Module, key: str):  # noqa: ANN001, ANN202 - openvino objects
+    """OpenVINO model of ``wrapped`` with dynamic (h, w): read from the IR cache when present, else
+    converted (seconds: it traces the module) and written to the cache (best effort, atomic rename)."""
+    xml = cache_dir() / "openvino" / f"{key}.xml"
+    if xml.exists() and xml.with_suffix(".bin").exists():
+        try:
+            return ov.Core().read_model(str(xml))
+        except RuntimeError:
+            log.warning("unreadable OpenVINO cache entry %s; converting again", xml)
+    with torch.no_grad():
+        model = ov.convert_model(wrapped, example_input=torch.zeros(1, 1, 64, 64), input=[(1, 1, -1, -1)])
+    try:
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        tmp = xml.with_name(f"{key}.{os.getpid()}.tmp.xml")
+        ov.save_model(model, str(tmp), compress_to_fp16=False)
+        os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
+        os.replace(tmp, xml)
+    except OSError as e:
+        log.info("OpenVINO model cache not written (%s)", e)
+    return model
+
+
 class OpenVINOEngine:
-    """One net in OpenVINO on the CPU: the PyTorch module converted once with dynamic (h, w), then
-    reshaped and compiled per input shape with the given inference precision ("bf16" or "f32")."""
+    """One net in OpenVINO on the CPU: the PyTorch module converted once with dynamic (h, w) (cached on
+    disk, see ``cache_dir``), then reshaped and compiled per input shape with the given inference precision
+    ("bf16" or "f32")."""
 
     def __init__(self, module: nn.Module, out_channels: int, precision: str, threads: int) -> None:
         ov = _import_openvino()
-        self._ov = ov
         self.precision = precision
         self._core = ov.Core()
         wrapped = WithActivation(module, out_channels).eval().float()
-        example = torch.zeros(1, 1, 64, 64)
-        with torch.no_grad():
-            self._model = ov.convert_model(wrapped, example_input=example, input=[(1, 1, -1, -1)])
+        key = module_fingerprint(wrapped, out_channels, ov.__version__)
+        self._model = _convert_cached(ov, wrapped, key)
         self._config: dict[str, object] = {
             "INFERENCE_PRECISION_HINT": precision,
             "PERFORMANCE_HINT": "LATENCY",
