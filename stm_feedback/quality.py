@@ -17,23 +17,26 @@ def resolved_fraction(resolved: np.ndarray, terrace_labels: np.ndarray, defect_m
     return float((resolved & area).sum() / n) if n else 0.0
 
 
-def _level_terraces(height: np.ndarray, terrace_labels: np.ndarray, max_samples: int = 4096) -> np.ndarray:
-    """Height (float64 copy) minus a least-squares plane per terrace (label -1 as a group of its own), fitted
-    on a strided subsample of <= ``max_samples`` pixels: steps and sample tilt are not tip changes."""
+def _level_terraces(height: np.ndarray, terrace_labels: np.ndarray, max_samples: int = 16384) -> np.ndarray:
+    """Height (float64) minus a least-squares plane per terrace (label -1 as a group of its own), each plane
+    fitted on the terrace's pixels among a strided subsample of <= ``max_samples`` frame pixels (regions
+    too small to appear in it keep their height): steps and sample tilt are not tip changes."""
+    h, w = height.shape
     z = height.astype(np.float64)
-    h, w = z.shape
-    lab = terrace_labels.ravel()
-    zf = z.ravel()
-    rr, cc = np.divmod(np.arange(h * w), w)
-    for t in np.flatnonzero(np.bincount(lab + 1)) - 1:
-        idx = np.flatnonzero(lab == t)
-        sub = idx[:: max(1, len(idx) // max_samples)]
-        a = np.stack([np.ones(len(sub)), cc[sub], rr[sub]], axis=1).astype(np.float64)
-        if len(sub) >= 3:
-            coef = np.linalg.lstsq(a, zf[sub], rcond=None)[0]
+    lab = terrace_labels.ravel().astype(np.int64) + 1
+    sub = np.arange(0, h * w, max(1, (h * w) // max_samples))
+    rr, cc = np.divmod(sub, w)
+    ls, zs = lab[sub], z.ravel()[sub]
+    coef = np.zeros((int(lab.max()) + 1, 3))
+    for t in np.unique(ls):
+        sel = ls == t
+        if sel.sum() >= 3:
+            a = np.stack([np.ones(int(sel.sum())), cc[sel], rr[sel]], axis=1).astype(np.float64)
+            coef[t] = np.linalg.lstsq(a, zs[sel], rcond=None)[0]
         else:
-            coef = np.array([zf[sub].mean(), 0.0, 0.0])
-        zf[idx] -= coef[0] + coef[1] * cc[idx] + coef[2] * rr[idx]
+            coef[t, 0] = zs[sel].mean()
+    c = coef[lab].reshape(h, w, 3)
+    z -= c[..., 0] + c[..., 1] * np.arange(w)[None, :] + c[..., 2] * np.arange(h)[:, None]
     return z
 
 

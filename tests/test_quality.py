@@ -97,3 +97,29 @@ def test_double_tip_rule_on_points() -> None:
     assert double_tip_suspected(twice, kinds + kinds, 0.1)
     # pairs of different kinds at the offset do not count
     assert not double_tip_suspected(twice, kinds + kinds[::-1], 0.1)
+
+
+if __name__ == "__main__":  # measurement for docs/analysis-schema.md
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="hard")
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--first-seed", type=int, default=1_000_000)
+    ap.add_argument("--force-tip-change", action="store_true", help="override p_tip_change=1, dz 0.04-0.1 nm")
+    args = ap.parse_args()
+    pipe_ = Pipeline(Settings())
+    keys = ("frames", "tip_change_frames", "found", "false_lines", "double_truth", "double_flagged")
+    res = dict.fromkeys(keys, 0)
+    for seed in range(args.first_seed, args.first_seed + args.n):
+        f = simulate(seed, 256, None, args.preset, **(TIP_CHANGE if args.force_tip_change else {}))
+        q = _analyze(pipe_, f).quality
+        first = f.truth.tip_change_lines[0] if f.truth.tip_change_lines else None
+        hit = [k for k in q.tip_change_lines if first is not None and abs(k - first) <= 3]
+        res["frames"] += 1
+        res["tip_change_frames"] += first is not None
+        res["found"] += bool(hit)
+        res["false_lines"] += len(q.tip_change_lines) - len(hit)
+        res["double_truth"] += bool(f.truth.params.get("double_tip"))
+        res["double_flagged"] += q.double_tip_suspected
+    print(res)
