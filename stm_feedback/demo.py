@@ -80,9 +80,10 @@ def save_preview(path: Path, image_nm: np.ndarray, title: str) -> None:
     plt.close(fig)
 
 
-def save_overlay(path: Path, image_nm: np.ndarray, analysis: Analysis, title: str) -> None:
+def save_overlay(path: Path, image_nm: np.ndarray, analysis: Analysis, title: str, truth: Any = None) -> None:
     """PNG of the frame with atoms (yellow dots), defects (red protrusions, blue depressions, labelled),
-    terrace boundaries (white contour of ``terrace_labels``) and proposed sites (green dimers)."""
+    terrace boundaries (white contour of ``terrace_labels``) and proposed sites (green dimers); with a
+    simulator ``truth``, its defect centres too (orange + must-avoid, violet x others), to judge by eye."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,10 +110,53 @@ def save_overlay(path: Path, image_nm: np.ndarray, analysis: Analysis, title: st
     for s in analysis.sites:
         dx = np.array(s.dimers).reshape(-1, 2)
         ax.plot(dx[:, 0], dx[:, 1], "s", mfc="none", mec="#00ff60", ms=4, mew=0.9)
+    if truth is not None:
+        for avoid, marker, colour in ((True, "+", "#ff9900"), (False, "x", "#c080ff")):
+            xy = np.array([[d.x_px, d.y_px] for d in truth.defects if d.must_avoid == avoid]).reshape(-1, 2)
+            ax.plot(xy[:, 0], xy[:, 1], marker, color=colour, ms=6, mew=1.2)
+        ax.text(
+            0.01,
+            -0.02,
+            "analysis: red/blue circles = protrusion/depression, green squares = site dimers, yellow = "
+            "atoms; truth: orange + = must-avoid, violet x = other defects",
+            transform=ax.transAxes,
+            fontsize=5.5,
+            va="top",
+        )
     ax.set_xlim(-0.5, image_nm.shape[1] - 0.5)
     ax.set_ylim(image_nm.shape[0] - 0.5, -0.5)
     ax.set_title(title, fontsize=8)
     ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_write_verify(path: Path, image_nm: np.ndarray, res: Any) -> None:
+    """PNG of the rescan after a write: drift-corrected site (green squares), the new protrusion the daemon
+    found (red circle) and the site where it was chosen (white cross), zoomed on the site."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lo, hi = np.nanpercentile(image_nm, [1, 99])
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=110)
+    ax.imshow(image_nm, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+    shift = np.asarray(res.drift_px or [0.0, 0.0])
+    dimers = np.asarray(res.site_dimers_px).reshape(-1, 2) + shift
+    ax.plot(dimers[:, 0], dimers[:, 1], "s", mfc="none", mec="#00ff60", ms=9, mew=1.2)
+    ax.plot(*res.site_center_px, "+", color="white", ms=12)
+    if res.found_patch_px:
+        ax.add_patch(plt.Circle(tuple(res.found_patch_px), 6, fill=False, color="#ff3030", lw=1.2))
+    cx, cy = res.expected_center_px or res.site_center_px
+    ax.set_xlim(cx - 30, cx + 30)
+    ax.set_ylim(cy + 30, cy - 30)
+    ax.set_title(
+        f"after the write: {'OK' if res.ok else 'FAILED'} ({res.reason})\n"
+        "green = site + drift, white + = site before drift, red = new protrusion found",
+        fontsize=7,
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -168,8 +212,7 @@ def run_demo(
                 t0 = time.perf_counter()
                 analysis = send_frame(client, frame, adapter.instrument_id)
                 rtt_ms = (time.perf_counter() - t0) * 1e3
-                server_ms = float(client.last_reply.get("timings_ms", {}).get("total", float("nan")))
-                summary["frames"].append(_report_frame(out, frame, analysis, rtt_ms, server_ms, say))
+                summary["frames"].append(_report_frame(out, frame, analysis, rtt_ms, client.last_reply, say))
             if write_verify:
                 summary["write_verify"] = _write_verify(out, adapter, client, say)
             summary["stats"] = client.stats()
@@ -182,21 +225,90 @@ def run_demo(
     return summary
 
 
+def truth_check(truth: Any, analysis: Analysis) -> dict[str, Any]:
+    """The analysis scored against the simulator's truth (``stm_feedback.metrics.score_frame``) plus the
+    planner's safety in truth terms: how many proposed sites touch a must-avoid defect."""
+    from instrument_adapters.demo_write_verify import must_avoid_under
+    from stm_feedback.metrics import score_frame
+
+    score = score_frame(truth, analysis)
+    unsafe = sum(bool(must_avoid_under(truth, np.asarray(s.dimers))) for s in analysis.sites)
+    return {
+        "atoms_precision": round(score.atoms.precision, 3),
+        "atoms_recall": round(score.atoms.recall, 3),
+        "defects_precision": round(score.defects.precision, 3),
+        "defects_recall": round(score.defects.recall, 3),
+        "truth_defects": len(truth.defects),
+        "truth_must_avoid": sum(d.must_avoid for d in truth.defects),
+        "terrace_ari": round(score.terrace_ari, 3),
+        "sites_on_must_avoid": unsafe,
+    }
+
+
+def drift_text(drift: dict[str, Any] | None) -> str:
+    """``drift (+0.4, -1.2) px [image+defects]``, ``drift ambiguous`` or ``drift -`` (first frame)."""
+    if not drift or drift.get("method") is None:
+        return "drift -"
+    if drift.get("drift_px") is None:
+        return f"drift {drift['method']}"
+    dx, dy = drift["drift_px"]
+    return f"drift ({dx:+.1f}, {dy:+.1f}) px [{drift['method']}]"
+
+
+def frame_line(
+    fid: str,
+    frame: Frame,
+    analysis: Analysis,
+    check: dict[str, Any] | None,
+    reply: dict[str, Any],
+    rtt_ms: float,
+) -> str:
+    """The demo's one line per frame: what was scanned, what was found (against the truth where known), the
+    daemon's drift estimate, and where the time went."""
+    by_kind = Counter(d.kind for d in analysis.defects)
+    t = reply.get("timings_ms", {})
+    nets = t.get("pipeline.networks")
+    parts = [
+        f"{fid}: {frame.height_px}x{frame.width_px} px @ {frame.pixel_size_nm:.3f} nm, {frame.bias_v:+.2f} V"
+    ]
+    if check is not None:
+        c = check
+        n_prot, n_depr = by_kind.get("protrusion", 0), by_kind.get("depression", 0)
+        parts.append(
+            f"atoms {len(analysis.atoms)} (P {c['atoms_precision']:.2f} R {c['atoms_recall']:.2f}) | "
+            f"defects {len(analysis.defects)} (+{n_prot}/-{n_depr}; P {c['defects_precision']:.2f} "
+            f"R {c['defects_recall']:.2f} of {c['truth_defects']}, "
+            f"{check['truth_must_avoid']} must-avoid) | terraces {len(analysis.terraces)} "
+            f"(ARI {check['terrace_ari']:.2f}) | sites {len(analysis.sites)} "
+            f"({check['sites_on_must_avoid']} on must-avoid)"
+        )
+    else:
+        parts.append(analysis_summary(analysis))
+    parts.append(drift_text(reply.get("drift")))
+    parts.append(
+        f"{rtt_ms:.0f} ms round trip (server {t.get('total', float('nan')):.0f}"
+        + (f", networks {nets:.0f}" if nets is not None else "")
+        + f", analysis {t.get('analyze', float('nan')):.0f})"
+    )
+    return " | ".join(parts)
+
+
 def _report_frame(
-    out: Path, frame: Frame, analysis: Analysis, rtt_ms: float, server_ms: float, say: Any
+    out: Path, frame: Frame, analysis: Analysis, rtt_ms: float, reply: dict[str, Any], say: Any
 ) -> dict[str, Any]:
     fid = str(frame.meta["frame_id"])
     truth = frame.meta.get("truth")
+    check = truth_check(truth, analysis) if truth is not None else None
+    say(frame_line(fid, frame, analysis, check, reply, rtt_ms))
     partial = frame.meta.get("partial_analysis")
-    part = f" partial({partial.image.height_px} lines): {len(partial.atoms)} atoms;" if partial else ""
-    say(
-        f"{fid}: {frame.height_px}x{frame.width_px} px @ {frame.pixel_size_nm:.3f} nm, "
-        f"bias {frame.bias_v:+.2f} V | truth: {truth_summary(truth) if truth is not None else '-'} | "
-        f"analysis: {analysis_summary(analysis)} |{part} "
-        f"round trip {rtt_ms:.0f} ms (server {server_ms:.0f} ms)"
-    )
+    if partial is not None:
+        say(f"  partial frame ({partial.image.height_px} lines) while scanning: {analysis_summary(partial)}")
+    if truth is not None:
+        say(f"  truth: {truth_summary(truth)}")
     save_preview(out / f"{fid}.png", frame.image, f"{fid} (simulated, {frame.pixel_size_nm:.3f} nm/px)")
-    save_overlay(out / f"{fid}_overlay.png", frame.image, analysis, f"{fid}: {analysis_summary(analysis)}")
+    save_overlay(
+        out / f"{fid}_overlay.png", frame.image, analysis, f"{fid}: {analysis_summary(analysis)}", truth=truth
+    )
     (out / f"{fid}.json").write_text(json.dumps(analysis.to_json_dict()))
     return {
         "frame_id": fid,
@@ -207,8 +319,10 @@ def _report_frame(
         "defects": len(analysis.defects),
         "terraces": len(analysis.terraces),
         "sites": len(analysis.sites),
+        "truth_check": check,
+        "drift": reply.get("drift"),
         "round_trip_ms": round(rtt_ms, 1),
-        "server_ms": server_ms,
+        "server_ms": float(reply.get("timings_ms", {}).get("total", float("nan"))),
     }
 
 
@@ -216,13 +330,9 @@ def _write_verify(out: Path, adapter: Any, client: Any, say: Any) -> dict[str, A
     from instrument_adapters.demo_write_verify import write_then_verify
 
     res = write_then_verify(adapter, client)
-    if res.site_center_px:
-        say(
-            f"write-then-verify: site at ({res.site_center_px[0]:.1f}, {res.site_center_px[1]:.1f}) px, "
-            f"{res.bared_count} dimers bared, drift {np.round(res.drift_px, 1).tolist()} px, new patch "
-            f"{res.found_distance_nm:.2f} nm from the expected place -> {'OK' if res.ok else 'FAILED'}: "
-            f"{res.reason}"
-        )
-    else:
-        say(f"write-then-verify: skipped: {res.reason}")
+    say(res.summary())
+    if res.site_center_px and len(res.frame_ids) == 2:
+        sim = adapter.stm.last_frame
+        fid = res.frame_ids[1]
+        save_write_verify(out / f"{fid}_write_verify.png", sim.image_nm, res)
     return res.to_dict()

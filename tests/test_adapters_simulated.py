@@ -96,9 +96,11 @@ def test_base_write_not_supported() -> None:
         Empty().write(np.zeros((1, 2)))
 
 
-def test_demo_small(tmp_path: Path) -> None:
+def test_demo_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from stm_feedback.demo import run_demo
 
+    # the demo machinery, whatever weights lie in models/ (the networks: test_server_write_verify.py)
+    monkeypatch.setenv("STM_FEEDBACK_SERVER__ANALYZER", "stm_feedback.server:baseline_analyzer")
     summary = run_demo(tmp_path, n_frames=1, seed=3, pixels=64, preset="clean", write_verify=False)
     assert len(summary["frames"]) == 1 and summary["frames"][0]["atoms"] > 0
     for name in ("sim-stm-00001.png", "sim-stm-00001_overlay.png", "sim-stm-00001.json", "summary.txt"):
