@@ -45,6 +45,7 @@ def test_write_then_verify_with_oracle_pipeline(seed: int) -> None:
             res = write_then_verify(adapter, client)
     finally:
         srv.stop()
+    print(res.summary())  # shown with pytest -s (the numbers in docs/instruments.md)
     assert res.ok, res.summary()
     assert res.bared_count == 3 and res.touched_must_avoid == []
     assert res.drift_method in ("image", "image+defects", "defects")
