@@ -585,3 +585,37 @@ def format_report(r: dict[str, Any]) -> str:
             f"({c['input_px']} px): p50 {c['p50_ms']:.2f} ms p95 {c['p95_ms']:.2f} ms"
         )
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ equivalence
+
+
+def detection_agreement(ref: Any, other: Any, pixel_size_nm: float, tol_nm: float = 0.05) -> dict[str, float]:
+    """F1 of ``other``'s atoms and defects (``Analysis``) against ``ref``'s, matched one-to-one within tol_nm
+    (same kind required for defects); 1.0 = identical detections. Also the largest matched offset (nm)."""
+    from stm_feedback.metrics import score_matching
+
+    out: dict[str, float] = {}
+    worst_nm = 0.0
+    for key, items_ref, items_other in (
+        ("atoms", ref.atoms, other.atoms),
+        (
+            "protrusions",
+            [d for d in ref.defects if d.kind == "protrusion"],
+            [d for d in other.defects if d.kind == "protrusion"],
+        ),
+        (
+            "depressions",
+            [d for d in ref.defects if d.kind == "depression"],
+            [d for d in other.defects if d.kind == "depression"],
+        ),
+    ):
+        a = np.array([[p.x_px, p.y_px] for p in items_ref], np.float64).reshape(-1, 2)
+        b = np.array([[p.x_px, p.y_px] for p in items_other], np.float64).reshape(-1, 2)
+        counts, ti, pi = score_matching(a, b, tol_nm, pixel_size_nm)
+        out[f"{key}_f1"] = counts.f1
+        out[f"{key}_n_ref"] = float(len(a))
+        if len(ti):
+            worst_nm = max(worst_nm, float(np.max(np.hypot(*(a[ti] - b[pi]).T)) * pixel_size_nm))
+    out["max_offset_nm"] = worst_nm
+    return out
