@@ -266,3 +266,14 @@ def load_model(models_dir: Path, name: str) -> tuple[nn.Module, NetSpec]:
     except (RuntimeError, OSError, KeyError, ValueError) as e:
         raise ModelError(f"weights {pt} do not match spec {js.name}: {e}") from e
     return net.eval(), spec
+
+
+def count_gflop(net: nn.Module, height_px: int, width_px: int) -> float:
+    """Floating-point operations (1e9, multiply and add counted separately) of one forward pass on a
+    (1, 1, H, W) input (torch.utils.flop_counter; independent of machine load)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 1, height_px, width_px)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        net(x)
+    return fc.get_total_flops() / 1e9

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from stm_feedback.augment import AugmentConfig, augment
 from stm_feedback.errors import InputError
-from stm_feedback.nets import FILE_STEMS, NET_NAMES, NetSpec, build_net, save_model, spec_preset
+from stm_feedback.nets import FILE_STEMS, NET_NAMES, NetSpec, build_net, load_model, save_model, spec_preset
 from stm_feedback.preprocess import net_input, normalize_frame, resampled_shape, resize
 from stm_feedback.targets import truth_to_targets
 
@@ -51,6 +51,7 @@ class TrainConfig:
     pixel_size_range_nm: tuple[float, float] | None = None  # None = NATIVE_PIXEL_SIZE_NM[net]
     widths: tuple[int, ...] | None = None  # override the preset's widths
     convs_per_level: int | None = None  # override the preset's convs per U-Net level
+    init_from: Path | None = None  # models dir whose weights (same spec) start this run (fine-tuning)
 
 
 # Frame pixel sizes drawn for the cache. Atoms: the two atoms of a dimer (0.24 nm) are unresolvable in frames
@@ -199,7 +200,12 @@ def train(
     if cache is None:
         cache = build_cache(cfg, spec)
     t_data = time.time() - t0
-    net = build_net(spec).train().to(memory_format=torch.channels_last)  # ~2x faster convs on CPU
+    net = build_net(spec)
+    if cfg.init_from is not None:
+        prev, prev_spec = load_model(Path(cfg.init_from), cfg.net)
+        spec = replace(prev_spec, training={}, version="untrained")
+        net = prev
+    net = net.train().to(memory_format=torch.channels_last)  # ~2x faster convs on CPU
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     aug = AUGMENT[cfg.net]
@@ -225,6 +231,7 @@ def train(
         "crop_px": cfg.crop_px,
         "lr": cfg.lr,
         "n_frames": cfg.n_frames,
+        "init_from": None if cfg.init_from is None else str(cfg.init_from),
         "frame_seeds": [seeds.start, seeds.stop],
         "simulator_preset": "training",
         "frame_pixel_size_nm": list(cfg.pixel_size_range_nm or NATIVE_PIXEL_SIZE_NM[cfg.net]),
@@ -268,12 +275,13 @@ def self_check_atoms(
     size_px: int = 192,
     preset: str = "realistic",
     bias_known: bool = True,
+    threshold: float = 0.5,
 ) -> dict:
     """Atom F1 / RMSE at 0.10 nm (metrics.score_matching, evaluation exclusion rules) on held-out
     training-range frames (seeds from 950_000) of simulator preset ``preset``, using this net alone."""
     from simulator.frame import SimConfig, simulate_frame
     from stm_feedback.metrics import MatchCounts, near_border, on_mask, score_matching
-    from stm_feedback.runner import ModelRunner
+    from stm_feedback.runner import ModelRunner, atom_map_confidence
 
     runner = ModelRunner({spec.name: (net, spec)}, device="cpu", require_all=False)
     total = MatchCounts(0, 0, 0, 0.0)
@@ -283,7 +291,11 @@ def self_check_atoms(
         norm = normalize_frame(f.image_nm, s)
         invert = bias_known and f.bias_v > 0
         prob = runner.net_on_frame("atoms", norm, s, invert)[0]
-        pred = atom_peaks(prob)
+        if not bias_known:  # as ModelRunner.predict: keep the more confident polarity
+            prob_inv = runner.net_on_frame("atoms", norm, s, True)[0]
+            if atom_map_confidence(prob_inv) > atom_map_confidence(prob):
+                prob = prob_inv
+        pred = atom_peaks(prob, threshold)
         t_ex = ~np.asarray(tr.atom_resolved, bool) | near_border(tr.atoms_xy_px, size_px, size_px, 0.3, s)
         p_ex = near_border(pred, size_px, size_px, 0.3, s) | on_mask(pred, tr.unresolved_mask)
         c, _, _ = score_matching(tr.atoms_xy_px, pred, 0.10, s, t_ex, p_ex)
@@ -296,4 +308,5 @@ def self_check_atoms(
         "frames": n_frames,
         "preset": preset,
         "bias_known": bias_known,
+        "threshold": threshold,
     }

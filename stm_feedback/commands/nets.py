@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +12,26 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add ``train`` and ``nets-latency`` to app."""
+
+    @app.command("nets-check")
+    def check_cmd(
+        models_dir: Annotated[Path, typer.Option(help="weights + specs to check")] = Path("models"),
+        frames: Annotated[int, typer.Option(help="held-out frames per preset (seeds from 950000)")] = 6,
+        size: Annotated[int, typer.Option(help="frame side (px)")] = 128,
+        threshold: Annotated[float, typer.Option(help="atom-map peak threshold")] = 0.25,
+    ) -> None:
+        """Quick atom-net self-check (F1 at 0.10 nm; the official numbers come from `evaluate`)."""
+        import torch
+
+        from stm_feedback.nets import load_model
+        from stm_feedback.training import self_check_atoms
+
+        torch.set_num_threads(2)
+        net, spec = load_model(models_dir, "atoms")
+        for preset in ("realistic", "hard"):
+            for known in (True, False):
+                r = self_check_atoms(net, spec, frames, size, preset, known, threshold)
+                typer.echo(json.dumps(r))
 
     @app.command("nets-latency")
     def latency_cmd(
@@ -26,7 +47,7 @@ def register(app: typer.Typer) -> None:
         """Latency (p50/p95 ms) of each network and of the whole ModelRunner.predict (PyTorch, CPU)."""
         import torch
 
-        from stm_feedback.nets import NET_NAMES, build_net, spec_preset
+        from stm_feedback.nets import NET_NAMES, build_net, load_model, spec_preset
         from stm_feedback.runner import ModelRunner, measure_latency
 
         torch.set_num_threads(max(1, threads))
@@ -36,6 +57,15 @@ def register(app: typer.Typer) -> None:
             nets = {name: (build_net(spec_preset(name, spec)), spec_preset(name, spec)) for name in NET_NAMES}
             runner = ModelRunner(nets, device="cpu", threads=threads)
         res = measure_latency(runner, size, pixel_size_nm, n)
+        from stm_feedback.nets import count_gflop
+        from stm_feedback.preprocess import resampled_shape
+
+        for name, s in runner.specs.items():  # machine-independent cost next to the (load-dependent) times
+            h, w = resampled_shape((size, size), pixel_size_nm, s.pixel_size_nm)
+            m = s.pool_multiple
+            net = build_net(s).eval() if spec != "trained" else load_model(models_dir, name)[0]
+            res[name]["gflop"] = round(count_gflop(net, -(-h // m) * m, -(-w // m) * m), 3)
+        typer.echo(f"load average (1 min): {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", err=True)
         typer.echo(
             json.dumps(
                 {
@@ -67,6 +97,7 @@ def register(app: typer.Typer) -> None:
         spec: Annotated[str, typer.Option(help="width preset: default (cheap) | paper")] = "default",
         widths: Annotated[str, typer.Option(help="override widths, e.g. 16,32,32,64 ('' = preset)")] = "",
         convs: Annotated[int, typer.Option(help="override convs per U-Net level (0 = preset)")] = 0,
+        init: Annotated[Path | None, typer.Option(help="start from the weights in this models dir")] = None,
         check: Annotated[
             bool, typer.Option(help="atoms only: F1 self-check on held-out frames afterwards")
         ] = True,
@@ -90,6 +121,7 @@ def register(app: typer.Typer) -> None:
             spec_preset=spec,
             widths=tuple(int(v) for v in widths.split(",")) if widths else None,
             convs_per_level=convs or None,
+            init_from=init,
         )
         try:
             model, net_spec, summary = train(cfg, out)
