@@ -10,7 +10,7 @@ $(BIN)/stm-feedback:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_PIN)"
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e ".[fast]"  # OpenVINO: the fastest CPU backend (docs/performance.md)
 
 venv: $(BIN)/stm-feedback
 

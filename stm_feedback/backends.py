@@ -6,7 +6,8 @@ when C > 1, else sigmoid). Engines cache one compiled graph per input shape.
 
 Fallback chain for ``backend="auto"`` (order chosen by measurement, docs/performance.md):
   CPU:  OpenVINO (bf16 inference precision when the CPU has native bf16 — AMX or AVX512-bf16 — else fp32)
-        -> PyTorch traced + frozen, channels_last (bf16 autocast when the CPU has native bf16, else fp32).
+        -> PyTorch traced + frozen, channels_last (bf16 autocast on AMX CPUs, else fp32: measured on an
+        AVX512-bf16 CPU without AMX, PyTorch bf16 convolutions were 2-7x slower than fp32).
   CUDA: PyTorch fp16 autocast with pinned host memory (same code path as the CPU PyTorch engine).
 ``"torch-eager"`` is the reference: plain PyTorch fp32 eager mode, no tracing, no reduced precision.
 """
@@ -56,6 +57,11 @@ def cpu_flags() -> frozenset[str]:
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 natively (AMX-BF16 tiles or AVX512-BF16 dot products)."""
     return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def cpu_has_amx_bf16() -> bool:
+    """True when the CPU has AMX-BF16 tile units (PyTorch/oneDNN bf16 convolutions only pay off there)."""
+    return "amx_bf16" in cpu_flags()
 
 
 # ----------------------------------------------------------------------------------------------- modules
@@ -288,7 +294,7 @@ def _torch_backend(device: torch.device, threads: int, bf16: bool | None) -> Bac
     if device.type == "cuda":
         return Backend("torch", "fp16", device, threads)
     if bf16 is None:
-        bf16 = cpu_has_native_bf16() and torch.backends.mkldnn.is_available()
+        bf16 = cpu_has_amx_bf16() and torch.backends.mkldnn.is_available()
     return Backend("torch", "bf16" if bf16 else "fp32", device, threads)
 
 
@@ -299,7 +305,7 @@ def select_backend(
 
     "auto" walks the fallback chain (OpenVINO on CPU, then PyTorch) and logs why a link was skipped;
     an explicit "openvino" raises BackendUnavailable when it cannot run. ``bf16``: None = use bf16 where the
-    CPU has native bf16, True/False = force (CUDA always uses fp16 autocast).
+    CPU has native bf16 (OpenVINO) / AMX (PyTorch), True/False = force (CUDA always uses fp16 autocast).
     """
     dev = torch.device(device)
     if requested not in BACKEND_CHOICES:

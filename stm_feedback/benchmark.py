@@ -338,47 +338,60 @@ def bench_net_latency(
     )
     side = int(round(frame_px * frame_pixel_nm / spec.pixel_size_nm))
     x = np.random.default_rng(0).random((side, side), dtype=np.float32)
-    ms = []
+    ms, cpu = [], []
     for i in range(warmup + n):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         runner.run_net(spec.name, x)
         if i >= warmup:
             ms.append((time.perf_counter() - t0) * 1e3)
-    return {"input_px": side, "backend": runner.backend, **summarize_ms(ms), "load": load_average()}
+            cpu.append((time.process_time() - c0) * 1e3)
+    return {
+        "input_px": side,
+        "backend": runner.backend,
+        **summarize_ms(ms),
+        "cpu_p50_ms": round(float(np.median(cpu)), 3),
+        "load": load_average(),
+    }
 
 
-# candidate architectures for the networks engineer: (net, widths, working pixel size nm)
-CANDIDATES: tuple[tuple[str, tuple[int, ...], float], ...] = (
-    ("terraces", (8, 16, 32, 32), 0.2),
-    ("terraces", (8, 16, 32, 32), 0.4),
-    ("terraces", (4, 8, 16, 16), 0.4),
-    ("atoms", (8, 16, 32, 32), 0.1),
-    ("atoms", (6, 12, 24, 24), 0.1),
-    ("atoms", (4, 8, 16, 16), 0.1),
-    ("atoms", (8, 16, 32, 32), 0.125),
-    ("atoms", (6, 12, 24, 24), 0.125),
-    ("defects", (12,), 0.15),
-    ("defects", (8,), 0.15),
-    ("defects", (12,), 0.2),
-    ("defects", (8,), 0.2),
-    ("defects", (16,), 0.2),
+# candidate architectures for the networks engineer: (net, widths, working pixel size nm, convs per level)
+CANDIDATES: tuple[tuple[str, tuple[int, ...], float, int], ...] = (
+    ("terraces", (16, 32, 64, 128), 0.1, 2),  # paper
+    ("terraces", (8, 16, 32, 32), 0.2, 1),
+    ("terraces", (8, 16, 32, 32), 0.4, 1),
+    ("terraces", (4, 8, 16, 16), 0.4, 1),
+    ("atoms", (16, 32, 64, 128), 0.1, 2),  # paper
+    ("atoms", (16, 32, 32, 64), 0.1, 2),
+    ("atoms", (16, 32, 32, 64), 0.1, 1),
+    ("atoms", (8, 16, 32, 32), 0.1, 2),
+    ("atoms", (8, 16, 32, 32), 0.1, 1),
+    ("atoms", (6, 12, 24, 24), 0.1, 1),
+    ("atoms", (4, 8, 16, 16), 0.1, 1),
+    ("atoms", (8, 16, 32, 32), 0.125, 1),
+    ("atoms", (8, 16, 32, 32), 0.15, 1),
+    ("defects", (25,), 0.1, 1),  # paper
+    ("defects", (12,), 0.15, 1),
+    ("defects", (8,), 0.15, 1),
+    ("defects", (12,), 0.2, 1),
+    ("defects", (8,), 0.2, 1),
 )
 
 
-def bench_candidates(backend: str, n: int = 30) -> list[dict[str, Any]]:
+def bench_candidates(backend: str, n: int = 40) -> list[dict[str, Any]]:
     """Latency of each CANDIDATES net (random weights, default spec otherwise), 256 px frame at 0.1 nm."""
     from dataclasses import replace
 
     from stm_feedback.nets import spec_preset
 
     rows = []
-    for name, widths, px_nm in CANDIDATES:
-        spec = replace(spec_preset(name), widths=widths, pixel_size_nm=px_nm)
+    for name, widths, px_nm, convs in CANDIDATES:
+        spec = replace(spec_preset(name), widths=widths, pixel_size_nm=px_nm, convs_per_level=convs)
         rows.append(
             {
                 "net": name,
                 "widths": list(widths),
                 "pixel_size_nm": px_nm,
+                "convs_per_level": convs,
                 **bench_net_latency(spec, backend, n=n),
             }
         )
@@ -581,8 +594,10 @@ def format_report(r: dict[str, Any]) -> str:
         )
     for c in r.get("candidates", []):
         lines.append(
-            f"candidate {c['net']:<9} widths {str(c['widths']):<18} {c['pixel_size_nm']} nm/px "
-            f"({c['input_px']} px): p50 {c['p50_ms']:.2f} ms p95 {c['p95_ms']:.2f} ms"
+            f"candidate {c['net']:<9} widths {str(c['widths']):<18} x{c['convs_per_level']} "
+            f"{c['pixel_size_nm']} nm/px "
+            f"({c['input_px']} px): p50 {c['p50_ms']:.2f} ms p95 {c['p95_ms']:.2f} ms, "
+            f"CPU p50 {c['cpu_p50_ms']:.2f} ms (load {c['load']})"
         )
     return "\n".join(lines)
 

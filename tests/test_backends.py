@@ -27,10 +27,11 @@ from stm_feedback.runner import ModelRunner, prepare_module
 torch.set_num_threads(1)
 
 try:
-    import openvino  # noqa: F401
+    import openvino
 
     HAVE_OPENVINO = True
 except ImportError:
+    openvino = None
     HAVE_OPENVINO = False
 
 # every backend this machine can run, with its precision forced where the CPU allows a choice
@@ -152,6 +153,10 @@ def test_precision_follows_cpu_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(backends, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     assert select_backend("torch", "cpu").precision == "fp32"
     monkeypatch.setattr(backends, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert select_backend("torch", "cpu").precision == "fp32"  # PyTorch bf16 pays off with AMX only
+    if HAVE_OPENVINO and "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert select_backend("openvino", "cpu").precision == "bf16"
+    monkeypatch.setattr(backends, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_tile", "amx_bf16"}))
     assert select_backend("torch", "cpu").precision == "bf16"
     assert select_backend("torch", "cpu", bf16=False).precision == "fp32"
     assert select_backend("torch-eager", "cpu").name == "torch-fp32"
