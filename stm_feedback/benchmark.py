@@ -557,7 +557,7 @@ def format_report(r: dict[str, Any]) -> str:
     def block(title: str, res: dict[str, Any]) -> None:
         lines.append(f"{title} (load {res['load_before']} -> {res['load_after']})")
         lines.append(f"  {'stage':<22}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}")
-        rows = list(res["stages"].items()) + [
+        rows = [(k, res["stages"][k]) for k in stage_order(res["stages"])] + [
             ("END-TO-END", res["end_to_end"]),
             ("cpu time (all threads)", res["cpu"]),
         ]
@@ -634,3 +634,96 @@ def detection_agreement(ref: Any, other: Any, pixel_size_nm: float, tol_nm: floa
             worst_nm = max(worst_nm, float(np.max(np.hypot(*(a[ti] - b[pi]).T)) * pixel_size_nm))
     out["max_offset_nm"] = worst_nm
     return out
+
+
+STAGE_ORDER: tuple[str, ...] = (
+    "preprocess",
+    *(NET_STAGE_PREFIX + n for n in ("terraces", "atoms", "defects")),
+    "terraces",
+    "atoms",
+    "lattice",
+    "dimers",
+    "defects",
+    "classes",
+    "planner",
+    "quality",
+    "objects",
+)
+
+
+def stage_order(names: Iterable[str]) -> list[str]:
+    """Stage names in pipeline order (unknown ones last, alphabetically)."""
+    names = list(names)
+    known = [n for n in STAGE_ORDER if n in names]
+    return known + sorted(n for n in names if n not in STAGE_ORDER)
+
+
+def format_markdown(r: dict[str, Any]) -> str:
+    """The run as markdown tables (docs/performance.md): conditions, stages, daemon, ratio, candidates."""
+    m, md = r["machine"], r["models"]
+    out = [
+        f"- machine: {m['cpu']}, {m['cores_usable']} usable cores, flags {', '.join(m['cpu_flags'])}; "
+        f"torch {m['torch']}, openvino {m['openvino']}; 1-min load average {m['load_1min']} at start, "
+        f"{m.get('load_1min_end')} at end",
+        f"- models: {md['weights']} ({', '.join(f'{k}: {v}' for k, v in md['versions'].items())}); widths "
+        f"{md['widths']}, working pixel sizes {md['pixel_size_nm']} nm",
+        f"- backend **{md['backend']}** on {md['device']}, {md['threads']} thread(s); models loaded in "
+        f"{md['load_s']} s",
+        "",
+    ]
+    runs = [("in-process", r["inprocess"])]
+    if "inprocess_large" in r:
+        runs.append(("in-process", r["inprocess_large"]))
+    head = "| stage | " + " | ".join(f"{t} {x['size_px']} px p50 / p95 / p99 ms" for t, x in runs) + " |"
+    out += [head, "|---" * (len(runs) + 1) + "|"]
+    names = stage_order(runs[0][1]["stages"])
+    for name in names + ["END-TO-END", "CPU time (all threads)"]:
+        cells = []
+        for _, x in runs:
+            key = {"END-TO-END": "end_to_end", "CPU time (all threads)": "cpu"}.get(name)
+            s = x[key] if key else x["stages"].get(name)
+            cells.append("" if s is None else f"{s['p50_ms']:.1f} / {s['p95_ms']:.1f} / {s['p99_ms']:.1f}")
+        label = f"**{name}**" if name == "END-TO-END" else name
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out.append(
+        "| frames (load before -> after) | "
+        + " | ".join(f"{x['frames']} ({x['load_before']} -> {x['load_after']})" for _, x in runs)
+        + " |"
+    )
+    out.append("")
+    if "daemon" in r:
+        d = r["daemon"]
+        rt = d["round_trip"]
+        out.append(
+            f"- daemon (`serve` subprocess, ZeroMQ on 127.0.0.1, no maps returned, {d['frames']} frames): "
+            f"round trip p50/p95/p99 **{rt['p50_ms']:.1f}** / {rt['p95_ms']:.1f} / {rt['p99_ms']:.1f} ms; "
+            f"cold start to `ready` **{d['cold_start_to_ready_s']} s**; RSS **{d['rss_mb']} MiB**; load "
+            f"{d['load_before']} -> {d['load_after']}"
+        )
+    if "archive" in r:
+        a = r["archive"]
+        out.append(
+            f"- archive mode ({a['size_px']} px, back to back, {a['frames']} frames): "
+            f"**{a['frames_per_s']} frames/s**; load {a['load_before']} -> {a['load_after']}"
+        )
+    p = r["paper_eager_fp32"]
+    pf = p["paper_nets_on_our_backend"]
+    out.append(
+        f"- paper nets (random weights), PyTorch eager fp32: `predict` p50 {p['predict']['p50_ms']:.1f} ms; "
+        f"ours {p['ours_predict']['p50_ms']:.1f} ms: **networks x{p['ratio_networks_p50']}**, whole frame "
+        f"x{p['ratio_frame_p50']} (paper nets + our post-processing vs ours); paper nets on {pf['backend']}: "
+        f"p50 {pf['p50_ms']:.1f} ms; load {p['load_before']} -> {p['load_after']}"
+    )
+    if r.get("candidates"):
+        out += [
+            "",
+            "| net | widths | convs/level | pixel nm | input px | p50 ms | p95 ms | CPU p50 ms | load |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in r["candidates"]:
+            out.append(
+                f"| {c['net']} | {tuple(c['widths'])} | {c['convs_per_level']} | {c['pixel_size_nm']} | "
+                f"{c['input_px']} | {c['p50_ms']:.2f} | {c['p95_ms']:.2f} | {c['cpu_p50_ms']:.2f} | "
+                f"{c['load']} |"
+            )
+    return "\n".join(out) + "\n"

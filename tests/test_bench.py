@@ -105,7 +105,8 @@ def test_cli_bench_json(tiny_models: Path, tmp_path: Path, monkeypatch: pytest.M
     out = tmp_path / "bench.json"
     args = ["bench", "--size", "64", "--frames", "3", "--warmup", "1", "--large-size", "96", "--large-frames",
             "2", "--archive-frames", "2", "--baseline-frames", "1", "--models-dir", str(tiny_models),
-            "--backend", "torch", "--threads", "1", "--json", str(out)]  # fmt: skip
+            "--backend", "torch", "--threads", "1", "--json", str(out),
+            "--markdown", str(tmp_path / "b.md")]  # fmt: skip
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     r = json.loads(out.read_text())
@@ -119,6 +120,8 @@ def test_cli_bench_json(tiny_models: Path, tmp_path: Path, monkeypatch: pytest.M
     assert r["archive"]["frames"] == 2
     assert "END-TO-END" in res.output and "daemon over ZeroMQ" in res.output
     assert format_report(r).splitlines()[0].startswith("machine:")
+    table = (tmp_path / "b.md").read_text()
+    assert "| **END-TO-END** |" in table and table.index("| preprocess |") < table.index("| net:atoms |")
 
 
 def test_bench_rejects_bad_options(tiny_models: Path) -> None:

@@ -20,6 +20,9 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--daemon/--no-daemon", help="Also time a `serve` subprocess over ZeroMQ.")
         ] = True,
         json_out: Annotated[Path | None, typer.Option("--json", help="Write the result as JSON.")] = None,
+        markdown_out: Annotated[
+            Path | None, typer.Option("--markdown", help="Write the tables as markdown.")
+        ] = None,
         models_dir: Annotated[Path | None, typer.Option(help="Weights + specs (default: settings).")] = None,
         backend: Annotated[
             str | None, typer.Option(help="auto | openvino | torch | torch-eager (default: settings).")
@@ -41,7 +44,7 @@ def register(app: typer.Typer) -> None:
         import json
 
         from stm_feedback.backends import BACKEND_CHOICES
-        from stm_feedback.benchmark import BenchOptions, format_report, run_benchmark
+        from stm_feedback.benchmark import BenchOptions, format_markdown, format_report, run_benchmark
 
         if backend is not None and backend not in BACKEND_CHOICES:
             raise typer.BadParameter(f"backend must be one of {BACKEND_CHOICES}", param_hint="--backend")
@@ -66,3 +69,7 @@ def register(app: typer.Typer) -> None:
             json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
             typer.echo(f"wrote {json_out}")
+        if markdown_out is not None:
+            markdown_out.parent.mkdir(parents=True, exist_ok=True)
+            markdown_out.write_text(format_markdown(result))
+            typer.echo(f"wrote {markdown_out}")
