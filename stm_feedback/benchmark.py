@@ -323,7 +323,13 @@ def _wait_ready(proc: subprocess.Popen, client: Any, t_spawn: float, timeout_s: 
 
 
 def bench_net_latency(
-    spec: Any, backend: str, frame_px: int = 256, frame_pixel_nm: float = 0.1, n: int = 30, warmup: int = 3
+    spec: Any,
+    backend: str,
+    frame_px: int = 256,
+    frame_pixel_nm: float = 0.1,
+    n: int = 30,
+    warmup: int = 3,
+    threads: int = 0,
 ) -> dict[str, Any]:
     """Latency (ms) of one randomly initialised net of ``spec`` (a nets.NetSpec) on the input it gets for a
     frame_px^2 frame at frame_pixel_nm (resampled to spec.pixel_size_nm, padded), with ``backend``."""
@@ -334,7 +340,11 @@ def bench_net_latency(
 
     torch.manual_seed(0)
     runner = ModelRunner(
-        {spec.name: (build_net(spec), spec)}, device="cpu", require_all=False, backend=backend
+        {spec.name: (build_net(spec), spec)},
+        device="cpu",
+        threads=threads,
+        require_all=False,
+        backend=backend,
     )
     side = int(round(frame_px * frame_pixel_nm / spec.pixel_size_nm))
     x = np.random.default_rng(0).random((side, side), dtype=np.float32)
@@ -377,7 +387,7 @@ CANDIDATES: tuple[tuple[str, tuple[int, ...], float, int], ...] = (
 )
 
 
-def bench_candidates(backend: str, n: int = 40) -> list[dict[str, Any]]:
+def bench_candidates(backend: str, n: int = 40, threads: int = 0) -> list[dict[str, Any]]:
     """Latency of each CANDIDATES net (random weights, default spec otherwise), 256 px frame at 0.1 nm."""
     from dataclasses import replace
 
@@ -392,7 +402,7 @@ def bench_candidates(backend: str, n: int = 40) -> list[dict[str, Any]]:
                 "widths": list(widths),
                 "pixel_size_nm": px_nm,
                 "convs_per_level": convs,
-                **bench_net_latency(spec, backend, n=n),
+                **bench_net_latency(spec, backend, n=n, threads=threads),
             }
         )
     return rows
@@ -539,7 +549,7 @@ def run_benchmark(opts: BenchOptions, progress: Callable[[str], None] = lambda _
         result["daemon"] = {"size_px": opts.size_px, **bench_daemon(frames, opts.frames, opts.warmup, env)}
     if opts.candidates:
         progress("candidate architectures (random weights)")
-        result["candidates"] = bench_candidates(str(models.backend))
+        result["candidates"] = bench_candidates(str(models.backend), threads=models.threads)
     result["machine"]["load_1min_end"] = load_average()
     return result
 
