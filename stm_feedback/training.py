@@ -52,6 +52,7 @@ class TrainConfig:
     widths: tuple[int, ...] | None = None  # override the preset's widths
     convs_per_level: int | None = None  # override the preset's convs per U-Net level
     init_from: Path | None = None  # models dir whose weights (same spec) start this run (fine-tuning)
+    sim_presets: tuple[str, ...] = ("training",)  # frame i of the cache uses sim_presets[i % len]
 
 
 # Frame pixel sizes drawn for the cache. Atoms: the two atoms of a dimer (0.24 nm) are unresolvable in frames
@@ -102,15 +103,16 @@ def frame_seeds(cfg: TrainConfig) -> range:
     return range(start, stop)
 
 
-def make_sample(args: tuple[int, str, float, int, tuple[float, float]]) -> Sample:
-    """Simulate frame ``seed`` so that it covers >= 1.3 crops at the net pixel size, normalise, resample."""
+def make_sample(args: tuple[int, str, float, int, tuple[float, float], str]) -> Sample:
+    """Simulate frame ``seed`` (simulator preset ``args[5]``) so that it covers >= 1.3 crops at the net
+    pixel size, normalise, resample."""
     from simulator.frame import SimConfig, simulate_frame
 
-    seed, net, net_px_nm, crop_px, px_range = args
+    seed, net, net_px_nm, crop_px, px_range, sim_preset = args
     rng = np.random.default_rng(seed)
     native_px = float(rng.uniform(*px_range))
     side = int(math.ceil(1.3 * crop_px * net_px_nm / native_px))
-    f = simulate_frame(seed, size_px=side, pixel_size_nm=native_px, config=SimConfig.preset("training"))
+    f = simulate_frame(seed, size_px=side, pixel_size_nm=native_px, config=SimConfig.preset(sim_preset))
     norm = normalize_frame(f.image_nm, native_px)
     shape = resampled_shape(norm.shape, native_px, net_px_nm)
     t = truth_to_targets(f.truth, net_px_nm)
@@ -121,7 +123,13 @@ def make_sample(args: tuple[int, str, float, int, tuple[float, float]]) -> Sampl
 def build_cache(cfg: TrainConfig, spec: NetSpec) -> list[Sample]:
     """Simulate the cache (tqdm progress; ``cfg.workers`` > 1 uses a process pool)."""
     px_range = cfg.pixel_size_range_nm or NATIVE_PIXEL_SIZE_NM[cfg.net]
-    jobs = [(s, cfg.net, spec.pixel_size_nm, cfg.crop_px, px_range) for s in frame_seeds(cfg)]
+    if not cfg.sim_presets:
+        raise InputError("sim_presets must name at least one simulator preset")
+    presets = cfg.sim_presets
+    jobs = [
+        (s, cfg.net, spec.pixel_size_nm, cfg.crop_px, px_range, presets[i % len(presets)])
+        for i, s in enumerate(frame_seeds(cfg))
+    ]
     desc = f"simulating {cfg.net} frames"
     if cfg.workers > 1:
         with get_context("spawn").Pool(cfg.workers) as pool:
@@ -233,7 +241,7 @@ def train(
         "n_frames": cfg.n_frames,
         "init_from": None if cfg.init_from is None else str(cfg.init_from),
         "frame_seeds": [seeds.start, seeds.stop],
-        "simulator_preset": "training",
+        "simulator_preset": ",".join(cfg.sim_presets),
         "frame_pixel_size_nm": list(cfg.pixel_size_range_nm or NATIVE_PIXEL_SIZE_NM[cfg.net]),
         "augment": asdict(aug),
         "data_time_s": round(t_data, 1),
@@ -310,3 +318,76 @@ def self_check_atoms(
         "bias_known": bias_known,
         "threshold": threshold,
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# threshold calibration of the post-processing (training-range seeds only; the suites are never used)
+
+CALIB_SEED = 960_000  # calibration frames: training range, disjoint from caches and self-check
+CALIB_GRID: dict[str, tuple[float, ...]] = {
+    "atom_threshold": (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5),
+    "defect_threshold": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+    "step_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
+}
+# the metrics each threshold is chosen for (mean over the calibration presets)
+CALIB_OBJECTIVE: dict[str, tuple[str, ...]] = {
+    "atom_threshold": ("atom_f1", "dimer_f1"),
+    "defect_threshold": ("defect_f1",),
+    "step_threshold": ("terrace_ari",),
+}
+
+
+def calibrate_thresholds(
+    models_dir: Path,
+    n_frames: int = 6,
+    size_px: int = 256,
+    presets: tuple[str, ...] = ("realistic", "hard"),
+    grid: dict[str, tuple[float, ...]] | None = None,
+) -> dict:
+    """Sweep each PostprocessParams threshold in ``grid`` (others at their defaults) with the full
+    post-processing on the maps of ``models_dir``'s nets, on simulator frames of each preset (seeds
+    CALIB_SEED + i, < 1_000_000, bias given). Returns per threshold the table of objective values and the
+    value maximising the mean of CALIB_OBJECTIVE over presets."""
+    from simulator.frame import SimConfig, simulate_frame
+    from stm_feedback.config import load_settings
+    from stm_feedback.evaluation import aggregate
+    from stm_feedback.metrics import score_frame
+    from stm_feedback.pipeline import postprocess_maps
+    from stm_feedback.postprocess import PostprocessParams
+    from stm_feedback.runner import ModelRunner
+
+    grid = grid or CALIB_GRID
+    unknown = set(grid) - set(CALIB_OBJECTIVE)
+    if unknown or n_frames < 1:
+        raise InputError(f"calibration: unknown thresholds {sorted(unknown)} or n_frames < 1")
+    settings = load_settings()
+    runner = ModelRunner.from_dir(Path(models_dir))
+    cached = []  # (preset, image, maps, pixel size, bias, truth)
+    for preset in presets:
+        cfg = SimConfig.preset(preset)
+        for i in range(n_frames):
+            f = simulate_frame(CALIB_SEED + i, size_px, None, cfg)
+            s = float(f.truth.pixel_size_nm)
+            maps = runner.predict(f.image_nm, s, bias_v=f.bias_v)
+            cached.append((preset, f.image_nm, maps, s, f.bias_v, f.truth))
+    base = PostprocessParams()
+    out: dict = {"seeds": [CALIB_SEED, CALIB_SEED + n_frames], "presets": list(presets), "size_px": size_px}
+    for name, values in grid.items():
+        rows = []
+        for v in values:
+            params = replace(base, **{name: float(v)})
+            per_preset: dict[str, dict[str, float]] = {}
+            for preset in presets:
+                scores = [
+                    score_frame(tr, postprocess_maps(img, m, s, b, None, settings, params))
+                    for p, img, m, s, b, tr in cached
+                    if p == preset
+                ]
+                agg = aggregate(scores)
+                per_preset[preset] = {k: float(agg[k]) for k in CALIB_OBJECTIVE[name]}
+            vals = [x for d in per_preset.values() for x in d.values() if not math.isnan(x)]
+            objective = float(np.mean(vals)) if vals else float("nan")
+            rows.append({"value": float(v), "objective": objective, **per_preset})
+        best = max(rows, key=lambda r: -1.0 if math.isnan(r["objective"]) else r["objective"])
+        out[name] = {"best": best["value"], "table": rows}
+    return out

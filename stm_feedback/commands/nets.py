@@ -80,6 +80,19 @@ def register(app: typer.Typer) -> None:
             )
         )
 
+    @app.command("nets-calibrate")
+    def calibrate_cmd(
+        models_dir: Annotated[Path, typer.Option(help="weights + specs whose maps are thresholded")] = Path(
+            "models"
+        ),
+        frames: Annotated[int, typer.Option(help="frames per preset (seeds from 960000)")] = 6,
+        size: Annotated[int, typer.Option(help="frame side (px)")] = 256,
+    ) -> None:
+        """Sweep the post-processing thresholds (atom, defect, step) on training-range frames; print JSON."""
+        from stm_feedback.training import calibrate_thresholds
+
+        typer.echo(json.dumps(calibrate_thresholds(models_dir, n_frames=frames, size_px=size), indent=1))
+
     @app.command("train")
     def train_cmd(
         net: Annotated[str, typer.Argument(help="terraces | atoms | defects")],
@@ -98,6 +111,9 @@ def register(app: typer.Typer) -> None:
         widths: Annotated[str, typer.Option(help="override widths, e.g. 16,32,32,64 ('' = preset)")] = "",
         convs: Annotated[int, typer.Option(help="override convs per U-Net level (0 = preset)")] = 0,
         init: Annotated[Path | None, typer.Option(help="start from the weights in this models dir")] = None,
+        sim_presets: Annotated[
+            str, typer.Option(help="simulator presets mixed in the cache, e.g. training,realistic")
+        ] = "training",
         check: Annotated[
             bool, typer.Option(help="atoms only: F1 self-check on held-out frames afterwards")
         ] = True,
@@ -122,6 +138,7 @@ def register(app: typer.Typer) -> None:
             widths=tuple(int(v) for v in widths.split(",")) if widths else None,
             convs_per_level=convs or None,
             init_from=init,
+            sim_presets=tuple(p.strip() for p in sim_presets.split(",") if p.strip()),
         )
         try:
             model, net_spec, summary = train(cfg, out)
