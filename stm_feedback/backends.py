@@ -19,7 +19,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,60 +265,72 @@ class Backend:
     precision: str
     device: torch.device
     threads: int = 0
+    fp32_nets: frozenset[str] = frozenset()  # nets run in fp32 whatever ``precision`` says
 
     @property
     def name(self) -> str:
         prefix = {"torch": "torch-jit", "torch-eager": "torch"}.get(self.kind, self.kind)
-        return f"{prefix}-{self.precision}"
+        keep = (
+            f"+fp32:{','.join(sorted(self.fp32_nets))}" if self.fp32_nets and self.precision != "fp32" else ""
+        )
+        return f"{prefix}-{self.precision}{keep}"
 
-    def engine(self, module: nn.Module, out_channels: int) -> Engine:
-        """An engine for one prepared module (eval, BN folded) with out_channels output channels."""
+    def engine(self, module: nn.Module, out_channels: int, net_name: str = "") -> Engine:
+        """An engine for one prepared module (eval, BN folded) with out_channels output channels;
+        ``net_name`` in ``fp32_nets`` runs in fp32."""
+        precision = "fp32" if net_name in self.fp32_nets else self.precision
         if self.kind == "openvino":
-            ov_precision = "bf16" if self.precision == "bf16" else "f32"
+            ov_precision = "bf16" if precision == "bf16" else "f32"
             return OpenVINOEngine(module, out_channels, ov_precision, self.threads)
-        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         return TorchEngine(module, out_channels, self.device, traced=self.kind == "torch", dtype=dtype)
 
 
-def _openvino_backend(device: torch.device, threads: int, bf16: bool | None) -> Backend:
+def _openvino_backend(device: torch.device, threads: int, bf16: bool | None, keep: frozenset[str]) -> Backend:
     if device.type != "cpu":
         raise BackendUnavailable(f"the OpenVINO backend runs on the CPU only, not on {device}")
     ov = _import_openvino()
     if bf16 is None:
         caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         bf16 = "BF16" in caps and cpu_has_native_bf16()
-    return Backend("openvino", "bf16" if bf16 else "fp32", device, threads)
+    return Backend("openvino", "bf16" if bf16 else "fp32", device, threads, keep)
 
 
-def _torch_backend(device: torch.device, threads: int, bf16: bool | None) -> Backend:
+def _torch_backend(device: torch.device, threads: int, bf16: bool | None, keep: frozenset[str]) -> Backend:
     if device.type == "cuda":
-        return Backend("torch", "fp16", device, threads)
+        return Backend("torch", "fp16", device, threads, keep)
     if bf16 is None:
         bf16 = cpu_has_amx_bf16() and torch.backends.mkldnn.is_available()
-    return Backend("torch", "bf16" if bf16 else "fp32", device, threads)
+    return Backend("torch", "bf16" if bf16 else "fp32", device, threads, keep)
 
 
 def select_backend(
-    requested: str = "auto", device: torch.device | str = "cpu", threads: int = 0, bf16: bool | None = None
+    requested: str = "auto",
+    device: torch.device | str = "cpu",
+    threads: int = 0,
+    bf16: bool | None = None,
+    fp32_nets: Iterable[str] = (),
 ) -> Backend:
     """The backend for ``requested`` (one of BACKEND_CHOICES) on ``device``.
 
     "auto" walks the fallback chain (OpenVINO on CPU, then PyTorch) and logs why a link was skipped;
     an explicit "openvino" raises BackendUnavailable when it cannot run. ``bf16``: None = use bf16 where the
     CPU has native bf16 (OpenVINO) / AMX (PyTorch), True/False = force (CUDA always uses fp16 autocast).
+    ``fp32_nets``: nets kept in fp32 (e.g. {"atoms"}: sub-pixel positions, threshold-sensitive peaks).
     """
+    keep = frozenset(fp32_nets)
     dev = torch.device(device)
     if requested not in BACKEND_CHOICES:
         raise ModelError(f"unknown backend {requested!r}; choose one of {BACKEND_CHOICES}")
     if requested == "torch-eager":
-        return Backend("torch-eager", "fp16" if dev.type == "cuda" else "fp32", dev, threads)
+        return Backend("torch-eager", "fp16" if dev.type == "cuda" else "fp32", dev, threads, keep)
     if requested == "openvino":
-        return _openvino_backend(dev, threads, bf16)
+        return _openvino_backend(dev, threads, bf16, keep)
     if requested == "torch":
-        return _torch_backend(dev, threads, bf16)
+        return _torch_backend(dev, threads, bf16, keep)
     if dev.type == "cpu":
         try:
-            return _openvino_backend(dev, threads, bf16)
+            return _openvino_backend(dev, threads, bf16, keep)
         except BackendUnavailable as e:
             log.info("backend auto: OpenVINO skipped (%s); using PyTorch", e)
-    return _torch_backend(dev, threads, bf16)
+    return _torch_backend(dev, threads, bf16, keep)

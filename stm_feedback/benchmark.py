@@ -428,6 +428,7 @@ class BenchOptions:
     baseline_frames: int = 30
     distinct_frames: int = 0  # 0 = every timed frame is a different simulator frame
     candidates: bool = False
+    equivalence_frames: int = 4  # per evaluation suite (realistic, hard); 0 = skip
     seed0: int = 2_000_000
 
 
@@ -547,6 +548,9 @@ def run_benchmark(opts: BenchOptions, progress: Callable[[str], None] = lambda _
             "STM_FEEDBACK_LOG_LEVEL": "WARNING",
         }
         result["daemon"] = {"size_px": opts.size_px, **bench_daemon(frames, opts.frames, opts.warmup, env)}
+    if opts.equivalence_frames > 0:
+        progress(f"backend equivalence: {opts.equivalence_frames} frames of the realistic and hard suites")
+        result["equivalence"] = backend_equivalence(models.models_dir, opts.equivalence_frames)
     if opts.candidates:
         progress("candidate architectures (random weights)")
         result["candidates"] = bench_candidates(str(models.backend), threads=models.threads)
@@ -724,6 +728,18 @@ def format_markdown(r: dict[str, Any]) -> str:
         f"x{p['ratio_frame_p50']} (paper nets + our post-processing vs ours); paper nets on {pf['backend']}: "
         f"p50 {pf['p50_ms']:.1f} ms; load {p['load_before']} -> {p['load_after']}"
     )
+    if r.get("equivalence"):
+        out += [
+            "",
+            "| backend vs torch eager fp32 | frames | min agreement F1 atoms | min agreement F1 defects | "
+            "max offset nm | max abs dF1 vs truth atoms | max abs dF1 vs truth defects |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for e in r["equivalence"]:
+            out.append(
+                f"| {e['backend']} | {e['frames']} | {e['min_atoms_f1']} | {e['min_defects_f1']} | "
+                f"{e['max_offset_nm']} | {e['max_abs_df1_atoms_truth']} | {e['max_abs_df1_defects_truth']} |"
+            )
     if r.get("candidates"):
         out += [
             "",
@@ -737,3 +753,68 @@ def format_markdown(r: dict[str, Any]) -> str:
                 f"{c['load']} |"
             )
     return "\n".join(out) + "\n"
+
+
+def backend_equivalence(
+    models_dir: Path, n_frames: int = 4, suites: Sequence[str] = ("realistic", "hard")
+) -> list[dict[str, Any]]:
+    """Every backend runnable here against PyTorch eager fp32 on the first n_frames of each evaluation
+    suite: worst per-frame agreement F1 of atoms / defects (matched within 0.05 nm), largest matched offset
+    (nm), and the largest |F1 difference| against the simulator truth (atoms, defects)."""
+    from stm_feedback.backends import BackendUnavailable, select_backend
+    from stm_feedback.config import Settings
+    from stm_feedback.evaluation import suite_frames
+    from stm_feedback.metrics import score_frame
+    from stm_feedback.pipeline import Pipeline
+    from stm_feedback.runner import ModelRunner
+
+    def pipeline(kind: str, bf16: bool | None, keep: tuple[str, ...] = ()) -> Pipeline:
+        runner = ModelRunner.from_dir(models_dir, device="cpu", backend="torch-eager")
+        if kind != "torch-eager":
+            be = select_backend(kind, "cpu", 0, bf16=bf16, fp32_nets=keep)
+            runner._backend = be
+            runner.engines = {
+                n: be.engine(m, runner.specs[n].out_channels, n) for n, m in runner.modules.items()
+            }
+        return Pipeline(Settings(), runner=runner)
+
+    ref = pipeline("torch-eager", None)
+    others: dict[str, Pipeline] = {}
+    variants: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
+        ("openvino", True, ()),
+        ("openvino", True, ("atoms",)),
+        ("openvino", False, ()),
+        ("torch", True, ()),
+        ("torch", False, ()),
+    )
+    for kind, bf16, keep in variants:
+        try:
+            p = pipeline(kind, bf16, keep)
+        except BackendUnavailable:
+            continue
+        others.setdefault(p.runner.backend, p)
+    rows: dict[str, dict[str, Any]] = {
+        k: {"backend": k, "frames": 0, "min_atoms_f1": 1.0, "min_defects_f1": 1.0, "max_offset_nm": 0.0,
+            "max_abs_df1_atoms_truth": 0.0, "max_abs_df1_defects_truth": 0.0}
+        for k in others
+    }  # fmt: skip
+    for suite in suites:
+        for f in suite_frames(suite, n_frames):
+            a0 = ref.analyze(f.image_nm, f.pixel_size_nm, f.bias_v)
+            s0 = score_frame(f.truth, a0)
+            for k, p in others.items():
+                a = p.analyze(f.image_nm, f.pixel_size_nm, f.bias_v)
+                s = score_frame(f.truth, a)
+                ag = detection_agreement(a0, a, f.pixel_size_nm, tol_nm=0.05)
+                r = rows[k]
+                r["frames"] += 1
+                r["min_atoms_f1"] = min(r["min_atoms_f1"], ag["atoms_f1"])
+                r["min_defects_f1"] = min(r["min_defects_f1"], ag["protrusions_f1"], ag["depressions_f1"])
+                r["max_offset_nm"] = max(r["max_offset_nm"], ag["max_offset_nm"])
+                r["max_abs_df1_atoms_truth"] = max(
+                    r["max_abs_df1_atoms_truth"], abs(s.atoms.f1 - s0.atoms.f1)
+                )
+                r["max_abs_df1_defects_truth"] = max(
+                    r["max_abs_df1_defects_truth"], abs(s.defects.f1 - s0.defects.f1)
+                )
+    return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows.values()]

@@ -20,6 +20,7 @@ class ModelSettings(BaseModel):
     models_dir: Path = REPO_MODELS_DIR
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1"
     backend: Literal["auto", "torch", "openvino", "torch-eager"] = "auto"  # see stm_feedback/backends.py
+    fp32_nets: list[str] = []  # nets kept in fp32 when the backend would use bf16/fp16, e.g. ["atoms"]
     threads: int = 0  # 0 = leave torch's default
 
 

@@ -73,6 +73,7 @@ class ModelRunner:
         threads: int = 0,
         require_all: bool = True,
         backend: str = "torch-eager",
+        fp32_nets: tuple[str, ...] = (),
     ) -> None:
         missing = [n for n in NET_NAMES if n not in nets]
         if missing and require_all:
@@ -84,25 +85,32 @@ class ModelRunner:
         self.modules = {n: prepare_module(m, self._device) for n, (m, _) in nets.items()}
         self._amp = self._device.type == "cuda"
         # execution backend (stm_feedback.backends): one engine per net, compiled per input shape
-        self._backend = select_backend(backend, self._device, threads)
+        self._backend = select_backend(backend, self._device, threads, fp32_nets=fp32_nets)
         self.engines = {
-            n: self._backend.engine(m, self.specs[n].out_channels) for n, m in self.modules.items()
+            n: self._backend.engine(m, self.specs[n].out_channels, n) for n, m in self.modules.items()
         }
 
     @classmethod
     def from_dir(
-        cls, models_dir: str | Path, device: str = "auto", threads: int = 0, backend: str = "torch-eager"
+        cls,
+        models_dir: str | Path,
+        device: str = "auto",
+        threads: int = 0,
+        backend: str = "torch-eager",
+        fp32_nets: tuple[str, ...] = (),
     ) -> ModelRunner:
         """Load ``nn0_terraces``, ``nn1_atoms``, ``nn2_defects`` (.pt + .json) from models_dir."""
         d = Path(models_dir)
-        return cls({n: load_model(d, n) for n in NET_NAMES}, device=device, threads=threads, backend=backend)
+        nets = {n: load_model(d, n) for n in NET_NAMES}
+        return cls(nets, device=device, threads=threads, backend=backend, fp32_nets=fp32_nets)
 
     @classmethod
     def from_settings(cls, models: Any) -> ModelRunner:
         """From a ``stm_feedback.config.ModelSettings`` (models_dir, device, threads, backend: see
         stm_feedback.backends; "auto" = the fastest available)."""
         backend = getattr(models, "backend", "auto")
-        return cls.from_dir(models.models_dir, device=models.device, threads=models.threads, backend=backend)
+        keep = tuple(getattr(models, "fp32_nets", ()))
+        return cls.from_dir(models.models_dir, models.device, models.threads, backend=backend, fp32_nets=keep)
 
     @property
     def backend(self) -> str:

@@ -162,6 +162,20 @@ def test_precision_follows_cpu_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     assert select_backend("torch-eager", "cpu").name == "torch-fp32"
 
 
+def test_fp32_nets_stay_fp32(random_models: Path) -> None:
+    be = select_backend("torch", "cpu", 1, bf16=True, fp32_nets=["atoms"])
+    assert be.name == "torch-jit-bf16+fp32:atoms"
+    assert be.engine(torch.nn.Identity(), 1, "atoms").dtype is None
+    assert be.engine(torch.nn.Identity(), 1, "defects").dtype == torch.bfloat16
+    from stm_feedback.config import ModelSettings
+
+    r = ModelRunner.from_settings(
+        ModelSettings(models_dir=random_models, device="cpu", backend="torch", fp32_nets=["atoms"], threads=1)
+    )
+    assert r.engines["atoms"].dtype is None
+    assert select_backend("torch", "cpu", bf16=False, fp32_nets=["atoms"]).name == "torch-jit-fp32"
+
+
 def test_bad_backend_names() -> None:
     with pytest.raises(ModelError, match="unknown backend"):
         select_backend("tensorrt", "cpu")

@@ -106,7 +106,7 @@ def test_cli_bench_json(tiny_models: Path, tmp_path: Path, monkeypatch: pytest.M
     args = ["bench", "--size", "64", "--frames", "3", "--warmup", "1", "--large-size", "96", "--large-frames",
             "2", "--archive-frames", "2", "--baseline-frames", "1", "--models-dir", str(tiny_models),
             "--backend", "torch", "--threads", "1", "--json", str(out),
-            "--markdown", str(tmp_path / "b.md")]  # fmt: skip
+            "--markdown", str(tmp_path / "b.md"), "--equivalence-frames", "0"]  # fmt: skip
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     r = json.loads(out.read_text())

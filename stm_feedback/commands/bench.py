@@ -35,6 +35,9 @@ def register(app: typer.Typer) -> None:
         distinct_frames: Annotated[
             int, typer.Option(help="Simulate only this many distinct frames and cycle (0 = all distinct).")
         ] = 0,
+        equivalence_frames: Annotated[
+            int, typer.Option(help="Frames per suite (realistic, hard) for the backend equivalence check.")
+        ] = 4,
         candidates: Annotated[
             bool, typer.Option(help="Also time candidate net widths/resolutions (random weights).")
         ] = False,
@@ -62,6 +65,7 @@ def register(app: typer.Typer) -> None:
             baseline_frames=baseline_frames,
             distinct_frames=distinct_frames,
             candidates=candidates,
+            equivalence_frames=equivalence_frames,
         )
         result = run_benchmark(opts, progress=lambda m: typer.echo(f"[bench] {m}", err=True))
         typer.echo(format_report(result))
