@@ -7,6 +7,7 @@ Protrusions stay bright and depressions dark in empty states; charged-defect hal
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,16 +22,23 @@ FOOT_HALF_ALONG_NM = 0.5 * SURFACE_LATTICE_NM
 FOOT_HALF_ACROSS_NM = 0.3
 # removed-dimer atoms are evaluated within this many atom-Gaussian widths of the footprint (exp(-32) beyond)
 NEAR_SIGMAS = 8.0
+# a template Gaussian is negligible below this height (nm): sets the render box of tall templates
+CUT_NM = 2e-4
 
 
 @dataclass
 class Defect:
     """One defect on terrace ``terrace``; ``dimers`` is its footprint, ``removed``/``bare`` subsets of it.
 
-    The core template is an anisotropic Gaussian of amplitude ``amp_nm`` on every footprint dimer (``blob``:
-    one Gaussian of width ``sigma_blob_nm`` at the footprint centre instead);
-    ``halo_amp_nm``/``halo_lambda_nm``
-    add a screened-Coulomb halo (charged defects, filled-state sign).
+    Core template (filled-state heights, nm): an anisotropic Gaussian of amplitude ``amp_nm`` (widths
+    ``sigma_along_nm`` along the row, ``sigma_across_nm`` across it) on every removed or bare footprint dimer,
+    combined as a soft union ``amp * (1 - prod(1 - g))`` so multi-dimer pits have a flat floor at ``amp_nm``;
+    ``kept_amp_nm`` on the other footprint dimers (the split-off dimer of a 1+2-DV). Removed dimers lose their
+    atoms; with ``atom_shift_nm`` > 0 the atoms are drawn again, pushed apart across the row by that much on
+    each side (dihydride: the broken dimer's SiH2 units lean towards the troughs, leaving a dark line).
+    ``blob``: one round Gaussian of amplitude ``amp_nm`` and width ``sigma_blob_nm`` at the footprint centre
+    instead.
+    ``halo_amp_nm``/``halo_lambda_nm`` add a screened-Coulomb halo (charged defects, filled-state sign).
     """
 
     cls: str
@@ -41,6 +49,8 @@ class Defect:
     amp_nm: float = 0.0
     sigma_along_nm: float = 0.2
     sigma_across_nm: float = 0.3
+    kept_amp_nm: float = 0.0
+    atom_shift_nm: float = 0.0
     blob: bool = False
     sigma_blob_nm: float = 0.4
     atom_side: int = 0  # db_single: +1 / -1 = which atom of the dimer lost its H
@@ -89,30 +99,57 @@ def footprint(
 
 
 def appearance_for(rng: np.random.Generator, d: Defect) -> None:
-    """Draw the apparent-height template parameters of d in place (filled-state values, nm)."""
+    """Draw the apparent-height template parameters of d in place (filled-state values, nm).
+
+    Values from ../shared/design/hsi-physics.md section 2.2 (heights relative to the local row maximum; a
+    removed dimer also loses its atom bumps, ~0.02-0.035 nm, so vacancy Gaussians are that much shallower
+    than the quoted depth):
+
+    * db_single: round blob on ONE atom (off the dimer centre), FWHM 0.8-1.2 nm, with a bright
+      screened-Coulomb halo 0.02-0.04 nm, lambda 1.8-2.1 nm (negative charge, filled state) that adds its
+      amplitude at the core: core + halo = +0.10-0.15 nm;
+    * db_pair: bean on the bare dimer, +0.06-0.10 nm, long axis along the dimer bond (across the row);
+    * litho_patch: +0.10-0.15 nm on k bare dimers of one row;
+    * adatom_cluster: raised Si (85 %): an ad-dimer bean on each covered dimer, +0.15-0.20 nm, flat-topped
+      where they join; gunk (15 %): round, +0.25-1.0 nm, FWHM 1.2-2 nm;
+    * dv1: -0.05 to -0.09 nm Gaussian (total -0.07 to -0.125 nm); dv2 / dv1p2: -0.06 to -0.10 nm, flat floor;
+      dv1p2's split-off dimer a small protrusion (+0.02-0.04 nm);
+    * etch_pit: flat floor -0.09 to -0.12 nm (with the atoms about -0.11 to -0.155 nm), wider; 15 % charged
+      (halo lambda 5.9 nm, 0.01-0.03 nm, the sign of the DB's: both are negatively charged);
+    * dihydride: the dimer's atoms pushed 0.08-0.11 nm apart towards the troughs, leaving a narrow dark
+      line along the row centre, -0.005 to -0.02 nm (total about -0.025 to -0.055 nm).
+    """
     c = d.cls
     if c == "db_single":
         d.atom_side = int(rng.choice([-1, 1]))
-        d.amp_nm = rng.uniform(0.10, 0.15)
+        # the halo adds its full amplitude at the core: core + halo = +0.10-0.15 nm
+        d.halo_amp_nm, d.halo_lambda_nm = rng.uniform(0.02, 0.04), rng.uniform(1.8, 2.1)
+        d.amp_nm = rng.uniform(0.10, 0.15) - d.halo_amp_nm
         d.blob, d.sigma_blob_nm = True, rng.uniform(0.8, 1.2) / 2.355
-        d.halo_amp_nm, d.halo_lambda_nm = rng.uniform(0.01, 0.03), rng.uniform(1.8, 2.1)
     elif c == "db_pair":
-        d.amp_nm, d.sigma_along_nm, d.sigma_across_nm = rng.uniform(0.06, 0.12), 0.25, 0.35
+        d.amp_nm, d.sigma_along_nm, d.sigma_across_nm = rng.uniform(0.06, 0.10), 0.2, 0.38
     elif c == "litho_patch":
         d.amp_nm, d.sigma_along_nm, d.sigma_across_nm = rng.uniform(0.10, 0.15), 0.22, 0.33
     elif c == "adatom_cluster":
-        big = rng.random() < 0.15  # "gunk": higher, wider
-        d.amp_nm = rng.uniform(0.2, 0.6) if big else rng.uniform(0.10, 0.20)
-        d.blob = True
-        d.sigma_blob_nm = rng.uniform(0.35, 0.5) * (1.0 + 0.3 * (len(d.dimers) - 1)) * (1.5 if big else 1.0)
-    elif c in ("dv1", "dv2", "dv1p2"):
-        d.amp_nm, d.sigma_along_nm, d.sigma_across_nm = -rng.uniform(0.04, 0.08), 0.2, 0.28
+        if rng.random() < 0.15:  # "gunk": higher, wider, round, not resolved
+            d.blob = True
+            d.amp_nm = rng.uniform(0.25, 1.0)
+            d.sigma_blob_nm = rng.uniform(1.2, 2.0) / 2.355
+        else:  # raised Si: one ad-dimer bean on each covered dimer, flat-topped where they join
+            d.amp_nm, d.sigma_along_nm, d.sigma_across_nm = rng.uniform(0.15, 0.20), 0.25, 0.40
+    elif c == "dv1":
+        d.amp_nm, d.sigma_along_nm, d.sigma_across_nm = -rng.uniform(0.05, 0.09), 0.2, 0.3
+    elif c in ("dv2", "dv1p2"):
+        d.amp_nm, d.sigma_along_nm, d.sigma_across_nm = -rng.uniform(0.06, 0.10), 0.2, 0.3
+        if c == "dv1p2":
+            d.kept_amp_nm = rng.uniform(0.02, 0.04)
     elif c == "etch_pit":
-        d.amp_nm, d.sigma_along_nm, d.sigma_across_nm = -rng.uniform(0.06, 0.11), 0.25, 0.35
+        d.amp_nm, d.sigma_along_nm, d.sigma_across_nm = -rng.uniform(0.09, 0.12), 0.25, 0.35
         if rng.random() < 0.15:  # charged Si vacancy: long screening length
-            d.halo_amp_nm, d.halo_lambda_nm = -rng.uniform(0.01, 0.03), 5.9
+            d.halo_amp_nm, d.halo_lambda_nm = rng.uniform(0.01, 0.03), 5.9
     elif c == "dihydride":
-        d.amp_nm, d.sigma_along_nm, d.sigma_across_nm = -rng.uniform(0.02, 0.05), 0.2, 0.3
+        d.amp_nm, d.sigma_along_nm, d.sigma_across_nm = -rng.uniform(0.005, 0.02), 0.25, 0.1
+        d.atom_shift_nm = rng.uniform(0.08, 0.11)
     else:
         raise KeyError(c)
 
@@ -120,9 +157,10 @@ def appearance_for(rng: np.random.Generator, d: Defect) -> None:
 def core_radius_nm(d: Defect) -> float:
     """Distance (nm) from the footprint centre beyond which d's core template (footprint Gaussians, removed
     dimers, blob) is negligible; the charged halo (``halo_radius_nm``) reaches further."""
-    r = 0.5 * SURFACE_LATTICE_NM * len(d.dimers) + 3.0 * max(
-        d.sigma_along_nm, d.sigma_across_nm, d.sigma_blob_nm
-    )
+    # Gaussians are cut where they fall below CUT_NM (at least 3 sigma): tall gunk needs > 4 sigma
+    n_sigma = max(3.0, math.sqrt(2.0 * math.log(max(abs(d.amp_nm), abs(d.kept_amp_nm), CUT_NM) / CUT_NM)))
+    sigmas = (d.sigma_blob_nm,) if d.blob else (d.sigma_along_nm, d.sigma_across_nm)
+    r = 0.5 * SURFACE_LATTICE_NM * len(d.dimers) + n_sigma * max(sigmas)
     return r + ROW_SPACING_NM
 
 
@@ -147,6 +185,20 @@ def footprint_centre_nm(d: Defect, lat: TerraceLattice) -> np.ndarray:
     return c
 
 
+def _split_dimer_height(
+    a_loc_nm: np.ndarray, b_loc_nm: np.ndarray, app: Appearance, shift_nm: float
+) -> np.ndarray:
+    """Height (nm) of a dimer's two atoms at +-(half the atom separation + shift_nm) across the row from its
+    centre (a broken dimer: ``dimer_height`` with the atoms pushed apart)."""
+    half = 0.5 * DIMER_ATOM_SEPARATION_NM + shift_nm
+    inv_a = -0.5 / app.atom_sigma_along_nm**2
+    inv_b = -0.5 / app.atom_sigma_across_nm**2
+    g = np.exp(inv_a * a_loc_nm**2) * (
+        np.exp(inv_b * (b_loc_nm - half) ** 2) + np.exp(inv_b * (b_loc_nm + half) ** 2)
+    )
+    return (-0.5 if app.empty_state else 1.0) * app.atom_amp_nm * g
+
+
 def render_defect_core(
     d: Defect,
     lat: TerraceLattice,
@@ -169,28 +221,42 @@ def render_defect_core(
     a_lo, a_hi = min(i_idx) * SURFACE_LATTICE_NM, max(i_idx) * SURFACE_LATTICE_NM
     b_lo, b_hi = min(j_idx) * ROW_SPACING_NM, max(j_idx) * ROW_SPACING_NM
     wa = max(FOOT_HALF_ALONG_NM, NEAR_SIGMAS * app.atom_sigma_along_nm)
-    wb = max(FOOT_HALF_ACROSS_NM, 0.5 * DIMER_ATOM_SEPARATION_NM + NEAR_SIGMAS * app.atom_sigma_across_nm)
+    wb = max(
+        FOOT_HALF_ACROSS_NM,
+        0.5 * DIMER_ATOM_SEPARATION_NM + d.atom_shift_nm + NEAR_SIGMAS * app.atom_sigma_across_nm,
+    )
     near = np.nonzero((a >= a_lo - wa) & (a <= a_hi + wa) & (b >= b_lo - wb) & (b <= b_hi + wb))
     a_n, b_n = a[near], b[near]
     foot_n = np.zeros(a_n.shape, dtype=bool)
     z_n = np.zeros_like(a_n)
     removed = set(d.removed)
+    changed = removed | set(d.bare)  # dimers under the amp_nm template; the rest get kept_amp_nm
+    miss = None if d.blob else np.ones_like(a)  # soft union: prod(1 - g) over the changed dimers
     for i, j in d.dimers:
         da_n = a_n - i * SURFACE_LATTICE_NM
         db_n = b_n - j * ROW_SPACING_NM
         foot_n |= (np.abs(da_n) <= FOOT_HALF_ALONG_NM) & (np.abs(db_n) <= FOOT_HALF_ACROSS_NM)
         if (i, j) in removed:
             z_n -= dimer_height(da_n, db_n, app)
-        if not d.blob:
+            if d.atom_shift_nm:  # the same two atoms, each pushed outwards across the row
+                z_n += _split_dimer_height(da_n, db_n, app, d.atom_shift_nm)
+        if miss is not None:
             da = a - i * SURFACE_LATTICE_NM
             db = b - j * ROW_SPACING_NM
-            z += d.amp_nm * np.exp(-0.5 * ((da / d.sigma_along_nm) ** 2 + (db / d.sigma_across_nm) ** 2))
+            g = np.exp(-0.5 * ((da / d.sigma_along_nm) ** 2 + (db / d.sigma_across_nm) ** 2))
+            if (i, j) in changed:
+                miss *= 1.0 - g
+            elif d.kept_amp_nm:
+                z += d.kept_amp_nm * g
     z[near] += z_n
     foot[near] = foot_n
+    if miss is not None:
+        z += d.amp_nm * (1.0 - miss)
     if d.blob:
         c = footprint_centre_nm(d, lat) if centre_nm is None else centre_nm
         dx, dy = x_nm - c[0], y_nm - c[1]
-        core = d.amp_nm * np.exp((dx * dx + dy * dy) * (-0.5 / d.sigma_blob_nm**2))
+        r2 = (dx * dx + dy * dy) * (1.0 / d.sigma_blob_nm**2)
+        core = d.amp_nm * np.exp(-0.5 * r2)
         z += core
         foot |= np.abs(core) > 0.5 * abs(d.amp_nm)
     return z, foot

@@ -37,11 +37,23 @@ FEATURE_NAMES: tuple[str, ...] = (
     "circularity",  # 4 pi A / P^2 of the footprint contour (OpenCV), 1 = disc
     "extent_along_nm",  # footprint extent along the dimer rows (nm)
     "extent_across_nm",  # footprint extent across the dimer rows (nm)
+    "peak_nm",  # signed extreme height of the footprint above the local level (nm): max, or min if mean < 0
+    "fill",  # mean footprint height above the local level / peak_nm: 1 = flat-topped, small = one sharp peak
 )
+# the columns each kind's mean shift uses (chosen on training seeds 0-39, docs/defect-library.md):
+# protrusions differ in height and shape, not size (raised-Si islands of 1-4 dimers are one class); vacancy
+# classes differ in depth, shape and length along / across the rows
+KIND_FEATURES: dict[str, tuple[str, ...]] = {
+    "protrusion": ("peak_nm", "fill"),
+    "depression": ("peak_nm", "fill", "extent_along_nm", "extent_across_nm"),
+}
 # columns that enter the clustering as log1p (sizes) or arcsinh (signed, heavy-tailed heights); every
 # column is then z-scored per kind
 LOG_FEATURES: frozenset[str] = frozenset({"area_cells", "extent_along_nm", "extent_across_nm"})
 ASINH_FEATURES: frozenset[str] = frozenset({"height_rel"})
+# columns that enter as tanh(value / scale): heights saturate, so tall gunk (0.25-1 nm) and raised Si
+# (0.15-0.2 nm) are one "tall" class while DBs (0.1-0.15 nm) and shallow/deep pits stay apart (scale in nm)
+TANH_FEATURES: dict[str, float] = {"peak_nm": 0.1}
 # floor of each column's scale (after the transform) when standardising: a kind whose defects barely
 # differ in a feature (or a set of 2) must not have measurement noise blown up to unit variance.
 # Units: asinh(height_rel), log1p(cells), circularity, log1p(nm). No entry: floor 1e-12.
@@ -51,6 +63,8 @@ SCALE_FLOORS: dict[str, float] = {
     "circularity": 0.05,
     "extent_along_nm": 0.1,
     "extent_across_nm": 0.1,
+    "peak_nm": 0.05,
+    "fill": 0.05,
 }
 
 DEFAULT_QUANTILE = 0.2  # estimate_bandwidth quantile; best worst-kind ARI on training seeds 0-39 (docs)
@@ -160,7 +174,15 @@ def defect_features(
     extent_along_nm = (float(np.ptp(along)) + 1.0) * pixel_size_nm
     extent_across_nm = (float(np.ptp(across)) + 1.0) * pixel_size_nm
 
+    # peak and fill of the footprint relative to the local level (sign from the footprint's mean)
+    z_rel_nm = image_nm[mask] - level_nm
+    mean_rel_nm = float(z_rel_nm.mean())
+    peak_nm = float(z_rel_nm.max() if mean_rel_nm >= 0 else z_rel_nm.min())
+    fill = mean_rel_nm / peak_nm if peak_nm != 0 else float("nan")
+
     values = {
+        "peak_nm": peak_nm,
+        "fill": fill,
         "extent_along_nm": extent_along_nm,
         "extent_across_nm": extent_across_nm,
         "height_rel": height_rel,
@@ -237,6 +259,8 @@ def _transform(x: np.ndarray, feature_names: Sequence[str]) -> np.ndarray:
             out[:, j] = np.log1p(np.maximum(out[:, j], 0.0))
         elif name in ASINH_FEATURES:
             out[:, j] = np.arcsinh(out[:, j])
+        elif name in TANH_FEATURES:
+            out[:, j] = np.tanh(out[:, j] / TANH_FEATURES[name])
     return out
 
 
@@ -322,12 +346,22 @@ class ClusterModel:
 
     Cluster ids are per kind, 0-based, 0 = the most populated cluster of that kind. ``predict`` assigns the
     nearest centre (Euclidean, in the kind's standardised space); a kind never fitted gets -1.
+    ``kind_features`` names the columns each kind is clustered on (default ``KIND_FEATURES``; a kind not
+    listed, or a model without the mapping, uses every column).
     """
 
     feature_names: tuple[str, ...] = FEATURE_NAMES
     quantile: float = DEFAULT_QUANTILE
     min_bandwidth: float = MIN_BANDWIDTH
     kinds: dict[str, KindClusters] = field(default_factory=dict)
+    kind_features: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(KIND_FEATURES))
+
+    def columns(self, kind: str) -> list[int]:
+        """Indices into ``feature_names`` of the columns kind ``kind`` is clustered on."""
+        names = self.kind_features.get(kind)
+        if not names or not set(names) <= set(self.feature_names):
+            return list(range(len(self.feature_names)))
+        return [self.feature_names.index(n) for n in names]
 
     def fit(self, features: np.ndarray, kinds: Sequence[str] | np.ndarray) -> np.ndarray:
         """Fit per kind and return the cluster ids (N,) int of the fitted defects."""
@@ -339,8 +373,12 @@ class ClusterModel:
         for kind in KINDS:
             sel = k == kind
             if sel.any():
+                cols = self.columns(kind)
                 self.kinds[kind], out[sel] = _fit_kind(
-                    xt[sel], self.feature_names, self.quantile, self.min_bandwidth
+                    xt[sel][:, cols],
+                    [self.feature_names[c] for c in cols],
+                    self.quantile,
+                    self.min_bandwidth,
                 )
         return out
 
@@ -354,7 +392,7 @@ class ClusterModel:
         for kind, kc in self.kinds.items():
             sel = k == kind
             if sel.any() and len(kc.centres):
-                z = kc.standardise(xt[sel])
+                z = kc.standardise(xt[sel][:, self.columns(kind)])
                 d2 = ((z[:, None, :] - kc.centres[None, :, :]) ** 2).sum(axis=2)
                 out[sel] = np.argmin(d2, axis=1)
         return out
@@ -372,6 +410,7 @@ class ClusterModel:
             "feature_names": list(self.feature_names),
             "quantile": self.quantile,
             "min_bandwidth": self.min_bandwidth,
+            "kind_features": {kind: list(v) for kind, v in self.kind_features.items()},
             "kinds": {kind: kc.to_dict() for kind, kc in self.kinds.items()},
         }
 
@@ -382,6 +421,8 @@ class ClusterModel:
             quantile=float(d["quantile"]),
             min_bandwidth=float(d["min_bandwidth"]),
             kinds={kind: KindClusters.from_dict(v) for kind, v in d["kinds"].items()},
+            # models stored before per-kind columns were clustered on every column
+            kind_features={kind: tuple(v) for kind, v in d.get("kind_features", {}).items()},
         )
 
 
@@ -399,7 +440,8 @@ def cluster_defects(
         if x.ndim != 2 or x.shape[1] == len(FEATURE_NAMES)
         else tuple(f"f{j}" for j in range(x.shape[1]))
     )
-    return ClusterModel(feature_names=names, quantile=quantile).fit(x, kinds)
+    kind_features = dict(KIND_FEATURES) if names == FEATURE_NAMES else {}
+    return ClusterModel(feature_names=names, quantile=quantile, kind_features=kind_features).fit(x, kinds)
 
 
 # ------------------------------------------------------------------------------------------- from truth
@@ -413,6 +455,15 @@ class DefectRows:
     patches: np.ndarray  # (N, P, P) float32 row-aligned patches (nm)
     classes: np.ndarray  # (N,) object, true class names (simulator truth) or None
     touches_border: np.ndarray  # (N,) bool, footprint touches the frame edge (area/shape clipped)
+
+
+def _close_gaps(mask: np.ndarray, pixel_size_nm: float, gap_nm: float = 0.3) -> np.ndarray:
+    """The footprint with gaps up to ``gap_nm`` closed: truth footprints are per-dimer rectangles 0.6 nm
+    across on a 0.768 nm row period, so a pit over two rows would otherwise be two objects (and the features
+    would see only the larger); a detector's blob of it is one object."""
+    r = max(1, int(math.ceil(0.5 * gap_nm / pixel_size_nm)))
+    closed = ndimage.binary_closing(mask, np.ones((2 * r + 1, 2 * r + 1), bool), border_value=0)
+    return closed | mask
 
 
 def features_from_truth(
@@ -435,7 +486,7 @@ def features_from_truth(
         pad = int(math.ceil(2.5 / truth.pixel_size_nm))
         y0, y1 = max(0, sl[0].start - pad), min(h, sl[0].stop + pad)
         x0, x1 = max(0, sl[1].start - pad), min(w, sl[1].stop + pad)
-        mask = inst[y0:y1, x0:x1] == d.id
+        mask = _close_gaps(inst[y0:y1, x0:x1] == d.id, truth.pixel_size_nm)
         angle = angles.get(d.terrace, 0.0)
         f = defect_features(image_nm[y0:y1, x0:x1], mask, truth.pixel_size_nm, atoms - [x0, y0], angle)
         cy, cx = ndimage.center_of_mass(mask)

@@ -453,7 +453,17 @@ def blob_features(
             atom_level[k] = float(np.percentile(seg, 90))
     corr = atom_level - level
     height_rel = np.where(corr > 1e-9, (z_centre - level) / np.where(corr > 1e-9, corr, 1.0), np.nan)
+    # peak (signed by the footprint's mean) and fill relative to the level, as classify.defect_features
+    z_rel = height_nm[rows, cols].astype(np.float64) - level[ids0]
+    mean_rel = np.bincount(ids0, z_rel, minlength=k_n) / area_px
+    z_hi = np.full(k_n, -np.inf)
+    z_lo = np.full(k_n, np.inf)
+    np.maximum.at(z_hi, ids0, z_rel)
+    np.minimum.at(z_lo, ids0, z_rel)
+    peak = np.where(mean_rel >= 0, z_hi, z_lo)
     values = {
+        "peak_nm": peak,
+        "fill": np.where(peak != 0, mean_rel / np.where(peak != 0, peak, 1.0), np.nan),
         "height_rel": height_rel,
         "area_cells": area_px * s * s / UNIT_CELL_AREA_NM2,
         "circularity": circ,

@@ -3,7 +3,9 @@ counts and sums), used to prove that performance work leaves the simulator's out
 
 Regenerate (only when the physics is changed on purpose, never to make a speed change pass):
     .venv/bin/python tests/simulator_fingerprints.py > tests/data/simulator_fingerprints.json
-The stored file was made with the simulator of commit ac2b86a (before the speed work), e.g. for a new case:
+The stored file was regenerated when the defect templates were changed on purpose (simulator/defects.py
+appearance_for, to the physics note's per-class heights and shapes); before that it came from the simulator
+of commit ac2b86a (before the speed work), e.g. for a new case:
     git archive ac2b86a simulator | tar -x -C /tmp/oldsim && cd /tmp && \
     PYTHONPATH=/tmp/oldsim:/work/main /work/main/.venv/bin/python /work/main/tests/simulator_fingerprints.py
 """

@@ -22,16 +22,26 @@ F = len(FEATURE_NAMES)
 
 
 def _blobs(rng: np.random.Generator, centres: list[list[float]], n: list[int], sd: float) -> np.ndarray:
-    return np.vstack([rng.normal(c, sd, (k, F)) for c, k in zip(centres, n, strict=True)])
+    """Gaussian clouds around centres; peak_nm and fill (last two columns) scatter sd / 8 (they are nm and
+    fractions, the others corrugations, cells and nm extents)."""
+    sds = np.array([sd] * (F - 2) + [sd / 8] * 2)
+    return np.vstack([rng.normal(c, sds, (k, F)) for c, k in zip(centres, n, strict=True)])
 
 
 def _three_clusters(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Well separated synthetic depressions (3 classes) and protrusions (2 classes), physical-ish units."""
     rng = np.random.default_rng(seed)
     dep = _blobs(
-        rng, [[-1, 1, 0.7, 0.4, 0.6], [-4, 3, 0.6, 1.2, 0.7], [-1.5, 8, 0.5, 2.5, 1.4]], [40, 25, 15], 0.04
+        rng,
+        [
+            [-1, 1, 0.7, 0.4, 0.6, -0.05, 0.6],
+            [-4, 3, 0.6, 1.2, 0.7, -0.1, 0.7],
+            [-1.5, 8, 0.5, 2.5, 1.4, -0.12, 0.8],
+        ],
+        [40, 25, 15],
+        0.04,
     )
-    pro = _blobs(rng, [[6, 2, 0.9, 0.8, 0.8], [3, 1, 0.6, 0.4, 0.6]], [30, 20], 0.04)
+    pro = _blobs(rng, [[6, 2, 0.9, 0.8, 0.8, 0.2, 0.8], [3, 1, 0.6, 0.4, 0.6, 0.1, 0.5]], [30, 20], 0.04)
     x = np.vstack([dep, pro])
     kinds = np.array(["depression"] * len(dep) + ["protrusion"] * len(pro), dtype=object)
     truth = np.array([0] * 40 + [1] * 25 + [2] * 15 + [3] * 30 + [4] * 20)
@@ -60,7 +70,7 @@ def test_deterministic_and_independent_of_input_order() -> None:
 
 @pytest.mark.parametrize("n", [0, 1, 2])
 def test_tiny_inputs(n: int) -> None:
-    x = np.array([[-1.0, 1.0, 0.7, 0.4, 0.6], [-1.02, 1.01, 0.71, 0.4, 0.6]])[:n]
+    x = np.array([[-1.0, 1.0, 0.7, 0.4, 0.6, -0.05, 0.6], [-1.02, 1.01, 0.71, 0.4, 0.6, -0.051, 0.61]])[:n]
     cl = cluster_defects(x, ["depression"] * n)
     assert cl.shape == (n,) and cl.dtype.kind == "i"
     if n:
@@ -69,7 +79,7 @@ def test_tiny_inputs(n: int) -> None:
 
 def test_mixed_kinds_are_clustered_separately() -> None:
     # identical features, different kinds: each kind has its own cluster 0
-    x = np.tile([[1.0, 2.0, 0.8, 0.5, 0.5]], (4, 1))
+    x = np.tile([[1.0, 2.0, 0.8, 0.5, 0.5, 0.1, 0.5]], (4, 1))
     cl = cluster_defects(x, ["depression", "protrusion", "depression", "protrusion"])
     assert np.array_equal(cl, [0, 0, 0, 0])
 
@@ -121,6 +131,9 @@ def test_defect_features_units_on_a_synthetic_pit() -> None:
     assert f["extent_across_nm"] == pytest.approx(0.7, abs=1e-9)  # 7 px along y
     assert f["height_rel"] < -1.0  # deeper than the row corrugation
     assert 0.5 < f["circularity"] < 0.8  # a 2:1 rectangle: pi/4 * 8/9 = 0.70
+    # 0.08 nm pit on rows of +-0.03 nm around the level (the ring's median): the floor is 0.05-0.11 nm down
+    assert -0.115 < f["peak_nm"] < -0.05
+    assert 0.5 < f["fill"] <= 1.0  # a flat floor with the row modulation on it
     # rotating the row frame by 90 degrees swaps the extents
     g = dict(zip(FEATURE_NAMES, defect_features(image, mask, 0.1, atoms, row_angle_deg=90.0), strict=True))
     assert g["extent_along_nm"] == pytest.approx(f["extent_across_nm"])
@@ -145,8 +158,47 @@ def test_big_sets_use_bin_seeding_and_still_recover_clusters() -> None:
     from stm_feedback.classify import BIN_SEEDING_ABOVE
 
     rng = np.random.default_rng(3)
-    centres = np.array([[-1, 1, 0.7, 0.4, 0.6], [-4, 3, 0.6, 1.2, 0.7], [-1.5, 8, 0.5, 2.5, 1.4]])
+    centres = np.array(
+        [
+            [-1, 1, 0.7, 0.4, 0.6, -0.05, 0.6],
+            [-4, 3, 0.6, 1.2, 0.7, -0.1, 0.7],
+            [-1.5, 8, 0.5, 2.5, 1.4, -0.12, 0.8],
+        ]
+    )
     truth = rng.integers(0, 3, BIN_SEEDING_ABOVE + 200)
-    x = centres[truth] + rng.normal(0, 0.04, (len(truth), F))
+    x = centres[truth] + rng.normal(0, [0.04] * (F - 2) + [0.005] * 2, (len(truth), F))
     cl = cluster_defects(x, ["depression"] * len(truth))
     assert adjusted_rand_score(truth, cl) == pytest.approx(1.0)
+
+
+def test_kind_features_select_the_clustered_columns_and_old_models_use_all() -> None:
+    from stm_feedback.classify import KIND_FEATURES
+
+    rng = np.random.default_rng(5)
+    # two protrusion groups differing only in area_cells (not a protrusion clustering column): one cluster
+    base = np.array([4.0, 2.0, 0.8, 0.8, 0.8, 0.18, 0.8])
+    x = np.vstack([base + rng.normal(0, 0.005, (20, F)) for _ in range(2)])
+    x[20:, FEATURE_NAMES.index("area_cells")] += 5.0
+    kinds = ["protrusion"] * 40
+    assert "area_cells" not in KIND_FEATURES["protrusion"]
+    assert np.all(cluster_defects(x, kinds) == 0)
+    # a model without per-kind columns (stored before they existed) clusters on every column
+    d = ClusterModel().to_dict()
+    del d["kind_features"]
+    old = ClusterModel.from_dict(d)
+    assert old.columns("protrusion") == list(range(F))
+    assert len(set(old.fit(x, kinds))) == 2
+
+
+def test_truth_features_see_a_two_row_pit_as_one_object() -> None:
+    from stm_feedback.classify import _close_gaps
+
+    mask = np.zeros((30, 30), bool)
+    mask[8:14, 5:20] = True  # row 0: 0.6 nm across at 0.1 nm/px
+    mask[16:22, 9:16] = True  # next row, 0.168 nm gap -> 2 px
+    closed = _close_gaps(mask, 0.1)
+    assert (closed & ~mask).any() and closed[8:22, 9:16].all()
+    image = np.zeros((30, 30)) + 0.01 * np.cos(np.arange(30) * 2.0)[:, None]
+    image[mask] -= 0.1
+    f = dict(zip(FEATURE_NAMES, defect_features(image, closed, 0.1), strict=True))
+    assert f["extent_across_nm"] == pytest.approx(1.4)  # both rows, not the bigger one only

@@ -17,9 +17,9 @@ from stm_feedback.library import SCHEMA_VERSION, DefectLibrary
 F = len(FEATURE_NAMES)
 # three well separated synthetic classes: two depressions, one protrusion (features in FEATURE_NAMES order)
 CLASSES = {
-    "dv1": ("depression", [-1.5, 0.8, 0.66, 0.45, 0.65]),
-    "etch_pit": ("depression", [-4.0, 2.5, 0.6, 1.3, 0.7]),
-    "adatom_cluster": ("protrusion", [6.0, 5.0, 0.88, 1.4, 1.4]),
+    "dv1": ("depression", [-1.5, 0.8, 0.66, 0.45, 0.65, -0.07, 0.7]),
+    "etch_pit": ("depression", [-4.0, 2.5, 0.6, 1.3, 0.7, -0.11, 0.8]),
+    "adatom_cluster": ("protrusion", [6.0, 5.0, 0.88, 1.4, 1.4, 0.18, 0.8]),
 }
 
 
@@ -30,7 +30,8 @@ def _fill(lib: DefectLibrary, n_per_class: int = 12, seed: int = 0) -> dict[int,
     for frame in range(2):
         fid = lib.add_frame(f"sim-{frame}.npy", 0.1, bias_v=-2.0, meta={"seed": frame})
         names = [c for c in CLASSES for _ in range(n_per_class)]
-        feats = np.array([rng.normal(CLASSES[c][1], 0.03) for c in names])
+        # peak_nm and fill (last two) scatter less: nm and fractions
+        feats = np.array([rng.normal(CLASSES[c][1], [0.03] * 5 + [0.004] * 2) for c in names])
         xy = rng.uniform(0, 256, (len(names), 2))
         patches = rng.normal(0, 0.01, (len(names), 8, 8)).astype(np.float32)
         ids = lib.add_defects(fid, xy, [CLASSES[c][0] for c in names], feats, patches, true_labels=names)
