@@ -115,6 +115,7 @@ def test_cli_bench_json(tiny_models: Path, tmp_path: Path, monkeypatch: pytest.M
     assert r["inprocess"]["end_to_end"]["n"] == 3 and r["inprocess_large"]["size_px"] == 96
     assert r["daemon"]["round_trip"]["n"] == 3 and r["daemon"]["backend"] == r["models"]["backend"]
     assert r["daemon"]["rss_mb"] > 0 and r["daemon"]["cold_start_to_ready_s"] > 0
+    assert r["daemon"]["cold_start_empty_cache_s"] > 0
     paper = r["paper_eager_fp32"]
     assert paper["backend"] == "torch-fp32" and paper["ratio_networks_p50"] > 0
     assert r["archive"]["frames"] == 2
