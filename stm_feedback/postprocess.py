@@ -25,16 +25,17 @@ _CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.uint8)  # 4-neighbour st
 class PostprocessParams:
     """Thresholds of the post-processing (probabilities 0..1, lengths in nm, areas in nm^2)."""
 
-    step_threshold: float = 0.5  # step_prob above this is step edge
+    # step/atom/defect thresholds: `stm-feedback nets-calibrate` (training-range seeds, models/MODEL_CARD.md)
+    step_threshold: float = 0.25  # step_prob above this is step edge
     min_terrace_area_nm2: float = 4.0  # smaller non-step components become -1 (unknown)
-    atom_threshold: float = 0.5  # atom_prob peaks below this are dropped (the network abstains)
+    atom_threshold: float = 0.2  # atom_prob peaks below this are dropped (the network abstains)
     atom_peak_radius_nm: float = (
         0.09  # local-maximum window half-width (< half the 0.24 nm dimer-atom distance)
     )
     dimer_tol_nm: float = 0.08  # partner atom at 0.24 +- tol nm
     dimer_max_bond_tilt_deg: float = 30.0  # bond direction vs the row normal, when a lattice is known
     dimer_max_row_offset_nm: float = 0.2  # dimer midpoint vs the fitted row centre line
-    defect_threshold: float = 0.5  # protrusion/depression prob above this is defect footprint
+    defect_threshold: float = 0.7  # protrusion/depression prob above this is defect footprint
     min_defect_area_nm2: float = 0.05  # smaller blobs are noise
     feature_ring_nm: float = 1.2  # ring around a footprint for the local level (classify.defect_features)
     # local lattice fits (tiles of local_tile_nm, >= local_min_atoms atoms) validate the dimers of terraces

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from scipy import ndimage
@@ -53,6 +54,7 @@ class TrainConfig:
     convs_per_level: int | None = None  # override the preset's convs per U-Net level
     init_from: Path | None = None  # models dir whose weights (same spec) start this run (fine-tuning)
     sim_presets: tuple[str, ...] = ("training",)  # frame i of the cache uses sim_presets[i % len]
+    p_axis_rows: float = 0.0  # fraction of cache frames rotated: rows along x or y (make_sample)
 
 
 # Frame pixel sizes drawn for the cache. Atoms: the two atoms of a dimer (0.24 nm) are unresolvable in frames
@@ -103,12 +105,26 @@ def frame_seeds(cfg: TrainConfig) -> range:
     return range(start, stop)
 
 
-def make_sample(args: tuple[int, str, float, int, tuple[float, float], str]) -> Sample:
+def align_rows(image: np.ndarray, maps: dict[str, np.ndarray], row_angle_deg: float, k90: int) -> tuple:
+    """Rotate image and target maps (same grid) so rows at ``row_angle_deg`` (image axes, deg) run at
+    ``k90`` * 90 deg, i.e. along a scan axis. Bilinear, reflected borders (targets rotate with the image)."""
+    h, w = image.shape
+    rot = cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), row_angle_deg - 90.0 * k90, 1.0)
+
+    def f(a: np.ndarray) -> np.ndarray:
+        return cv2.warpAffine(a, rot, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+
+    return f(image.astype(np.float32)), {k: f(v.astype(np.float32)) for k, v in maps.items()}
+
+
+def make_sample(args: tuple[int, str, float, int, tuple[float, float], str, float]) -> Sample:
     """Simulate frame ``seed`` (simulator preset ``args[5]``) so that it covers >= 1.3 crops at the net
-    pixel size, normalise, resample."""
+    pixel size, normalise, resample; with probability ``args[6]`` (atoms only) rotate it so the rows of
+    its first terrace run along x or y: the simulator draws scan angles uniformly, but real scans are
+    usually aligned with the rows, where rows also parallel the scan-line artefacts."""
     from simulator.frame import SimConfig, simulate_frame
 
-    seed, net, net_px_nm, crop_px, px_range, sim_preset = args
+    seed, net, net_px_nm, crop_px, px_range, sim_preset, p_axis_rows = args
     rng = np.random.default_rng(seed)
     native_px = float(rng.uniform(*px_range))
     side = int(math.ceil(1.3 * crop_px * net_px_nm / native_px))
@@ -117,7 +133,10 @@ def make_sample(args: tuple[int, str, float, int, tuple[float, float], str]) -> 
     shape = resampled_shape(norm.shape, native_px, net_px_nm)
     t = truth_to_targets(f.truth, net_px_nm)
     targets = {"terraces": {"step": t.step}, "atoms": {"atoms": t.atoms}, "defects": {"cls": t.defect_class}}
-    return Sample(resize(norm, shape), targets[net], f.bias_v > 0)
+    image, tg = resize(norm, shape), targets[net]
+    if net == "atoms" and f.truth.terraces and rng.random() < p_axis_rows:
+        image, tg = align_rows(image, tg, f.truth.terraces[0].row_angle_deg, int(rng.integers(2)))
+    return Sample(image, tg, f.bias_v > 0)
 
 
 def build_cache(cfg: TrainConfig, spec: NetSpec) -> list[Sample]:
@@ -127,7 +146,7 @@ def build_cache(cfg: TrainConfig, spec: NetSpec) -> list[Sample]:
         raise InputError("sim_presets must name at least one simulator preset")
     presets = cfg.sim_presets
     jobs = [
-        (s, cfg.net, spec.pixel_size_nm, cfg.crop_px, px_range, presets[i % len(presets)])
+        (s, cfg.net, spec.pixel_size_nm, cfg.crop_px, px_range, presets[i % len(presets)], cfg.p_axis_rows)
         for i, s in enumerate(frame_seeds(cfg))
     ]
     desc = f"simulating {cfg.net} frames"
@@ -242,6 +261,7 @@ def train(
         "init_from": None if cfg.init_from is None else str(cfg.init_from),
         "frame_seeds": [seeds.start, seeds.stop],
         "simulator_preset": ",".join(cfg.sim_presets),
+        "p_axis_rows": cfg.p_axis_rows,
         "frame_pixel_size_nm": list(cfg.pixel_size_range_nm or NATIVE_PIXEL_SIZE_NM[cfg.net]),
         "augment": asdict(aug),
         "data_time_s": round(t_data, 1),
@@ -326,9 +346,10 @@ def self_check_atoms(
 CALIB_SEED = 960_000  # calibration frames: training range, disjoint from caches and self-check
 CALIB_GRID: dict[str, tuple[float, ...]] = {
     "atom_threshold": (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5),
-    "defect_threshold": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
-    "step_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
+    "defect_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    "step_threshold": (0.15, 0.2, 0.25, 0.3, 0.4, 0.5),
 }
+CALIB_PLATEAU = 0.01  # objective values this close to the best count as equally good
 # the metrics each threshold is chosen for (mean over the calibration presets)
 CALIB_OBJECTIVE: dict[str, tuple[str, ...]] = {
     "atom_threshold": ("atom_f1", "dimer_f1"),
@@ -389,5 +410,7 @@ def calibrate_thresholds(
             objective = float(np.mean(vals)) if vals else float("nan")
             rows.append({"value": float(v), "objective": objective, **per_preset})
         best = max(rows, key=lambda r: -1.0 if math.isnan(r["objective"]) else r["objective"])
-        out[name] = {"best": best["value"], "table": rows}
+        # recommended: the middle of the values within CALIB_PLATEAU of the best (robust to the few frames)
+        near = [r["value"] for r in rows if r["objective"] >= best["objective"] - CALIB_PLATEAU]
+        out[name] = {"best": best["value"], "recommended": near[len(near) // 2], "table": rows}
     return out

@@ -114,6 +114,9 @@ def register(app: typer.Typer) -> None:
         sim_presets: Annotated[
             str, typer.Option(help="simulator presets mixed in the cache, e.g. training,realistic")
         ] = "training",
+        p_axis_rows: Annotated[
+            float, typer.Option(help="atoms: fraction of frames rotated so the rows run along x or y")
+        ] = 0.0,
         check: Annotated[
             bool, typer.Option(help="atoms only: F1 self-check on held-out frames afterwards")
         ] = True,
@@ -139,6 +142,7 @@ def register(app: typer.Typer) -> None:
             convs_per_level=convs or None,
             init_from=init,
             sim_presets=tuple(p.strip() for p in sim_presets.split(",") if p.strip()),
+            p_axis_rows=p_axis_rows,
         )
         try:
             model, net_spec, summary = train(cfg, out)
