@@ -166,7 +166,7 @@ class TorchEngine:
 
 
 def _import_openvino():  # noqa: ANN202 - module object
-    """The openvino package, or BackendUnavailable (monkeypatched in the fallback test)."""
+    """The openvino package, or BackendUnavailable when it cannot be imported."""
     try:
         import openvino
     except ImportError as e:

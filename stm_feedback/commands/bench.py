@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         ] = 0,
         equivalence_frames: Annotated[
             int, typer.Option(help="Frames per suite (realistic, hard) for the backend equivalence check.")
-        ] = 4,
+        ] = 10,
         candidates: Annotated[
             bool, typer.Option(help="Also time candidate net widths/resolutions (random weights).")
         ] = False,
