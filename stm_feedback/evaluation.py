@@ -315,8 +315,12 @@ def markdown_table(results: list[SuiteResult]) -> str:
             row.append(f"{v:.3f}" + ("" if ok is None else (" pass" if ok else " **FAIL**")))
         if compare:
             a, b = by["nets"].get(key, float("nan")), by["baseline"].get(key, float("nan"))
-            better = (a > b if higher else a < b) if not (math.isnan(a) or math.isnan(b)) else False
-            row.append("yes" if better else "**no**")
+            if math.isnan(a) or math.isnan(b):
+                row.append("**no**")
+            elif round(a, 3) == round(b, 3):  # equal as printed: neither adds anything
+                row.append("tie")
+            else:
+                row.append("yes" if (a > b if higher else a < b) else "**no**")
         lines.append("| " + " | ".join(row) + " |")
     n = ", ".join(
         f"{r.method}: {r.n_frames} frames, {r.metrics.get('time_ms_mean', float('nan')):.0f} ms/frame"

@@ -118,3 +118,15 @@ def test_cli_oracle_on_the_simulator(tmp_path) -> None:
     assert m["atom_f1"] == pytest.approx(1.0) and m["defect_f1"] == pytest.approx(1.0)
     assert m["terrace_ari"] == pytest.approx(1.0)
     assert np.isfinite(m["angle_err_median_deg"]) and m["angle_err_median_deg"] < 1e-6
+
+
+def test_comparison_column_says_tie_for_equal_values() -> None:
+    from stm_feedback.evaluation import SuiteResult, markdown_table
+
+    m = {"atom_f1": 0.9, "kind_accuracy": 1.0}
+    nets = SuiteResult(suite="realistic", method="nets", n_frames=1, metrics=dict(m, atom_f1=0.95))
+    base = SuiteResult(suite="realistic", method="baseline", n_frames=1, metrics=m)
+    table = markdown_table([nets, base]).splitlines()
+    rows = {r.split("|")[1].strip(): r for r in table if r.startswith("| ")}
+    assert rows["defect kind accuracy"].rstrip(" |").endswith("tie")
+    assert rows["atom F1 @0.10 nm"].rstrip(" |").endswith("yes")
