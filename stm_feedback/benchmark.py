@@ -159,7 +159,11 @@ def bench_pipeline(pipe: Any, frames: Sequence[BenchFrame], n: int, warmup: int)
 
     Stages: "preprocess" (levelling, resampling, high-pass, polarity: networks time minus the nets),
     "net:<name>" (one backend engine call), then the post-processing stages of ``Analysis.timings_ms``.
+    After the warm-up the heap is frozen (``server.freeze_heap``, as the daemon does after its warm-up):
+    otherwise a full garbage collection over all the objects of the loaded libraries lands in some frame.
     """
+    from stm_feedback.server import freeze_heap
+
     runner = pipe.runner
     originals = dict(runner.engines)
     timed = {k: _TimedEngine(e) for k, e in originals.items()}
@@ -168,6 +172,8 @@ def bench_pipeline(pipe: Any, frames: Sequence[BenchFrame], n: int, warmup: int)
     load0 = load_average()
     try:
         for i, f in enumerate(cycle(frames, warmup + n)):
+            if i == warmup:
+                freeze_heap()
             for t in timed.values():
                 t.calls_ms.clear()
             c0, t0 = time.process_time(), time.perf_counter()
