@@ -283,7 +283,7 @@ def find_blobs(
     r1 = rows[order][starts[1:] - 1].tolist()
     c0 = np.minimum.reduceat(c_sorted, st).tolist()
     c1 = np.maximum.reduceat(c_sorted, st).tolist()
-    slices = [(slice(a, b + 1), slice(c, d + 1)) for a, b, c, d in zip(r0, r1, c0, c1)]
+    slices = [(slice(a, b + 1), slice(c, d + 1)) for a, b, c, d in zip(r0, r1, c0, c1, strict=True)]
     return Blobs(
         lab.astype(np.int32, copy=False),
         slices,
@@ -292,6 +292,26 @@ def find_blobs(
         area.astype(np.float64),
         (rows, cols, ids),
     )
+
+
+def footprint_blob(mask: np.ndarray) -> Blobs:
+    """One defect footprint as ``Blobs`` with a single blob: the largest 4-connected component of the bool
+    (H, W) ``mask`` (ties: the first in raster order), for ``blob_features`` on a single given footprint
+    (``classify.defect_features``). InputError when the mask is empty."""
+    lab, n = label_components(mask, 4)
+    if n == 0:
+        raise InputError("defect mask is empty")
+    flat = np.flatnonzero(lab)
+    comp = lab.ravel()[flat]
+    biggest = int(np.argmax(np.bincount(comp, minlength=n + 1)[1:])) + 1  # argmax: first of equal sizes
+    flat = flat[comp == biggest]
+    labels = np.zeros(mask.shape, np.int32)
+    labels.ravel()[flat] = 1
+    rows, cols = np.divmod(flat, mask.shape[1])
+    sl = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols.min()), int(cols.max()) + 1))
+    ids = np.ones(len(flat), np.int32)
+    centre = np.array([[cols.mean(), rows.mean()]])
+    return Blobs(labels, [sl], centre, np.ones(1), np.array([float(len(flat))]), (rows, cols, ids))
 
 
 def blob_terraces(terrace_labels: np.ndarray, blobs: Blobs) -> np.ndarray:
@@ -366,7 +386,7 @@ def _ring_levels(
     aw = max(x1 - x0 for _, _, x0, x1 in boxes)
     mask_a = np.zeros((int(starts[-1]), aw), np.uint8)
     valid = np.zeros(mask_a.shape, bool)
-    img_a = np.zeros(mask_a.shape, np.float32)
+    img_a = np.zeros(mask_a.shape, np.result_type(height.dtype, np.float32))  # float64 input stays exact
     for k, (y0, y1, x0, x1) in enumerate(boxes):
         r0 = int(starts[k])
         tile = (slice(r0, r0 + y1 - y0), slice(0, x1 - x0))

@@ -190,17 +190,17 @@ def normalize_frame(image_nm: np.ndarray, pixel_size_nm: float | None = None) ->
     return np.clip(percentile_scale(level_plane_lines(image_nm, smooth_px)), -0.5, 1.5)
 
 
-LOWPASS_EXACT_BELOW_PX = 4.0  # Gaussian low-pass widths (px) below this are computed exactly
+LOWPASS_EXACT_BELOW_PX = 8.0  # Gaussian low-pass widths (px) below this are computed exactly
 
 
 def gaussian_lowpass(image: np.ndarray, sigma_px: float) -> np.ndarray:
     """Gaussian blur of width sigma_px (px, reflect border), float32 (H, W).
 
-    Wide blurs (sigma_px >= 4) are computed at half resolution: area-average 2x2, blur with the width
+    Wide blurs (sigma_px >= 8) are computed at half resolution: area-average 2x2, blur with the width
     that, with the variance the averaging (f^2 - 1)/12 and the bilinear upsampling (~f^2/6) add, makes up
     sigma_px, upsample bilinearly. That is ~6x cheaper (0.15 instead of 0.9 ms for sigma 10 px on 256 px) and
-    differs from the exact blur by <= 5e-4 on normalised frames (0..1; ``tests/test_preprocess.py``),
-    below the bf16 rounding of the net inputs (~4e-3)."""
+    differs from the exact blur by ~5e-4 on normalised frames (0..1; bound 2e-3 in tests/test_fast_paths.py),
+    below the bf16 rounding of the net inputs (~4e-3). Narrower blurs are exact (cv2.GaussianBlur)."""
     img = np.ascontiguousarray(image, dtype=np.float32)
     h, w = img.shape
     if sigma_px < LOWPASS_EXACT_BELOW_PX or min(h, w) < 16:
