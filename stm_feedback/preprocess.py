@@ -86,13 +86,13 @@ def level_plane_lines(
 
 ROW_BAND_HARMONICS = 2  # corrugation across the rows: 0.768 nm period and its first harmonic
 ROW_BAND_MIN_SNR = 20.0  # peak power in a band vs the median power next to it, to call the rows aligned
-ROW_BAND_REL_WIDTH = 0.06  # +-6 %: piezo calibration and drift (rows > ~2 deg off the lines average out anyway)
+ROW_BAND_REL_WIDTH = 0.06  # +-6 %: piezo calibration, drift (rows > ~2 deg off the lines average out)
 
 
 def row_band(offsets: np.ndarray, pixel_size_nm: float) -> np.ndarray:
     """The part of a per-line offset profile (one value per scan line, any units) at the dimer-row spatial
-    frequencies across the lines (k / 0.768 nm, k = 1..2, +-6 %): for rows parallel to the scan lines that part is
-    the row corrugation, not a scan artefact, so levelling must not remove it. Same shape and units as
+    frequencies across the lines (k / 0.768 nm, k = 1..2, +-6 %): for rows parallel to the scan lines, that
+    part is the row corrugation, not a scan artefact, so levelling must not remove it. Same shape and units as
     ``offsets``; zeros when the lines are too few to resolve the band or the band holds no row peak (power
     < ROW_BAND_MIN_SNR x the median power of the frequencies next to it: oblique rows, only jitter there)."""
     n = len(offsets)

@@ -67,7 +67,7 @@ def test_levelling_removes_plane_and_line_offsets() -> None:
 
 
 def test_levelling_keeps_rows_parallel_to_the_scan_lines() -> None:
-    """Rows along x (scan lines) make the corrugation a per-line offset: it must survive, the jitter must not."""
+    """Rows along x (the scan lines) make the corrugation a per-line offset: keep it, remove the jitter."""
     rng = np.random.default_rng(2)
     h, w, px = 256, 96, 0.1
     yy, xx = np.mgrid[0:h, 0:w]
