@@ -25,7 +25,7 @@ from tests.test_pipeline_oracle import oracle_maps, simulate
 
 
 # ------------------------------------------------------------------------------------------ references
-def _ref_level_plane_lines(image: np.ndarray, smooth_px: float = 0.0) -> np.ndarray:
+def _ref_level_plane_lines(image: np.ndarray, smooth_px: float, pixel_size_nm: float) -> np.ndarray:
     """preprocess.level_plane_lines before the fast medians (np.median, cv2.GaussianBlur)."""
     img = image.astype(np.float32, copy=False)
     h, w = img.shape
@@ -40,6 +40,7 @@ def _ref_level_plane_lines(image: np.ndarray, smooth_px: float = 0.0) -> np.ndar
     lev = est - plane
     d = np.median(lev[1:] - lev[:-1], axis=1)
     offsets = np.concatenate([[0.0], np.cumsum(d)]).astype(np.float32)
+    offsets = offsets - P.row_band(offsets, pixel_size_nm)
     return (img - plane - offsets[:, None]).astype(np.float32)
 
 
@@ -52,7 +53,8 @@ def _ref_percentile_scale(image: np.ndarray) -> np.ndarray:
 
 
 def _ref_normalize(image_nm: np.ndarray, pixel_size_nm: float) -> np.ndarray:
-    return np.clip(_ref_percentile_scale(_ref_level_plane_lines(image_nm, 0.4 / pixel_size_nm)), -0.5, 1.5)
+    levelled = _ref_level_plane_lines(image_nm, 0.4 / pixel_size_nm, pixel_size_nm)
+    return np.clip(_ref_percentile_scale(levelled), -0.5, 1.5)
 
 
 def _frames() -> list:
