@@ -216,7 +216,10 @@ def percentile_scale(image: np.ndarray, lo_pct: float = 1.0, hi_pct: float = 99.
     span = float(hi - lo)
     if span <= 1e-12:
         return np.zeros_like(image, dtype=np.float32)
-    return ((image - lo) / span).astype(np.float32)
+    # (image - lo) / span in float64 as before (the same float32 result), one temporary instead of two
+    out = np.subtract(image, lo, dtype=np.float64)
+    out /= span
+    return out.astype(np.float32)
 
 
 LEVEL_SMOOTH_NM = 0.4  # blur (along x) of the copy the levelling estimates come from
