@@ -248,6 +248,10 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+# the daemon's own reply timings (docs/protocol.md): the work around the analysis on the reply path
+DAEMON_STAGES: tuple[str, ...] = ("decode", "queue", "analyze", "state", "encode")
+
+
 def bench_daemon(
     frames: Sequence[BenchFrame],
     n: int,
@@ -272,6 +276,7 @@ def bench_daemon(
         models = client.models()
         wall: list[float] = []
         server_ms: list[float] = []
+        stages: dict[str, list[float]] = {}
         load0 = load_average()
         for i, f in enumerate(cycle(frames, warmup + n)):
             t0 = time.perf_counter()
@@ -279,9 +284,13 @@ def bench_daemon(
             ms = (time.perf_counter() - t0) * 1e3
             if i >= warmup:
                 wall.append(ms)
-                total = client.last_reply.get("timings_ms", {}).get("total")
+                tm = client.last_reply.get("timings_ms", {})
+                total = tm.get("total")
                 if total is not None:
                     server_ms.append(float(total))
+                for k in DAEMON_STAGES:
+                    if k in tm:
+                        stages.setdefault(k, []).append(float(tm[k]))
         out: dict[str, Any] = {
             "round_trip": summarize_ms(wall),
             "cold_start_to_ready_s": round(cold_s, 2),
@@ -297,6 +306,8 @@ def bench_daemon(
         }
         if server_ms:
             out["server_total"] = summarize_ms(server_ms)
+        if stages:
+            out["server_stages"] = {k: summarize_ms(v) for k, v in stages.items()}
         return out
     finally:
         client.close()
@@ -617,6 +628,13 @@ def format_report(r: dict[str, Any]) -> str:
             f"(empty cache {d.get('cold_start_empty_cache_s')} s); RSS {d['rss_mb']} MiB "
             f"(load {d['load_before']} -> {d['load_after']})"
         )
+        if d.get("server_stages"):
+            lines.append(
+                "  server side p50/p95 ms: "
+                + "; ".join(
+                    f"{k} {v['p50_ms']:.2f}/{v['p95_ms']:.2f}" for k, v in d["server_stages"].items()
+                )
+            )
     for c in r.get("candidates", []):
         lines.append(
             f"candidate {c['net']:<9} widths {str(c['widths']):<18} x{c['convs_per_level']} "
@@ -727,6 +745,12 @@ def format_markdown(r: dict[str, Any]) -> str:
             f"RSS **{d['rss_mb']} MiB**; load "
             f"{d['load_before']} -> {d['load_after']}"
         )
+        if d.get("server_stages"):
+            st = d["server_stages"]
+            out.append(
+                "- daemon reply timings (server side, p50 / p95 ms): "
+                + "; ".join(f"{k} {v['p50_ms']:.2f} / {v['p95_ms']:.2f}" for k, v in st.items())
+            )
     if "archive" in r:
         a = r["archive"]
         out.append(
