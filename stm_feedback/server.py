@@ -12,13 +12,13 @@ The analyzer is any object with ``analyze(image, pixel_size_nm, bias_v=None, fra
 
 from __future__ import annotations
 
+import gc
 import importlib
 import itertools
 import logging
 import queue
 import threading
 import time
-import gc
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Protocol
 
