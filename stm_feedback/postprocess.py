@@ -326,11 +326,23 @@ def blob_terraces(terrace_labels: np.ndarray, blobs: Blobs) -> np.ndarray:
     return np.where(counts.max(axis=1) > 0, counts.argmax(axis=1), -1)
 
 
-def _has_diagonal_links(mask: np.ndarray) -> bool:
-    """True when two pixels of the bool mask touch only diagonally (neither shared 4-neighbour set): the
-    only way an 8-connected component can consist of several 4-connected ones."""
-    a, b, c, d = mask[:-1, :-1], mask[:-1, 1:], mask[1:, :-1], mask[1:, 1:]
-    return bool(((a & d & ~(b | c)) | (b & c & ~(a | d))).any())
+def _has_diagonal_links(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> bool:
+    """True when two pixels of the bool (H, W) mask touch only diagonally (neither shared 4-neighbour set):
+    the only way an 8-connected component can consist of several 4-connected ones. ``rows``/``cols``: all
+    mask pixels (each diagonal pair is checked from its upper pixel, so only those are looked at)."""
+    h, w = mask.shape
+    m = mask.ravel()
+    ok = rows < h - 1
+    r, c = rows[ok], cols[ok]
+    flat = r * w + c
+    below = m[flat + w]
+    right = c < w - 1  # pair with the lower-right neighbour
+    f = flat[right]
+    if (m[f + w + 1] & ~m[f + 1] & ~below[right]).any():
+        return True
+    left = c > 0  # pair with the lower-left neighbour
+    f = flat[left]
+    return bool((m[f + w - 1] & ~m[f - 1] & ~below[left]).any())
 
 
 def _main_components(blobs: Blobs) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -339,7 +351,7 @@ def _main_components(blobs: Blobs) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     k_n = len(blobs.slices)
     rows, cols, ids = blobs.pixel_lists()
     fg = blobs.labels > 0
-    if not _has_diagonal_links(fg):  # then every 8-connected blob is 4-connected: nothing to cut
+    if not _has_diagonal_links(fg, rows, cols):  # then every 8-connected blob is 4-connected: nothing to cut
         return blobs.labels, rows, cols, ids
     lab4, n4 = label_components(fg, 4)
     if n4 == k_n:
