@@ -87,7 +87,7 @@ def level_plane_lines(
     return (img - plane - offsets[:, None]).astype(np.float32)
 
 
-STEP_KEEP_MIN_NM = 0.075  # line medians catch ~2/3 of a rough 0.136 nm step; line-offset wander rarely this much
+STEP_KEEP_MIN_NM = 0.075  # line medians catch ~2/3 of a rough 0.136 nm step; offset wander rarely this
 STEP_KEEP_PERSIST_NM = 1.0  # the jump must hold over this many nm of lines on both sides
 STEP_KEEP_NOISE_FACTOR = 6.0  # ... and at least this many robust sigmas of the line-to-line differences
 STEP_KEEP_MAX_ONE_LINE = 0.6  # ... and no single line may carry more than this fraction of it (tip change)
