@@ -40,6 +40,7 @@ def _ref_level_plane_lines(image: np.ndarray, smooth_px: float, pixel_size_nm: f
     lev = est - plane
     d = np.median(lev[1:] - lev[:-1], axis=1)
     offsets = np.concatenate([[0.0], np.cumsum(d)]).astype(np.float32)
+    offsets = offsets - P.step_jumps(offsets, pixel_size_nm, img - plane)
     offsets = offsets - P.row_band(offsets, pixel_size_nm)
     return (img - plane - offsets[:, None]).astype(np.float32)
 
