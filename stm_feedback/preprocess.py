@@ -200,13 +200,14 @@ def step_jumps(
     out = np.zeros_like(offsets_nm)
     if n < 2 * p + 1:
         return out
-    med = np.median(np.lib.stride_tricks.sliding_window_view(offsets_nm, p), axis=1)  # med[i]: lines i..i+p-1
+    # med[i]: lines i..i+p-1 (row_medians = np.median(..., axis=1) bit for bit, without its slow partition)
+    med = row_medians(np.lib.stride_tricks.sliding_window_view(offsets_nm, p))
     jump = np.zeros(n)
     jump[p : n - p + 1] = med[p:] - med[: n - 2 * p + 1]  # after line y minus before it
     mag = np.abs(jump)
     d_all = np.diff(offsets_nm)
     # frames in other units than nm (raw DAC counts, 8-bit exports): a floor from the line-to-line noise
-    noise = 1.4826 * float(np.median(np.abs(d_all - np.median(d_all))))
+    noise = 1.4826 * fast_median(np.abs(d_all - fast_median(d_all)))
     thr = max(STEP_KEEP_MIN_NM, STEP_KEEP_NOISE_FACTOR * noise)
     cand = (mag >= thr) & (mag >= ndimage.maximum_filter1d(mag, 2 * p + 1))
     # a clean jump gives a plateau of equal maxima ~p lines wide: one step at the centre of each run
@@ -288,7 +289,7 @@ def row_band(offsets: np.ndarray, pixel_size_nm: float) -> np.ndarray:
         # the noise floor next to the band (offsets often wander like 1/f noise: a global median would not do)
         near = (dist <= 0.4 * k * f_row) & ~band
         if band.any() and near.sum() >= 4:
-            if power[band].max() >= ROW_BAND_MIN_SNR * max(float(np.median(power[near])), 1e-30):
+            if power[band].max() >= ROW_BAND_MIN_SNR * max(fast_median(power[near]), 1e-30):
                 keep |= band
     if not keep.any():  # no row peak: only scan-line jitter there (rows oblique to the lines average out)
         return np.zeros_like(offsets)
