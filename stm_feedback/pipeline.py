@@ -177,7 +177,9 @@ def postprocess_maps(
     ps = settings.planner
 
     # 1. terraces
-    labels, step = pp.segment_terraces(m["step_prob"], s, params.step_threshold, params.min_terrace_area_nm2)
+    labels, step = pp.segment_terraces(
+        m["step_prob"], s, params.step_threshold, params.min_terrace_area_nm2, params.step_gap_close_nm
+    )
     tm.lap("terraces")
 
     # 2. atoms, restricted to terraces (the paper's per-terrace sub-images)
