@@ -27,6 +27,7 @@ from stm_feedback.lattice import (
     fit_row_lattice,
     local_fits,
     row_index,
+    undistorted_row_angle_deg,
 )
 from stm_feedback.maps import NetworkMaps
 from stm_feedback.planner import clearance_maps, defect_rule, near_mask, propose_sites
@@ -214,6 +215,7 @@ def postprocess_maps(
             fft_deg = fft_row_angle_deg(maps.image_norm[box], s, labels[box] == t)
         if fit is not None:
             fits[t] = fit
+            undist = undistorted_row_angle_deg(atoms_nm[sel], fit.row_angle_deg)
             terraces.append(
                 Terrace(
                     t,
@@ -223,6 +225,7 @@ def postprocess_maps(
                     len(sel),
                     None if fft_deg is None else round(fft_deg, 3),
                     round(fit.residual_nm, 4),
+                    None if undist is None else round(undist, 4),
                 )
             )
         else:  # too few atoms: the FFT angle alone, phase unknown (NaN is not JSON: use 0 and n_atoms tells)
