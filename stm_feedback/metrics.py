@@ -51,7 +51,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from simulator.truth import GroundTruth
 from stm_feedback.errors import InputError
-from stm_feedback.schema import Analysis
+from stm_feedback.schema import Analysis, Terrace
 
 ATOM_TOL_NM = 0.10
 DIMER_TOL_NM = 0.15
@@ -275,6 +275,16 @@ def angle_diff_deg(a_deg: float, b_deg: float) -> float:
     return float(min(d, 180.0 - d))
 
 
+def lattice_angle_deg(terrace: Terrace) -> float:
+    """The predicted angle compared with the truth's: the drift-corrected ``row_angle_undistorted_deg`` when
+    the analysis gives one, else ``row_angle_deg`` (the image-frame rows). The truth angle is the lattice's
+    angle in the scan frame without drift (simulator/imaging.py), so scoring only the image-frame angle
+    charges a perfect answer with the drift shear (median 0.17 deg on the realistic suite, measured with the
+    truth atom positions)."""
+    u = terrace.row_angle_undistorted_deg
+    return float(u) if u is not None and np.isfinite(u) else float(terrace.row_angle_deg)
+
+
 def row_angle_errors(
     truth: GroundTruth,
     analysis: Analysis,
@@ -298,7 +308,7 @@ def row_angle_errors(
             errors.append(MISSING_ANGLE_ERR_DEG)
             missing += 1
         else:
-            errors.append(angle_diff_deg(pred.row_angle_deg, tt.row_angle_deg))
+            errors.append(angle_diff_deg(lattice_angle_deg(pred), tt.row_angle_deg))
     return errors, missing
 
 
