@@ -154,7 +154,8 @@ def fit_row_lattice(
     max_coarse_atoms: int = 300,
     max_fit_atoms: int = 1500,
     prior_deg: float | None | str = "bonds",
-    refine_k: bool = True,
+    refine_k: bool = False,
+    full_search: bool = True,
 ) -> LatticeFit | None:
     """Fit the row angle (deg) and phase (nm) to atom positions ``xy_nm`` (N, 2) in nm of the image frame.
 
@@ -165,7 +166,10 @@ def fit_row_lattice(
     The phase and the residual use all atoms. ``prior_deg``: the bond direction's row angle if already
     known (``bond_prior_deg`` of the dimer pairs; None = no prior, full search), "bonds" = measure it
     here. Returns None when there are fewer than ``MIN_ATOMS_FOR_FIT`` atoms or the best normalised row
-    coherence is below ``min_coherence`` (no row lattice in these points).
+    coherence is below ``min_coherence`` (no row lattice in these points), and with ``full_search=False``
+    when a prior is known but no strong interior peak lies within +-10 deg of it (no search over [0, 180)).
+    ``refine_k``: refine the angle by ``refine_wavevector`` (free |k|; off by default: on the realistic suite
+    it changed the median row-angle error 0.213 -> 0.218 deg, hard 1.32 -> 1.21 deg, for ~0.7 ms per terrace).
     """
     xy_nm = np.asarray(xy_nm, dtype=np.float64).reshape(-1, 2)
     if len(xy_nm) < MIN_ATOMS_FOR_FIT:
@@ -184,6 +188,8 @@ def fit_row_lattice(
         if not (0 < best < len(coarse) - 1 and np.sqrt(coh[best]) >= PRIOR_MIN_COHERENCE * norm):
             best = -1
     if best < 0:
+        if not full_search and prior is not None:
+            return None
         coarse = np.arange(0.0, 180.0, 0.5)
         coh = _row_coherence(coarse, sub)
         best = int(np.argmax(coh))
@@ -246,8 +252,8 @@ def undistorted_row_angle_deg(
     xy_c = xy - xy.mean(axis=0)
     xy_c = xy_c[:: max(1, -(-len(xy_c) // max_atoms))]
     u, n = unit_vectors(row_angle_deg)
-    k1 = refine_wavevector(xy_c, n / ROW_SPACING_NM)
-    k2 = refine_wavevector(xy_c, u / SURFACE_LATTICE_NM)
+    k1 = refine_wavevector(xy_c, n / ROW_SPACING_NM, iters=4)
+    k2 = refine_wavevector(xy_c, u / SURFACE_LATTICE_NM, iters=4)
     if abs(np.exp(2j * np.pi * (xy_c @ k2)).mean()) < min_along_coherence:
         return None
     p1, q1, p2 = float(k1[0]), float(k1[1]), float(k2[0])
@@ -258,11 +264,20 @@ def undistorted_row_angle_deg(
 
 
 def local_fits(
-    xy_nm: np.ndarray, tile_nm: float = 5.0, min_atoms: int = 40, min_coherence: float = 0.3
+    xy_nm: np.ndarray,
+    tile_nm: float = 5.0,
+    min_atoms: int = 40,
+    min_coherence: float = 0.3,
+    prior_deg: float | None = None,
 ) -> dict[tuple[float, float], LatticeFit]:
     """Row lattice fitted separately in square tiles of ``tile_nm`` (key = (floor(x / tile), floor(y /
     tile))) with >= ``min_atoms`` atoms and a normalised coherence >= ``min_coherence``: follows rows that
-    drift or creep bends across a terrace, where one straight lattice has no coherence."""
+    drift or creep bends across a terrace, where one straight lattice has no coherence.
+
+    Each tile searches +-10 deg around its own dimer-bond direction, or around ``prior_deg`` (the terrace's
+    global fit) when its bonds disagree; a tile without a strong peak there has no fit (no search over all
+    of [0, 180): on hard-suite frames those searches on incoherent tiles cost ~50 ms per frame). Without
+    any prior a tile searches all angles."""
     xy = np.asarray(xy_nm, float).reshape(-1, 2)
     out: dict[tuple[float, float], LatticeFit] = {}
     if len(xy) < min_atoms:
@@ -271,7 +286,14 @@ def local_fits(
     uniq, inv, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
     for i in np.flatnonzero(counts >= min_atoms):
         sub = xy[inv.ravel() == i]
-        fit = fit_row_lattice(sub, min_coherence=min_coherence)
+        prior = bond_prior_deg(nn_bonds_nm(sub))
+        fit = fit_row_lattice(
+            sub,
+            min_coherence=min_coherence,
+            prior_deg=prior if prior is not None else prior_deg,
+            refine_k=False,
+            full_search=False,
+        )
         if fit is not None:
             out[(float(uniq[i, 0]), float(uniq[i, 1]))] = fit
     return out

@@ -263,7 +263,12 @@ def postprocess_maps(
                 a_angle[a_sel], a_phase[a_sel] = fit.row_angle_deg, fit.row_phase_nm
                 if fit.coherence >= params.local_fit_below_coherence:
                     continue
-            tiles = local_fits(atoms_nm[a_sel], params.local_tile_nm, params.local_min_atoms)
+            tiles = local_fits(
+                atoms_nm[a_sel],
+                params.local_tile_nm,
+                params.local_min_atoms,
+                prior_deg=None if fit is None else fit.row_angle_deg,
+            )
             if tiles:
                 keys = np.floor(atoms_nm[a_sel] / params.local_tile_nm)
                 for key, lfit in tiles.items():
