@@ -196,6 +196,18 @@ def postprocess_maps(
     atoms_nm = atoms_xy * s
     atom_tree = cKDTree(atoms_nm) if len(atoms_nm) else None
     pairs = pp.pair_dimers(atoms_nm, params.dimer_tol_nm, tree=atom_tree)
+    if params.orientation_split and len(pairs):
+        # a step NN-0 missed entirely: the rows turn by 90 deg across it (pp.split_by_orientation)
+        new_labels = pp.split_by_orientation(
+            labels,
+            s,
+            (atoms_xy[pairs[:, 0]] + atoms_xy[pairs[:, 1]]) / 2,
+            atoms_xy[pairs[:, 1]] - atoms_xy[pairs[:, 0]],
+            params.min_terrace_area_nm2,
+        )
+        if new_labels is not labels:
+            labels = new_labels
+            atom_ter = labels[a_rows, a_cols]
     pair_ter = np.where(atom_ter[pairs[:, 0]] == atom_ter[pairs[:, 1]], atom_ter[pairs[:, 0]], -1)
     bonds = atoms_nm[pairs[:, 1]] - atoms_nm[pairs[:, 0]]
     n_ter = int(labels.max()) + 1 if labels.size else 0
