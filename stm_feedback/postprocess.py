@@ -424,6 +424,7 @@ def lattice_dimers(
     single_min_score: float = 0.5,
     bond_pairs: np.ndarray | None = None,
     max_bond_tilt_deg: float = 30.0,
+    max_row_offset_nm: float = 0.2,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Dimers from atoms on a known row lattice: (atom index pairs (M, 2) int64, second index -1 for a dimer
     seen by one atom only; centres (M, 2) nm).
@@ -437,6 +438,11 @@ def lattice_dimers(
     ``pair_radius_nm`` (half the 0.384 nm along-row pitch is the hard limit) form one dimer at their
     midpoint; an unpaired atom with score >= ``single_min_score`` is a dimer whose partner atom the network
     missed (most lost dimers: 12946 of 18230 missed realistic-suite dimers had exactly one atom detected).
+
+    ``bond_pairs`` (K, 2): atom pairs already bonded (``pair_dimers``: mutual nearest neighbours 0.24 nm
+    apart); those whose bond is within ``max_bond_tilt_deg`` of the row normal and whose midpoint is within
+    ``max_row_offset_nm`` of a row centre line are dimers first, at their midpoint (independent of the
+    fitted phase, which drift can bend by more than the line tolerance); their atoms are not reused.
     """
     xy = np.asarray(atoms_xy_nm, float).reshape(-1, 2)
     ang = np.deg2rad(np.asarray(row_angle_deg, float))
@@ -450,7 +456,11 @@ def lattice_dimers(
         cos_t = np.abs(-bond[:, 0] * np.sin(a0) + bond[:, 1] * np.cos(a0)) / np.maximum(
             np.hypot(bond[:, 0], bond[:, 1]), 1e-12
         )
-        bp = bp[cos_t >= math.cos(math.radians(max_bond_tilt_deg))]
+        mid = (xy[bp[:, 0]] + xy[bp[:, 1]]) / 2
+        sn = -mid[:, 0] * np.sin(a0) + mid[:, 1] * np.cos(a0)
+        ph = np.asarray(row_phase_nm, float)[bp[:, 0]]
+        off = np.abs((sn - ph + ROW_SPACING_NM / 2) % ROW_SPACING_NM - ROW_SPACING_NM / 2)
+        bp = bp[(cos_t >= math.cos(math.radians(max_bond_tilt_deg))) & (off <= max_row_offset_nm)]
         first = [bp]
         ok[bp.ravel()] = False
     idx = np.flatnonzero(ok)
