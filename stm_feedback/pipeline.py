@@ -194,7 +194,8 @@ def postprocess_maps(
 
     # 3. lattice per terrace (the dimer pairs' bonds, computed once here, give the fit its search prior)
     atoms_nm = atoms_xy * s
-    atom_tree = cKDTree(atoms_nm) if len(atoms_nm) else None
+    # unbalanced build: ~3x faster for these few thousand points, queries as fast
+    atom_tree = cKDTree(atoms_nm, balanced_tree=False, compact_nodes=False) if len(atoms_nm) else None
     pairs = pp.pair_dimers(atoms_nm, params.dimer_tol_nm, tree=atom_tree)
     if params.orientation_split and len(pairs):
         # a step NN-0 missed entirely: the rows turn by 90 deg across it (pp.split_by_orientation)

@@ -373,20 +373,30 @@ def find_atoms(
 
 
 def pair_dimers(atoms_xy_nm: np.ndarray, tol_nm: float = 0.08, tree: cKDTree | None = None) -> np.ndarray:
-    """Index pairs (M, 2) of atoms that are mutual nearest neighbours at 0.24 +- tol nm (one dimer);
-    ``tree``: an optional cKDTree of ``atoms_xy_nm`` to reuse."""
-    if len(atoms_xy_nm) < 2:
+    """Index pairs (M, 2) (first < second) of atoms that are mutual nearest neighbours at 0.24 +- tol nm (one
+    dimer); ``tree``: an optional cKDTree of ``atoms_xy_nm`` to reuse."""
+    n_at = len(atoms_xy_nm)
+    if n_at < 2:
         return np.empty((0, 2), np.int64)
     tree = tree if tree is not None else cKDTree(atoms_xy_nm)
-    # a partner farther than 0.24 + tol cannot pair, and a mutual partner within it is always found: the
-    # bounded query gives the same pairs as the unbounded one at a fraction of the cost
-    d, j = tree.query(atoms_xy_nm, k=2, distance_upper_bound=DIMER_ATOM_SEPARATION_NM + tol_nm)
-    n_at = len(atoms_xy_nm)
-    found = j[:, 1] < n_at
-    nn = np.where(found, j[:, 1], np.arange(n_at))
-    dist = d[:, 1]
+    # a partner farther than 0.24 + tol cannot pair, and a mutual partner within it is always found: the pairs
+    # within that radius give each atom's nearest neighbour there (query_pairs: ~3x faster than a k=2 query)
+    ij = tree.query_pairs(DIMER_ATOM_SEPARATION_NM + tol_nm, output_type="ndarray").astype(np.int64)
+    if len(ij) == 0:
+        return np.empty((0, 2), np.int64)
+    xy = np.asarray(atoms_xy_nm, float)
+    d = np.hypot(*(xy[ij[:, 0]] - xy[ij[:, 1]]).T)
+    src = np.concatenate([ij[:, 0], ij[:, 1]])
+    dst = np.concatenate([ij[:, 1], ij[:, 0]])
+    dd = np.concatenate([d, d])
+    dist = np.full(n_at, np.inf)
+    np.minimum.at(dist, src, dd)
+    best = dd == dist[src]  # each atom's nearest partner(s); an exact tie keeps the smaller index
+    nn = np.full(n_at, n_at, np.int64)
+    np.minimum.at(nn, src[best], dst[best])
+    nn[nn == n_at] = -1
     i = np.arange(n_at)
-    ok = found & (nn[nn] == i) & (i < nn) & (np.abs(dist - DIMER_ATOM_SEPARATION_NM) < tol_nm)
+    ok = (nn > i) & (nn[np.maximum(nn, 0)] == i) & (np.abs(dist - DIMER_ATOM_SEPARATION_NM) < tol_nm)
     return np.stack([i[ok], nn[ok]], axis=1)
 
 
