@@ -260,7 +260,7 @@ def undistorted_row_angle_deg(
     row_angle_deg: float,
     min_along_coherence: float = 0.3,
     min_atoms: int = 50,
-    max_atoms: int = 1500,
+    max_atoms: int = 800,
 ) -> float | None:
     """Row angle (deg, [0, 180)) of the lattice before the scan's drift shear, or None when it cannot be
     measured (fewer than ``min_atoms`` atoms, or the along-row period is not coherent over the atoms).

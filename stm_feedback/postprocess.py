@@ -381,23 +381,31 @@ def pair_dimers(atoms_xy_nm: np.ndarray, tol_nm: float = 0.08, tree: cKDTree | N
     tree = tree if tree is not None else cKDTree(atoms_xy_nm)
     # a partner farther than 0.24 + tol cannot pair, and a mutual partner within it is always found: the pairs
     # within that radius give each atom's nearest neighbour there (query_pairs: ~3x faster than a k=2 query)
-    ij = tree.query_pairs(DIMER_ATOM_SEPARATION_NM + tol_nm, output_type="ndarray").astype(np.int64)
+    nn, dist = _nearest_within(np.asarray(atoms_xy_nm, float), tree, DIMER_ATOM_SEPARATION_NM + tol_nm)
+    i = np.arange(n_at)
+    ok = (nn > i) & (nn[np.maximum(nn, 0)] == i) & (np.abs(dist - DIMER_ATOM_SEPARATION_NM) < tol_nm)
+    return np.stack([i[ok], nn[ok]], axis=1)
+
+
+def _nearest_within(xy: np.ndarray, tree: cKDTree, r: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each point's nearest other point within ``r`` (index, -1 if none; distance, inf if none), from the
+    KD-tree's pairs within r (an exact tie keeps the smaller index)."""
+    n = len(xy)
+    nn = np.full(n, -1, np.int64)
+    dist = np.full(n, np.inf)
+    ij = tree.query_pairs(r, output_type="ndarray").astype(np.int64)
     if len(ij) == 0:
-        return np.empty((0, 2), np.int64)
-    xy = np.asarray(atoms_xy_nm, float)
+        return nn, dist
     d = np.hypot(*(xy[ij[:, 0]] - xy[ij[:, 1]]).T)
     src = np.concatenate([ij[:, 0], ij[:, 1]])
     dst = np.concatenate([ij[:, 1], ij[:, 0]])
     dd = np.concatenate([d, d])
-    dist = np.full(n_at, np.inf)
     np.minimum.at(dist, src, dd)
-    best = dd == dist[src]  # each atom's nearest partner(s); an exact tie keeps the smaller index
-    nn = np.full(n_at, n_at, np.int64)
+    best = dd == dist[src]
+    nn[:] = n
     np.minimum.at(nn, src[best], dst[best])
-    nn[nn == n_at] = -1
-    i = np.arange(n_at)
-    ok = (nn > i) & (nn[np.maximum(nn, 0)] == i) & (np.abs(dist - DIMER_ATOM_SEPARATION_NM) < tol_nm)
-    return np.stack([i[ok], nn[ok]], axis=1)
+    nn[nn == n] = -1
+    return nn, dist
 
 
 def dimers_on_lattice(
@@ -487,9 +495,9 @@ def lattice_dimers(
     paired = np.zeros(len(idx), bool)
     pairs = np.empty((0, 2), np.int64)
     if len(idx) >= 2:
-        _, j = cKDTree(centre).query(centre, k=2, distance_upper_bound=pair_radius_nm)
-        nb = j[:, 1]
-        found = nb < len(idx)
+        tree = cKDTree(centre, balanced_tree=False, compact_nodes=False)
+        nb, _ = _nearest_within(centre, tree, pair_radius_nm)
+        found = nb >= 0
         nb = np.where(found, nb, np.arange(len(idx)))
         i = np.arange(len(idx))
         mutual = found & (nb[nb] == i) & (i < nb) & (side != side[nb])
