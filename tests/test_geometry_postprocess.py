@@ -206,3 +206,16 @@ def test_oracle_undistorted_angle_is_closer_to_truth(seed: int) -> None:
         und_err.append(angle_diff_deg(t.row_angle_undistorted_deg, tt.row_angle_deg))
     assert und_err and max(und_err) < 0.15
     assert np.mean(und_err) <= np.mean(img_err)
+
+
+def test_pair_dimers_equals_brute_force_mutual_nearest_neighbours() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(5):
+        xy = rng.uniform(0, 6, (400, 2))
+        d = np.linalg.norm(xy[:, None] - xy[None], axis=2)
+        np.fill_diagonal(d, np.inf)
+        nn = d.argmin(axis=1)
+        i = np.arange(len(xy))
+        ok = (nn[nn] == i) & (i < nn) & (np.abs(d[i, nn] - DIMER_ATOM_SEPARATION_NM) < 0.08)
+        want = np.stack([i[ok], nn[ok]], axis=1)
+        assert np.array_equal(pp.pair_dimers(xy, 0.08), want)
