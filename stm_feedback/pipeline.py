@@ -228,7 +228,12 @@ def postprocess_maps(
             fft_deg = fft_row_angle_deg(maps.image_norm[box], s, labels[box] == t)
         if fit is not None:
             fits[t] = fit
-            undist = undistorted_row_angle_deg(atoms_nm[sel], fit.row_angle_deg)
+            # a weak row lattice has no coherent along-row period either (None): skip its ~1.5 ms
+            undist = (
+                undistorted_row_angle_deg(atoms_nm[sel], fit.row_angle_deg)
+                if fit.coherence >= params.undistort_min_coherence
+                else None
+            )
             terraces.append(
                 Terrace(
                     t,

@@ -47,6 +47,8 @@ class PostprocessParams:
     # local lattice fits (tiles of local_tile_nm, >= local_min_atoms atoms) validate the dimers of terraces
     # whose global fit is missing or has a normalised row coherence below local_fit_below_coherence
     local_fit_below_coherence: float = 0.8
+    # terraces whose fit reaches this normalised coherence get row_angle_undistorted_deg
+    undistort_min_coherence: float = 0.3
     local_tile_nm: float = 5.0
     local_min_atoms: int = 40
     frame_clustering: bool = (
@@ -274,6 +276,12 @@ def split_by_orientation(
             if len(small):
                 grid[np.isin(lab_c, small)] = -v
         if (grid == 1).all() or (grid == -1).all():
+            continue
+        # cheap check on the cell grid first (scattered false bonds fail here, before any full-frame work)
+        b_grid = grid[row[sel] // c, col[sel] // c]
+        if any(
+            (b_grid == v).sum() >= min_bonds and np.mean(cls[b_grid == v] == v) < min_purity for v in (1, -1)
+        ):
             continue
         px_cls = grid[np.arange(h)[:, None] // c, np.arange(w)[None, :] // c]
         mask = labels == t
