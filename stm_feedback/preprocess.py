@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from stm_feedback.errors import InputError
+from stm_feedback.physics import ROW_SPACING_NM
 
 MIN_PIXEL_SIZE_NM = 0.005
 MAX_PIXEL_SIZE_NM = 2.0
@@ -52,7 +53,9 @@ def validate_frame(image: np.ndarray, pixel_size_nm: float, bias_v: float | None
     return img
 
 
-def level_plane_lines(image: np.ndarray, smooth_px: float = 0.0) -> np.ndarray:
+def level_plane_lines(
+    image: np.ndarray, smooth_px: float = 0.0, pixel_size_nm: float | None = None
+) -> np.ndarray:
     """Remove a plane (median x/y slopes, robust to steps) and per-line offsets (median of the differences
     to the previous line, Gwyddion-style). Same units as the input (nm); float32 (H, W).
 
@@ -75,7 +78,44 @@ def level_plane_lines(image: np.ndarray, smooth_px: float = 0.0) -> np.ndarray:
     lev = est - plane
     d = np.median(lev[1:] - lev[:-1], axis=1)
     offsets = np.concatenate([[0.0], np.cumsum(d)]).astype(np.float32)
+    if pixel_size_nm:
+        # rows parallel to the scan lines make the dimer-row corrugation itself a per-line offset: keep it
+        offsets = offsets - row_band(offsets, pixel_size_nm)
     return (img - plane - offsets[:, None]).astype(np.float32)
+
+
+ROW_BAND_HARMONICS = 2  # corrugation across the rows: 0.768 nm period and its first harmonic
+ROW_BAND_MIN_SNR = 20.0  # peak power in a band vs the median power next to it, to call the rows aligned
+ROW_BAND_REL_WIDTH = 0.06  # +-6 %: piezo calibration, drift (rows > ~2 deg off the lines average out)
+
+
+def row_band(offsets: np.ndarray, pixel_size_nm: float) -> np.ndarray:
+    """The part of a per-line offset profile (one value per scan line, any units) at the dimer-row spatial
+    frequencies across the lines (k / 0.768 nm, k = 1..2, +-6 %): for rows parallel to the scan lines, that
+    part is the row corrugation, not a scan artefact, so levelling must not remove it. Same shape and units as
+    ``offsets``; zeros when the lines are too few to resolve the band or the band holds no row peak (power
+    < ROW_BAND_MIN_SNR x the median power of the frequencies next to it: oblique rows, only jitter there)."""
+    n = len(offsets)
+    if n < 16:
+        return np.zeros_like(offsets)
+    t = np.arange(n, dtype=np.float64)
+    trend = np.polyval(np.polyfit(t, offsets, 1), t)  # a linear trend would leak into every band
+    spec = np.fft.rfft(offsets - trend)
+    f = np.fft.rfftfreq(n, d=pixel_size_nm)  # cycles per nm across the lines
+    f_row = 1.0 / ROW_SPACING_NM
+    power = np.abs(spec) ** 2
+    keep = np.zeros(len(f), bool)
+    for k in range(1, ROW_BAND_HARMONICS + 1):
+        dist = np.abs(f - k * f_row)
+        band = dist <= ROW_BAND_REL_WIDTH * k * f_row + 1.0 / (n * pixel_size_nm)
+        # the noise floor next to the band (offsets often wander like 1/f noise: a global median would not do)
+        near = (dist <= 0.4 * k * f_row) & ~band
+        if band.any() and near.sum() >= 4:
+            if power[band].max() >= ROW_BAND_MIN_SNR * max(float(np.median(power[near])), 1e-30):
+                keep |= band
+    if not keep.any():  # no row peak: only scan-line jitter there (rows oblique to the lines average out)
+        return np.zeros_like(offsets)
+    return np.fft.irfft(np.where(keep, spec, 0), n).astype(offsets.dtype)
 
 
 def percentile_scale(image: np.ndarray, lo_pct: float = 1.0, hi_pct: float = 99.0) -> np.ndarray:
@@ -95,7 +135,7 @@ def normalize_frame(image_nm: np.ndarray, pixel_size_nm: float | None = None) ->
     0.4 nm along x when pixel_size_nm is given), then 1-99 percentile scaling, clipped to [-0.5, 1.5] so
     spikes cannot dominate. Unitless float32 (H, W)."""
     smooth_px = LEVEL_SMOOTH_NM / pixel_size_nm if pixel_size_nm else 0.0
-    return np.clip(percentile_scale(level_plane_lines(image_nm, smooth_px)), -0.5, 1.5)
+    return np.clip(percentile_scale(level_plane_lines(image_nm, smooth_px, pixel_size_nm)), -0.5, 1.5)
 
 
 def highpass(image: np.ndarray, sigma_px: float) -> np.ndarray:

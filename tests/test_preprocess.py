@@ -16,6 +16,7 @@ from stm_feedback.preprocess import (
     pad_to_multiple,
     resampled_shape,
     resize,
+    row_band,
     validate_frame,
 )
 
@@ -63,6 +64,29 @@ def test_levelling_removes_plane_and_line_offsets() -> None:
     lev = level_plane_lines(img.astype(np.float32), smooth_px=4.0)
     resid = lev - lattice
     assert np.ptp(resid) < 0.02  # plane (1.4 nm of tilt) and line offsets gone
+
+
+def test_levelling_keeps_rows_parallel_to_the_scan_lines() -> None:
+    """Rows along x (the scan lines) make the corrugation a per-line offset: keep it, remove the jitter."""
+    rng = np.random.default_rng(2)
+    h, w, px = 256, 96, 0.1
+    yy, xx = np.mgrid[0:h, 0:w]
+    rows = 0.03 * np.cos(2 * np.pi * yy * px / 0.768)  # rows along x, 0.768 nm apart
+    jitter = rng.normal(0, 0.02, h)[:, None]
+    img = (rows + 0.01 * yy + jitter).astype(np.float32)
+    lev = level_plane_lines(img, smooth_px=4.0, pixel_size_nm=px)
+    profile = lev.mean(axis=1)
+    corr = np.corrcoef(profile, rows[:, 0])[0, 1]
+    assert corr > 0.75  # the old Gwyddion-style levelling gave ~0: the rows were erased
+    # the jitter outside the row band is removed: residual far below the 0.02 nm jitter
+    resid = profile - rows[:, 0] - (profile - rows[:, 0]).mean()
+    assert np.std(resid) < 0.6 * 0.02
+    # only jitter (rows oblique to the lines): nothing is kept, the levelling is the plain Gwyddion-style one
+    for seed in range(20):
+        white = np.random.default_rng(seed).normal(0, 0.02, h)
+        assert not np.any(row_band(white, px)) and not np.any(row_band(white.cumsum(), px))  # jitter, wander
+    # without a pixel size there is no band to keep (and the old behaviour is unchanged)
+    assert abs(np.corrcoef(level_plane_lines(img, 4.0).mean(axis=1), rows[:, 0])[0, 1]) < 0.5
 
 
 def test_normalisation_is_per_frame_and_affine_invariant() -> None:
