@@ -1,12 +1,13 @@
-"""Post-processing steps 1-4 (terraces, atoms, lattice, dimers) on a validation suite: CPU time per step and the
-row-angle errors with and without ``Terrace.row_angle_undistorted_deg``.
+"""Post-processing steps 1-4 (terraces, atoms, lattice, dimers) on a validation suite: CPU time per step
+and the row-angle errors with and without ``Terrace.row_angle_undistorted_deg``.
 
 ``python benchmarks/geometry_steps.py --suite realistic --repeats 3``
 
 The networks run once per frame; ``postprocess_maps`` then runs ``--repeats`` times and each step keeps its
-minimum CPU time (``time.process_time``: on a shared machine wall-clock times mostly measure the other jobs).
-Prints p50 / p95 over the frames per step (ms) and the suite's row-angle error median / mean / p90 (deg) scored
-as ``stm-feedback evaluate`` does, then once more with the undistorted angle removed (image-frame rows only).
+minimum CPU time (``time.process_time``: on a shared machine wall-clock times mostly measure the other
+jobs). Prints p50 / p95 over the frames per step (ms) and the suite's row-angle error median / mean / p90
+(deg) scored as ``stm-feedback evaluate`` does, then once more with the undistorted angle removed (image-frame
+rows only).
 """
 
 from __future__ import annotations

@@ -32,10 +32,10 @@ Scoring rules (also written down in docs/evaluation.md):
   prediction's most common label (1.0 when no spurious terrace is predicted).
 - **Row-angle error** (degrees, modulo 180, in [0, 90]): for each truth terrace with at least
   ``min_terrace_area_nm2`` scored pixels, the predicted terrace with the largest pixel overlap (after the -1
-  reassignment above) and its ``Terrace.row_angle_undistorted_deg`` when given (drift shear removed: the truth
-  angle is drift-free), else its ``Terrace.row_angle_deg``. A truth terrace without such a predicted terrace (or
-  whose predicted terrace has no ``Terrace`` entry) scores the maximal error, 90 degrees, and counts as
-  missing.
+  reassignment above) and its ``Terrace.row_angle_undistorted_deg`` when given (drift shear removed: the
+  truth angle is drift-free), else its ``Terrace.row_angle_deg``. A truth terrace without such a predicted
+  terrace (or whose predicted terrace has no ``Terrace`` entry) scores the maximal error, 90 degrees, and
+  counts as missing.
 """
 
 from __future__ import annotations

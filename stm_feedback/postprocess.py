@@ -159,7 +159,9 @@ def close_step_gaps(
     if len(cand) == 0:
         return step
     cos_max = math.cos(math.radians(max_turn_deg))
-    pieces: list[tuple[int, np.ndarray, float, np.ndarray, np.ndarray]] = []  # id, pixels (x, y), length, ends
+    pieces: list[
+        tuple[int, np.ndarray, float, np.ndarray, np.ndarray]
+    ] = []  # id, pixels (x, y), length, ends
     for k in cand.tolist():
         x0, y0, bw, bh = (int(v) for v in stats[k, :4])
         rr, cc = np.nonzero(lab[y0 : y0 + bh, x0 : x0 + bw] == k)
@@ -271,7 +273,9 @@ def split_by_orientation(
             grid = grid[ri, ci]
         # regions of the cell grid smaller than the minimum terrace join the other class
         for v in (1, -1):
-            n_c, lab_c, st_c, _ = cv2.connectedComponentsWithStats((grid == v).astype(np.uint8), connectivity=4)
+            n_c, lab_c, st_c, _ = cv2.connectedComponentsWithStats(
+                (grid == v).astype(np.uint8), connectivity=4
+            )
             small = np.flatnonzero(st_c[1:, cv2.CC_STAT_AREA] * c * c < min_px) + 1
             if len(small):
                 grid[np.isin(lab_c, small)] = -v
@@ -495,7 +499,9 @@ def lattice_dimers(
         return bp, (xy[bp[:, 0]] + xy[bp[:, 1]]) / 2
     n = np.stack([-np.sin(ang[idx]), np.cos(ang[idx])], axis=1)
     sn = np.sum(xy[idx] * n, axis=1)
-    off = (sn - np.asarray(row_phase_nm, float)[idx] + ROW_SPACING_NM / 2) % ROW_SPACING_NM - ROW_SPACING_NM / 2
+    off = (
+        sn - np.asarray(row_phase_nm, float)[idx] + ROW_SPACING_NM / 2
+    ) % ROW_SPACING_NM - ROW_SPACING_NM / 2
     half = DIMER_ATOM_SEPARATION_NM / 2
     on_line = np.abs(np.abs(off) - half) <= line_tol_nm
     idx, n, side = idx[on_line], n[on_line], np.sign(off[on_line])
@@ -622,7 +628,6 @@ def _disk(radius_px: float) -> np.ndarray:
     r = int(math.floor(radius_px))
     off = np.arange(-r, r + 1)
     return (np.sqrt((off[:, None] ** 2 + off[None, :] ** 2).astype(np.float64)) <= radius_px).astype(np.uint8)
-
 
 
 def _ring_levels(
