@@ -273,9 +273,9 @@ def undistorted_row_angle_deg(
     and the along-row one k2 (0.384 nm pitch) of the atoms (``refine_wavevector`` from the best of a small
     grid around the image-frame ``row_angle_deg``), the undistorted lattice has k1 = (p1, Y1), k2 = (p2, Y2)
     with k1 . k2 = 0 and |k2| = 2 |k1|: Y1^2 = X solves 4 X^2 + (4 p1^2 - p2^2) X - p1^2 p2^2 = 0 (sign of
-    Y1 as in the image), the row angle is angle(k1) - 90 deg. Independent of the pixel-size calibration; assumes a drift that is linear in
-    time over the terrace (creep bends the rows: the along-row coherence |mean exp(2 pi i k2.p)| must reach
-    ``min_along_coherence``, 1 = perfect).
+    Y1 as in the image), the row angle is angle(k1) - 90 deg. Independent of the pixel-size calibration;
+    assumes a drift that is linear in time over the terrace (creep bends the rows: the along-row coherence
+    |mean exp(2 pi i k2.p)| must reach ``min_along_coherence``, 1 = perfect).
     """
     xy = np.asarray(xy_nm, float).reshape(-1, 2)
     if len(xy) < min_atoms:
