@@ -16,9 +16,9 @@ from stm_feedback.errors import InputError
 from stm_feedback.physics import ROW_SPACING_NM, SURFACE_LATTICE_NM
 from stm_feedback.pipeline import Pipeline
 from stm_feedback.planner import clearance_maps, defect_rule, distance_px, parse_pattern, propose_sites
+from stm_feedback.planner_eval import aggregate_sites, false_safe_sites, score_sites, truth_slack_nm
+from stm_feedback.schema import Site
 from tests.test_pipeline_oracle import oracle_maps, simulate
-
-TOUCH_NM = 0.3  # a dimer (0.5 x 0.38 nm) centred closer than this to a footprint pixel touches it
 
 
 # ---------------------------------------------------------------------------------------- synthetic rules
@@ -127,11 +127,14 @@ def test_defect_rules() -> None:
     assert defect_rule("protrusion", "litho_patch", 5.0, 3.0, ps) == (False, 0.0)
     assert defect_rule("protrusion", "adatom_cluster", 5.0, 1.0, ps) == (True, ps.adatom_margin_nm)
     assert defect_rule("depression", "dihydride", -1.0, 1.0, ps) == (True, ps.dihydride_margin_nm)
-    # unlabelled protrusions: small and low = writable DB-like; large or high = adatom-like
-    assert defect_rule("protrusion", "protrusion-0", 3.0, 1.0, ps)[0] is False
-    assert defect_rule("protrusion", "protrusion-0", 3.0, 5.0, ps)[0] is True
-    assert defect_rule("protrusion", "protrusion-0", 50.0, 1.0, ps)[0] is True
-    assert defect_rule("protrusion", "protrusion-0", float("nan"), 1.0, ps)[0] is True
+    # unlabelled protrusions: must-avoid by default (adatoms and DBs overlap in area and height)
+    assert defect_rule("protrusion", "protrusion-0", 3.0, 1.0, ps) == (True, ps.adatom_margin_nm)
+    # with writable thresholds set: small and low = writable DB-like; large or high = adatom-like
+    pw = PlannerSettings(writable_max_area_cells=1.5, writable_max_height_rel=15.0)
+    assert defect_rule("protrusion", "protrusion-0", 3.0, 1.0, pw)[0] is False
+    assert defect_rule("protrusion", "protrusion-0", 3.0, 5.0, pw)[0] is True
+    assert defect_rule("protrusion", "protrusion-0", 50.0, 1.0, pw)[0] is True
+    assert defect_rule("protrusion", "protrusion-0", float("nan"), 1.0, pw)[0] is True
     assert defect_rule("mystery", "x", 0.0, 1.0, ps) == (True, ps.unknown_margin_nm)
 
 
@@ -149,70 +152,40 @@ def test_writable_defect_can_be_written_over() -> None:
 
 
 # ---------------------------------------------------------------------------------------- simulated frames
-def false_safe_count(sites, truth) -> tuple[int, int]:  # noqa: ANN001
-    """(site dimers touching a must-avoid truth footprint / step edge / unresolved region, dimers violating
-    2 nm step rule w.r.t. the truth step mask)."""
-    s = truth.pixel_size_nm
-    inst = np.asarray(truth.defect_instances)
-    avoid_ids = [d.id for d in truth.defects if d.must_avoid]
-    bad = np.isin(inst, avoid_ids) | np.asarray(truth.step_mask) | np.asarray(truth.unresolved_mask)
-    bad |= np.asarray(truth.terrace_labels) < 0
-    d_bad = distance_px(bad) * s
-    d_step = distance_px(np.asarray(truth.step_mask) | (np.asarray(truth.terrace_labels) < 0)) * s
-    pts = np.array([p for site in sites for p in site.dimers]).reshape(-1, 2)
-    if len(pts) == 0:
-        return 0, 0
-    r, c = np.rint(pts[:, 1]).astype(int), np.rint(pts[:, 0]).astype(int)
-    return int((d_bad[r, c] < TOUCH_NM).sum()), int((d_step[r, c] < 2.0 - s).sum())
-
-
-def truth_has_window(truth, ps: PlannerSettings) -> bool:  # noqa: ANN001
-    """Does the truth contain a clean window of the pattern (same rules, truth masks and truth dimers)?"""
-    s = truth.pixel_size_nm
-    inst = np.asarray(truth.defect_instances)
-    avoid: dict[float, np.ndarray] = {}
-    for d in truth.defects:
-        if d.must_avoid:
-            margin = {"adatom_cluster": ps.adatom_margin_nm, "dihydride": ps.dihydride_margin_nm}.get(
-                d.cls, ps.depression_margin_nm
-            )
-            m = avoid.setdefault(margin, np.zeros(inst.shape, bool))
-            m |= inst == d.id
-    labels = np.asarray(truth.terrace_labels)
-    clear = clearance_maps(
-        labels, np.asarray(truth.step_mask), np.asarray(truth.unresolved_mask), avoid, s, ps
-    )
-    angles = {t.id: t.row_angle_deg for t in truth.terraces}
-    sites = propose_sites(truth.dimers_xy_px, truth.dimer_terrace, angles, clear, s, ps)
-    return len(sites) > 0
-
-
 def run_frames(seeds, size_px: int = 192, preset: str = "realistic") -> dict:  # noqa: ANN001
+    """Planner scores (stm_feedback.planner_eval definitions) of the pipeline on oracle maps."""
     pipe = Pipeline(Settings())
     ps = pipe.settings.planner
-    out = {"frames": 0, "sites": 0, "false_safe": 0, "step_rule": 0, "window_frames": 0, "found": 0}
+    scores = []
     for seed in seeds:
         f = simulate(seed, size_px, None, preset)
         a = pipe.analyze_maps(
             f.image_nm, oracle_maps(f.image_nm, f.truth, f.bias_v), f.pixel_size_nm, f.bias_v
         )
-        fs, st = false_safe_count(a.sites, f.truth)
-        out["frames"] += 1
-        out["sites"] += len(a.sites)
-        out["false_safe"] += fs
-        out["step_rule"] += st
-        if truth_has_window(f.truth, ps):
-            out["window_frames"] += 1
-            out["found"] += bool(a.sites)
-    return out
+        scores.append(score_sites(f.truth, a, ps))
+    return {"frames": len(scores), **aggregate_sites(scores)}
+
+
+def test_false_safe_definition_counts_sites_near_truth_defects() -> None:
+    """A site on a must-avoid truth footprint, or closer to it than its class margin, is false-safe; one
+    farther away is not."""
+    f = simulate(1_000_101, 160, None, "realistic")
+    ps = PlannerSettings()
+    slack = truth_slack_nm(f.truth, ps)
+    d = next(x for x in f.truth.defects if x.must_avoid and x.cls != "adatom_cluster")
+    on = Site(d.x_px, d.y_px, [[d.x_px, d.y_px]] * 3, 0, 0.0)
+    assert false_safe_sites([on], slack) == 1
+    far = np.argwhere(slack > 0.5)[0]
+    ok = Site(float(far[1]), float(far[0]), [[float(far[1]), float(far[0])]] * 3, 0, 0.0)
+    assert false_safe_sites([ok], slack) == 0
 
 
 @pytest.mark.parametrize("preset", ["realistic", "hard"])
 def test_zero_false_safe_on_simulated_frames(preset: str) -> None:
     r = run_frames(range(1_000_100, 1_000_106), size_px=160, preset=preset)
-    assert r["false_safe"] == 0 and r["step_rule"] == 0, r
+    assert r["false_safe_sites"] == 0, r
     if preset == "realistic":
-        assert r["sites"] > 0
+        assert r["sites_found_frames"] > 0, r
 
 
 if __name__ == "__main__":  # measurement for the docs
@@ -222,6 +195,4 @@ if __name__ == "__main__":  # measurement for the docs
     ap.add_argument("--size-px", type=int, default=256)
     ap.add_argument("--preset", default="realistic")
     a = ap.parse_args()
-    res = run_frames(range(a.first_seed, a.first_seed + a.n), a.size_px, a.preset)
-    res["found_rate"] = res["found"] / max(1, res["window_frames"])
-    print(res)
+    print(run_frames(range(a.first_seed, a.first_seed + a.n), a.size_px, a.preset))
