@@ -585,6 +585,22 @@ def analysis_rows(
     }
 
 
+def matched_true_labels(analysis: Any, truth: Any, tol_nm: float = 0.40) -> list[str | None]:
+    """Per detected defect of ``analysis``: the class of the simulator truth defect it matches (Hungarian
+    on centres within ``tol_nm``, as the evaluation matches defects), None when unmatched."""
+    from stm_feedback.metrics import match_points
+
+    s = float(truth.pixel_size_nm)
+    det = np.array([[d.x_px, d.y_px] for d in analysis.defects], float).reshape(-1, 2) * s
+    tru = np.array([[d.x_px, d.y_px] for d in truth.defects], float).reshape(-1, 2) * s
+    out: list[str | None] = [None] * len(det)
+    if len(det) and len(tru):
+        ti, pi = match_points(tru, det, tol_nm)
+        for i, j in zip(ti.tolist(), pi.tolist(), strict=True):
+            out[j] = truth.defects[i].cls
+    return out
+
+
 class LibraryRecorder:
     """Records analysed frames into a ``DefectLibrary`` on one background thread, off the caller's path.
 
