@@ -391,7 +391,10 @@ def postprocess_maps(
         if holes.any():
             avoid[ps.hole_margin_nm] = avoid.get(ps.hole_margin_nm, np.zeros((h, w), bool)) | holes
     if ps.anomaly_margin_nm >= 0 and len(atoms_xy):  # unpaired atoms, stretched dimers: dihydride-like
-        atom_angle = np.array([fits[t].row_angle_deg if t in fits else np.nan for t in atom_ter.tolist()])
+        ter_angle = np.full(n_ter + 1, np.nan)  # [t] = fitted row angle of terrace t, [-1] (no terrace) NaN
+        for t, f in fits.items():
+            ter_angle[t] = f.row_angle_deg
+        atom_angle = ter_angle[atom_ter]
         odd = lattice_anomalies(
             atoms_xy, pairs, (h, w), s, ps.anomaly_max_bond_nm, atom_angle_deg=atom_angle
         )

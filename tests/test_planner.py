@@ -15,7 +15,15 @@ from stm_feedback.config import PlannerSettings, Settings
 from stm_feedback.errors import InputError
 from stm_feedback.physics import ROW_SPACING_NM, SURFACE_LATTICE_NM
 from stm_feedback.pipeline import Pipeline
-from stm_feedback.planner import clearance_maps, defect_rule, distance_px, parse_pattern, propose_sites
+from stm_feedback.planner import (
+    clearance_maps,
+    defect_rule,
+    distance_px,
+    lattice_anomalies,
+    orientation_band,
+    parse_pattern,
+    propose_sites,
+)
 from stm_feedback.planner_eval import aggregate_sites, false_safe_sites, score_sites, truth_slack_nm
 from stm_feedback.schema import Site
 from tests.test_pipeline_oracle import oracle_maps, simulate
@@ -149,6 +157,66 @@ def test_writable_defect_can_be_written_over() -> None:
     _, sites_clean = _plan({})
     _, sites_db = _plan({})  # writable defects are simply not in avoid masks
     assert len(sites_db) == len(sites_clean)
+
+
+def _atoms_of(dimers_px: np.ndarray, s: float, angle_deg: float, bond_nm: float = 0.24) -> np.ndarray:
+    """The two atoms of each dimer, bond across the rows (along the row normal)."""
+    a = np.radians(angle_deg)
+    n = np.array([-np.sin(a), np.cos(a)]) * bond_nm / 2 / s
+    return np.concatenate([dimers_px - n, dimers_px + n])
+
+
+def test_stretched_dimers_are_anomalies() -> None:
+    s, shape = 0.1, (80, 80)
+    dimers = _grid_dimers(shape, s, 20.0)
+    atoms = _atoms_of(dimers, s, 20.0)
+    m = len(dimers)
+    pairs = np.stack([np.arange(m), np.arange(m) + m], axis=1)
+    assert not lattice_anomalies(atoms, pairs, shape, s, 0.27).any()
+    k = int(np.argmin(np.hypot(*(dimers - 40).T)))  # a dimer near the centre becomes a dihydride
+    n = np.array([-np.sin(np.radians(20.0)), np.cos(np.radians(20.0))])
+    for bond_nm, paired in ((0.30, True), (0.44, False)):
+        at = atoms.copy()
+        at[k], at[k + m] = dimers[k] - n * bond_nm / 2 / s, dimers[k] + n * bond_nm / 2 / s
+        pr = pairs if paired else np.delete(pairs, k, axis=0)
+        angle = np.full(len(at), 20.0)
+        odd = lattice_anomalies(at, pr, shape, s, 0.27, atom_angle_deg=angle)
+        assert np.array_equal(np.argwhere(odd), [np.rint(dimers[k][::-1]).astype(int)]), (bond_nm, paired)
+        if not paired:  # the split pair counts only along the bond direction
+            along = np.full(len(at), 110.0)
+            assert not lattice_anomalies(at, pr, shape, s, 0.27, atom_angle_deg=along).any()
+
+
+def test_orientation_band_between_perpendicular_lattices() -> None:
+    s, shape = 0.1, (120, 120)
+    left = _grid_dimers(shape, s, 0.0)
+    left = left[left[:, 0] < 55]
+    right = _grid_dimers(shape, s, 90.0)
+    right = right[right[:, 0] > 65]
+    xy = np.concatenate([left, right])
+    ang = np.concatenate([np.zeros(len(left)), np.full(len(right), 90.0)])
+    band = orientation_band(xy, ang, shape, s, 2.0)
+    assert band[:, 58:62].all()  # between the lattices (1 nm gap)
+    assert not band[:, :30].any() and not band[:, 90:].any()
+    assert not orientation_band(left, np.zeros(len(left)), shape, s, 2.0).any()  # one orientation
+    exact = near_mask_pts(left, shape, s, 2.0) & near_mask_pts(right, shape, s, 2.0)
+    assert (band | ~exact).all()  # never narrower than the exact band
+
+
+def near_mask_pts(xy: np.ndarray, shape: tuple[int, int], s: float, r_nm: float) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    m[np.rint(xy[:, 1]).astype(int), np.rint(xy[:, 0]).astype(int)] = True
+    return distance_px(m) * s < r_nm
+
+
+def test_detection_pad_widens_margins() -> None:
+    mask = np.zeros((100, 100), bool)
+    mask[48:52, 48:52] = True
+    narrow, _ = _plan({0.8: mask}, settings=PlannerSettings(detection_pad_nm=0.0))
+    wide, _ = _plan({0.8: mask}, settings=PlannerSettings(detection_pad_nm=0.3))
+    d = distance_px(mask) * 0.1
+    assert (d[narrow.safe] >= 0.8).all() and (d[wide.safe] >= 1.1).all()
+    assert narrow.safe.sum() > wide.safe.sum()
 
 
 # ---------------------------------------------------------------------------------------- simulated frames
