@@ -46,6 +46,7 @@ class NetSpec:
     polarity: Literal["rows_bright", "raw"] = "raw"
     highpass_sigma_nm: float = 0.0
     convs_per_level: int = 1
+    stem: int = 1  # U-Net only: pixel-unshuffle factor in front (and pixel-shuffle behind) the U-Net
     normalisation: str = "plane+line levelling, 1-99 percentile scaling, clip [-0.5, 1.5]"
     outputs: tuple[str, ...] = ()
     version: str = "untrained"
@@ -54,7 +55,7 @@ class NetSpec:
     @property
     def pool_multiple(self) -> int:
         """Input sides must be multiples of this (2 ** number of max-pools)."""
-        return 8 if self.arch == "unet" else 2
+        return 8 * self.stem if self.arch == "unet" else 2
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -151,28 +152,35 @@ class DilatedPyramid(nn.Module):
 
 class UNet(nn.Module):
     """U-Net with 3 max-pools and a dilated-pyramid bottleneck; widths = (e1, e2, e3, bottleneck).
-    Input (B, 1, H, W) with H, W multiples of 8; output (B, out_channels, H, W) logits."""
+    Input (B, 1, H, W) with H, W multiples of 8 * stem; output (B, out_channels, H, W) logits."""
 
-    def __init__(self, widths: tuple[int, ...], out_channels: int, convs_per_level: int = 1) -> None:
+    def __init__(
+        self, widths: tuple[int, ...], out_channels: int, convs_per_level: int = 1, stem: int = 1
+    ) -> None:
         super().__init__()
         if len(widths) != 4:
             raise ModelError(f"U-Net widths must be (e1, e2, e3, bottleneck), got {widths}")
+        if stem not in (1, 2, 4):
+            raise ModelError(f"U-Net stem must be 1, 2 or 4, got {stem}")
         e1, e2, e3, b = widths
         n = convs_per_level
-        self.enc1 = ConvBlock(1, e1, n)
+        self.stem = stem
+        self.enc1 = ConvBlock(stem * stem, e1, n)
         self.enc2 = ConvBlock(e1, e2, n)
         self.enc3 = ConvBlock(e2, e3, n)
         self.bottleneck = DilatedPyramid(e3, b)
         self.dec3 = ConvBlock(b + e3, e3, n)
         self.dec2 = ConvBlock(e3 + e2, e2, n)
         self.dec1 = ConvBlock(e2 + e1, e1, n)
-        self.head = nn.Conv2d(e1, out_channels, 1)
+        self.head = nn.Conv2d(e1, out_channels * stem * stem, 1)
 
     @staticmethod
     def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stem > 1:
+            x = F.pixel_unshuffle(x, self.stem)
         s1 = self.enc1(x)
         s2 = self.enc2(F.max_pool2d(s1, 2))
         s3 = self.enc3(F.max_pool2d(s2, 2))
@@ -180,7 +188,8 @@ class UNet(nn.Module):
         z = self.dec3(torch.cat([self._up(z, s3), s3], 1))
         z = self.dec2(torch.cat([self._up(z, s2), s2], 1))
         z = self.dec1(torch.cat([self._up(z, s1), s1], 1))
-        return self.head(z)
+        out = self.head(z)
+        return F.pixel_shuffle(out, self.stem) if self.stem > 1 else out
 
 
 class DefectNet(nn.Module):
@@ -208,7 +217,7 @@ class DefectNet(nn.Module):
 def build_net(spec: NetSpec) -> nn.Module:
     """A freshly initialised network for ``spec``."""
     if spec.arch == "unet":
-        return UNet(spec.widths, spec.out_channels, spec.convs_per_level)
+        return UNet(spec.widths, spec.out_channels, spec.convs_per_level, spec.stem)
     if spec.arch == "defectnet":
         return DefectNet(spec.widths, spec.out_channels)
     raise ModelError(f"unknown architecture {spec.arch!r}")

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from scipy import ndimage
 
 from stm_feedback.errors import InputError
+from stm_feedback.physics import ROW_SPACING_NM
 
 MIN_PIXEL_SIZE_NM = 0.005
 MAX_PIXEL_SIZE_NM = 2.0
@@ -52,7 +54,9 @@ def validate_frame(image: np.ndarray, pixel_size_nm: float, bias_v: float | None
     return img
 
 
-def level_plane_lines(image: np.ndarray, smooth_px: float = 0.0) -> np.ndarray:
+def level_plane_lines(
+    image: np.ndarray, smooth_px: float = 0.0, pixel_size_nm: float | None = None
+) -> np.ndarray:
     """Remove a plane (median x/y slopes, robust to steps) and per-line offsets (median of the differences
     to the previous line, Gwyddion-style). Same units as the input (nm); float32 (H, W).
 
@@ -75,7 +79,129 @@ def level_plane_lines(image: np.ndarray, smooth_px: float = 0.0) -> np.ndarray:
     lev = est - plane
     d = np.median(lev[1:] - lev[:-1], axis=1)
     offsets = np.concatenate([[0.0], np.cumsum(d)]).astype(np.float32)
+    if pixel_size_nm:
+        # a step edge parallel to the scan lines is a per-line offset too: keep it (a sustained jump of about
+        # a step height), and the dimer-row corrugation of rows parallel to the lines (the row band)
+        offsets = offsets - step_jumps(offsets, pixel_size_nm, img - plane)
+        offsets = offsets - row_band(offsets, pixel_size_nm)
     return (img - plane - offsets[:, None]).astype(np.float32)
+
+
+STEP_KEEP_MIN_NM = 0.075  # line medians catch ~2/3 of a rough 0.136 nm step; offset wander rarely this
+STEP_KEEP_PERSIST_NM = 1.0  # the jump must hold over this many nm of lines on both sides
+STEP_KEEP_NOISE_FACTOR = 6.0  # ... and at least this many robust sigmas of the line-to-line differences
+STEP_KEEP_MAX_ONE_LINE = 0.6  # ... and no single line may carry more than this fraction of it (tip change)
+
+
+def step_jumps(
+    offsets_nm: np.ndarray, pixel_size_nm: float, image_nm: np.ndarray | None = None
+) -> np.ndarray:
+    """The step-edge part of a per-line offset profile (nm, one value per scan line): sustained jumps of at
+    least STEP_KEEP_MIN_NM between the medians of the STEP_KEEP_PERSIST_NM of lines before and after a line,
+    as a piecewise-constant profile (0 before the first jump). A step edge running along the scan lines is
+    such a jump; levelling that removed it would erase the step (NN-0 could not see it). Jumps made within
+    a single line (> STEP_KEEP_MAX_ONE_LINE of it: a tip change, or an edge straighter than any real one)
+    are left to the levelling. With ``image_nm`` (the frame, lines = rows of the array) a jump is kept only
+    where the dimer rows turn by ~90 deg across it, as they do across a single-height step (not across a tip
+    change or line-offset wander). Same shape as the input; zeros when there is no such jump."""
+    n = len(offsets_nm)
+    p = max(3, int(round(STEP_KEEP_PERSIST_NM / pixel_size_nm)))
+    out = np.zeros_like(offsets_nm)
+    if n < 2 * p + 1:
+        return out
+    med = np.median(np.lib.stride_tricks.sliding_window_view(offsets_nm, p), axis=1)  # med[i]: lines i..i+p-1
+    jump = np.zeros(n)
+    jump[p : n - p + 1] = med[p:] - med[: n - 2 * p + 1]  # after line y minus before it
+    mag = np.abs(jump)
+    d_all = np.diff(offsets_nm)
+    # frames in other units than nm (raw DAC counts, 8-bit exports): a floor from the line-to-line noise
+    noise = 1.4826 * float(np.median(np.abs(d_all - np.median(d_all))))
+    thr = max(STEP_KEEP_MIN_NM, STEP_KEEP_NOISE_FACTOR * noise)
+    cand = (mag >= thr) & (mag >= ndimage.maximum_filter1d(mag, 2 * p + 1))
+    # a clean jump gives a plateau of equal maxima ~p lines wide: one step at the centre of each run
+    runs, n_runs = ndimage.label(cand)
+    d = np.abs(np.diff(offsets_nm, prepend=offsets_nm[0]))  # d[y]: line y minus line y - 1
+    for sl in ndimage.find_objects(runs):
+        y = (sl[0].start + sl[0].stop - 1) // 2
+        # a tip change jumps within one line; a real edge is rough (kinks), so its jump spreads over lines
+        if d[max(0, y - p) : y + p + 1].max() > STEP_KEEP_MAX_ONE_LINE * abs(jump[y]):
+            continue
+        if image_nm is not None and not rows_turn_across_line(image_nm, y, pixel_size_nm, p):
+            continue
+        out[y:] += jump[y]
+    return out
+
+
+ROW_PEAK_MIN_SNR = 8.0  # row peak power vs the median of the 0.768 nm ring: rows resolved in a strip
+
+
+def row_peak_angle_deg(strip: np.ndarray, pixel_size_nm: float) -> float | None:
+    """Angle (deg, [0, 180)) of the dimer-row wave vector in a strip of the frame (its 2-D Fourier peak on
+    the 1/0.768 nm ring, +-20 %), or None when no peak stands ROW_PEAK_MIN_SNR above the ring's median."""
+    h, w = strip.shape
+    if h < 8 or w < 8:
+        return None
+    a = (strip - strip.mean()) * np.outer(np.hanning(h), np.hanning(w))
+    spec = np.abs(np.fft.rfft2(a, s=(2 * h, w))) ** 2  # zero-padded in y: the strips are short
+    fy = np.fft.fftfreq(2 * h, d=pixel_size_nm)[:, None]
+    fx = np.fft.rfftfreq(w, d=pixel_size_nm)[None, :]
+    fr = np.hypot(fx, fy) * ROW_SPACING_NM
+    ring = (fr > 0.8) & (fr < 1.2)
+    if ring.sum() < 8:
+        return None
+    vals = spec[ring]
+    k = int(np.argmax(vals))
+    if vals[k] < ROW_PEAK_MIN_SNR * float(np.median(vals)):
+        return None
+    ky, kx = np.broadcast_to(fy, spec.shape)[ring][k], np.broadcast_to(fx, spec.shape)[ring][k]
+    return float(np.rad2deg(np.arctan2(ky, kx))) % 180.0
+
+
+def rows_turn_across_line(image_nm: np.ndarray, y: int, pixel_size_nm: float, gap_px: int) -> bool:
+    """True when the dimer rows in the ~3 nm of lines above line ``y`` and below it (``gap_px`` lines left
+    out either side) differ in direction by 65-90 deg: the signature of a single-height step."""
+    n = max(16, int(round(3.0 / pixel_size_nm)))
+    above = image_nm[max(0, y - gap_px - n) : max(0, y - gap_px)]
+    below = image_nm[y + gap_px : y + gap_px + n]
+    a, b = row_peak_angle_deg(above, pixel_size_nm), row_peak_angle_deg(below, pixel_size_nm)
+    if a is None or b is None:
+        return False
+    diff = abs(a - b) % 180.0
+    return min(diff, 180.0 - diff) >= 65.0  # the angle between two directions is at most 90 deg
+
+
+ROW_BAND_HARMONICS = 2  # corrugation across the rows: 0.768 nm period and its first harmonic
+ROW_BAND_MIN_SNR = 20.0  # peak power in a band vs the median power next to it, to call the rows aligned
+ROW_BAND_REL_WIDTH = 0.06  # +-6 %: piezo calibration, drift (rows > ~2 deg off the lines average out)
+
+
+def row_band(offsets: np.ndarray, pixel_size_nm: float) -> np.ndarray:
+    """The part of a per-line offset profile (one value per scan line, any units) at the dimer-row spatial
+    frequencies across the lines (k / 0.768 nm, k = 1..2, +-6 %): for rows parallel to the scan lines, that
+    part is the row corrugation, not a scan artefact, so levelling must not remove it. Same shape and units as
+    ``offsets``; zeros when the lines are too few to resolve the band or the band holds no row peak (power
+    < ROW_BAND_MIN_SNR x the median power of the frequencies next to it: oblique rows, only jitter there)."""
+    n = len(offsets)
+    if n < 16:
+        return np.zeros_like(offsets)
+    t = np.arange(n, dtype=np.float64)
+    trend = np.polyval(np.polyfit(t, offsets, 1), t)  # a linear trend would leak into every band
+    spec = np.fft.rfft(offsets - trend)
+    f = np.fft.rfftfreq(n, d=pixel_size_nm)  # cycles per nm across the lines
+    f_row = 1.0 / ROW_SPACING_NM
+    power = np.abs(spec) ** 2
+    keep = np.zeros(len(f), bool)
+    for k in range(1, ROW_BAND_HARMONICS + 1):
+        dist = np.abs(f - k * f_row)
+        band = dist <= ROW_BAND_REL_WIDTH * k * f_row + 1.0 / (n * pixel_size_nm)
+        # the noise floor next to the band (offsets often wander like 1/f noise: a global median would not do)
+        near = (dist <= 0.4 * k * f_row) & ~band
+        if band.any() and near.sum() >= 4:
+            if power[band].max() >= ROW_BAND_MIN_SNR * max(float(np.median(power[near])), 1e-30):
+                keep |= band
+    if not keep.any():  # no row peak: only scan-line jitter there (rows oblique to the lines average out)
+        return np.zeros_like(offsets)
+    return np.fft.irfft(np.where(keep, spec, 0), n).astype(offsets.dtype)
 
 
 def percentile_scale(image: np.ndarray, lo_pct: float = 1.0, hi_pct: float = 99.0) -> np.ndarray:
@@ -95,7 +221,7 @@ def normalize_frame(image_nm: np.ndarray, pixel_size_nm: float | None = None) ->
     0.4 nm along x when pixel_size_nm is given), then 1-99 percentile scaling, clipped to [-0.5, 1.5] so
     spikes cannot dominate. Unitless float32 (H, W)."""
     smooth_px = LEVEL_SMOOTH_NM / pixel_size_nm if pixel_size_nm else 0.0
-    return np.clip(percentile_scale(level_plane_lines(image_nm, smooth_px)), -0.5, 1.5)
+    return np.clip(percentile_scale(level_plane_lines(image_nm, smooth_px, pixel_size_nm)), -0.5, 1.5)
 
 
 def highpass(image: np.ndarray, sigma_px: float) -> np.ndarray:

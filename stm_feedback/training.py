@@ -52,6 +52,7 @@ class TrainConfig:
     pixel_size_range_nm: tuple[float, float] | None = None  # None = NATIVE_PIXEL_SIZE_NM[net]
     widths: tuple[int, ...] | None = None  # override the preset's widths
     convs_per_level: int | None = None  # override the preset's convs per U-Net level
+    stem: int | None = None  # override the preset's U-Net space-to-depth stem (nets.NetSpec.stem)
     init_from: Path | None = None  # models dir whose weights (same spec) start this run (fine-tuning)
     sim_presets: tuple[str, ...] = ("training",)  # frame i of the cache uses sim_presets[i % len]
     p_axis_rows: float = 0.0  # fraction of cache frames rotated: rows along x or y (make_sample)
@@ -214,8 +215,8 @@ def train(
     trained net (eval mode), its spec and a summary dict (losses, times)."""
     if cfg.net not in NET_NAMES:
         raise InputError(f"unknown net {cfg.net!r}; choose one of {NET_NAMES}")
-    if cfg.steps < 1 or cfg.batch < 1 or cfg.crop_px < 16 or cfg.crop_px % 8:
-        raise InputError("steps and batch must be >= 1, crop_px a multiple of 8 and >= 16")
+    if cfg.steps < 1 or cfg.batch < 1 or cfg.crop_px < 16 or cfg.crop_px % (8 * (cfg.stem or 1)):
+        raise InputError("steps and batch must be >= 1, crop_px a multiple of 8 * stem and >= 16")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     spec = spec_preset(cfg.net, cfg.spec_preset)
@@ -223,6 +224,8 @@ def train(
         spec = replace(spec, widths=tuple(cfg.widths))
     if cfg.convs_per_level is not None:
         spec = replace(spec, convs_per_level=int(cfg.convs_per_level))
+    if cfg.stem is not None:
+        spec = replace(spec, stem=int(cfg.stem))
     t0 = time.time()
     if cache is None:
         cache = build_cache(cfg, spec)

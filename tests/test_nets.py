@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,6 +53,42 @@ def test_output_shapes(preset: str, name: str) -> None:
     with torch.no_grad():
         y = net(torch.zeros(2, 1, 40, 48))
     assert y.shape == (2, spec.out_channels, 40, 48)
+
+
+@pytest.mark.parametrize("stem", [2, 4])
+def test_space_to_depth_stem(stem: int, tmp_path: Path) -> None:
+    """A stem-s U-Net keeps full-resolution outputs, needs sides in multiples of 8 * s, saves and loads."""
+    spec = replace(_tiny_spec("atoms"), stem=stem)
+    assert spec.pool_multiple == 8 * stem
+    net = build_net(spec).eval()
+    side = 8 * stem * 3
+    x = torch.randn(1, 1, side, side)
+    with torch.no_grad():
+        y = net(x)
+    assert y.shape == (1, 1, side, side)
+    # each output pixel depends on its own sub-pixel position: the shuffle must not be a nearest upsampling
+    assert not torch.allclose(y[..., 0::stem, 0::stem], y[..., 1::stem, 1::stem])
+    save_model(net, spec, tmp_path)
+    loaded, spec2 = load_model(tmp_path, "atoms")
+    assert spec2.stem == stem
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), y)
+    # specs written before the stem existed load as stem 1
+    legacy = {k: v for k, v in json.loads(_tiny_spec("atoms").to_json()).items() if k != "stem"}
+    assert NetSpec.from_json(json.dumps(legacy)).stem == 1
+    with pytest.raises(ModelError):
+        UNet((4, 4, 4, 4), 1, stem=3)
+
+
+def test_runner_pads_for_a_stem_net(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    for n in NET_NAMES:
+        spec = _tiny_spec(n)
+        spec = replace(spec, stem=2) if n == "atoms" else spec
+        save_model(build_net(spec), replace(spec, version=f"{n}-test"), tmp_path)
+    runner = ModelRunner.from_dir(tmp_path, device="cpu")
+    maps = runner.predict(np.random.default_rng(0).normal(0, 0.03, (37, 53)).astype(np.float32), 0.1, -2.0)
+    assert maps.atom_prob.shape == (37, 53) and np.isfinite(maps.atom_prob).all()
 
 
 def test_architecture_follows_the_paper() -> None:

@@ -16,6 +16,8 @@ from stm_feedback.preprocess import (
     pad_to_multiple,
     resampled_shape,
     resize,
+    row_band,
+    step_jumps,
     validate_frame,
 )
 
@@ -63,6 +65,59 @@ def test_levelling_removes_plane_and_line_offsets() -> None:
     lev = level_plane_lines(img.astype(np.float32), smooth_px=4.0)
     resid = lev - lattice
     assert np.ptp(resid) < 0.02  # plane (1.4 nm of tilt) and line offsets gone
+
+
+def test_levelling_keeps_rows_parallel_to_the_scan_lines() -> None:
+    """Rows along x (the scan lines) make the corrugation a per-line offset: keep it, remove the jitter."""
+    rng = np.random.default_rng(2)
+    h, w, px = 256, 96, 0.1
+    yy, xx = np.mgrid[0:h, 0:w]
+    rows = 0.03 * np.cos(2 * np.pi * yy * px / 0.768)  # rows along x, 0.768 nm apart
+    jitter = rng.normal(0, 0.02, h)[:, None]
+    img = (rows + 0.01 * yy + jitter).astype(np.float32)
+    lev = level_plane_lines(img, smooth_px=4.0, pixel_size_nm=px)
+    profile = lev.mean(axis=1)
+    corr = np.corrcoef(profile, rows[:, 0])[0, 1]
+    assert corr > 0.75  # the old Gwyddion-style levelling gave ~0: the rows were erased
+    # the jitter outside the row band is removed: residual far below the 0.02 nm jitter
+    resid = profile - rows[:, 0] - (profile - rows[:, 0]).mean()
+    assert np.std(resid) < 0.6 * 0.02
+    # only jitter (rows oblique to the lines): nothing is kept, the levelling is the plain Gwyddion-style one
+    for seed in range(20):
+        white = np.random.default_rng(seed).normal(0, 0.02, h)
+        assert not np.any(row_band(white, px)) and not np.any(row_band(white.cumsum(), px))  # jitter, wander
+    # without a pixel size there is no band to keep (and the old behaviour is unchanged)
+    assert abs(np.corrcoef(level_plane_lines(img, 4.0).mean(axis=1), rows[:, 0])[0, 1]) < 0.5
+
+
+@pytest.mark.parametrize("step_nm", [0.136, -0.272])
+def test_levelling_keeps_a_step_along_the_scan_lines(step_nm: float) -> None:
+    """A step edge parallel to the scan lines is a per-line offset: the terraces must keep their height."""
+    rng = np.random.default_rng(3)
+    h, w, px = 200, 120, 0.1
+    yy, xx = np.mgrid[0:h, 0:w]
+    edge = 117 + np.round(2 * np.sin(np.arange(w) / 7.0)).astype(int)  # rough (kinks over +-2 lines)
+    lower = yy >= edge[None, :]
+    # single-height step: the dimer rows (0.768 nm) run along y above it and along x below it
+    rows = np.where(lower, np.cos(2 * np.pi * yy * px / 0.768), np.cos(2 * np.pi * xx * px / 0.768))
+    img = (0.02 * rows + step_nm * lower).astype(np.float32)
+    img += rng.normal(0, 0.003, h).cumsum()[:, None].astype(np.float32)  # line-offset wander
+    lev = level_plane_lines(img, smooth_px=4.0, pixel_size_nm=px)
+    jump = np.median(lev[122:132]) - np.median(lev[102:112])
+    assert jump == pytest.approx(step_nm, abs=0.03)
+    # the same jump with rows that do not turn (a tip change, offset wander) is levelled away as before
+    flat = (0.02 * np.cos(2 * np.pi * xx * px / 0.768) + step_nm * lower).astype(np.float32)
+    lev_flat = level_plane_lines(flat, smooth_px=4.0, pixel_size_nm=px)
+    np.testing.assert_allclose(lev_flat, level_plane_lines(flat, smooth_px=4.0), atol=1e-6)
+    ramp = np.clip((np.arange(h) - 114) / 6.0, 0, 1) * step_nm  # the edge spread over 6 lines
+    prof = step_jumps(ramp, px)
+    assert len(np.flatnonzero(np.diff(prof))) == 1 and prof[-1] == pytest.approx(step_nm)  # one jump
+    assert 114 <= np.flatnonzero(np.diff(prof))[0] + 1 <= 120
+    # a jump within one line (a tip change) is left to the levelling
+    assert not np.any(step_jumps(np.where(np.arange(h) >= 117, step_nm, 0.0), px))
+    # small sustained offsets (scan artefacts) are still removed
+    small = np.where(np.arange(h) >= 117, 0.03, 0.0)
+    assert not np.any(step_jumps(small, px))
 
 
 def test_normalisation_is_per_frame_and_affine_invariant() -> None:

@@ -146,12 +146,6 @@ def test_real_serve_with_networks_health_models_stats_sites(serve_process: Any) 
         assert stats["requests_by_type"]["analyze"] >= 1 and "analyze" in stats["latency_ms"]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known gap (issue 3): the shipped atom network under-detects atoms on SimulatedSTM realistic frames "
-    "(atom map max ~0.36 on this frame), so the pipeline finds too little lattice to propose a site; the loop itself "
-    "is proven with the oracle runner (test_write_then_verify_with_oracle_pipeline)",
-)
 def test_write_then_verify_with_networks_in_serve_process(serve_process: Any) -> None:
     _, endpoint = serve_process
     adapter = SimulatedAdapter(seed=1, preset="realistic", pixels=PIXELS, size_nm=PIXELS * 0.1)

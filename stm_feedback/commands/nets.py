@@ -110,6 +110,9 @@ def register(app: typer.Typer) -> None:
         spec: Annotated[str, typer.Option(help="width preset: default (cheap) | paper")] = "default",
         widths: Annotated[str, typer.Option(help="override widths, e.g. 16,32,32,64 ('' = preset)")] = "",
         convs: Annotated[int, typer.Option(help="override convs per U-Net level (0 = preset)")] = 0,
+        stem: Annotated[
+            int, typer.Option(help="override the U-Net space-to-depth stem factor 1|2|4 (0 = preset)")
+        ] = 0,
         init: Annotated[Path | None, typer.Option(help="start from the weights in this models dir")] = None,
         sim_presets: Annotated[
             str, typer.Option(help="simulator presets mixed in the cache, e.g. training,realistic")
@@ -140,6 +143,7 @@ def register(app: typer.Typer) -> None:
             spec_preset=spec,
             widths=tuple(int(v) for v in widths.split(",")) if widths else None,
             convs_per_level=convs or None,
+            stem=stem or None,
             init_from=init,
             sim_presets=tuple(p.strip() for p in sim_presets.split(",") if p.strip()),
             p_axis_rows=p_axis_rows,
