@@ -572,7 +572,9 @@ def analysis_rows(
         feats = np.full((n, len(FEATURE_NAMES)), np.nan)
         for j, name in enumerate(FEATURE_NAMES):
             if name in _FEATURE_FALLBACK:
-                feats[:, j] = [np.nan if getattr(d, name) is None else float(getattr(d, name)) for d in defects]
+                feats[:, j] = [
+                    np.nan if getattr(d, name) is None else float(getattr(d, name)) for d in defects
+                ]
     feats = np.where(np.isinf(feats), np.nan, np.asarray(feats, float))
     return {
         "xy_px": np.array([[d.x_px, d.y_px] for d in defects], float).reshape(n, 2),
@@ -581,7 +583,9 @@ def analysis_rows(
         "patches": defect_patches(image, analysis, patch_size_px, patch_pixel_size_nm) if n else None,
         "clusters": [d.cluster for d in defects],
         # a class name from the classifier; the "<kind>-<cluster>" fallback is not a prediction
-        "predicted_labels": [None if d.label in (d.kind, f"{d.kind}-{d.cluster}") else d.label for d in defects],
+        "predicted_labels": [
+            None if d.label in (d.kind, f"{d.kind}-{d.cluster}") else d.label for d in defects
+        ],
     }
 
 
@@ -691,11 +695,21 @@ class LibraryRecorder:
 
     def _write(self, image: np.ndarray, analysis: Any, source: str) -> None:
         rows = analysis_rows(image, analysis, self.patch_size_px, self.patch_pixel_size_nm)
-        meta = {"frame_id": analysis.image.frame_id, "height_px": analysis.image.height_px,
-                "width_px": analysis.image.width_px, "models": dict(analysis.models)}
+        meta = {
+            "frame_id": analysis.image.frame_id,
+            "height_px": analysis.image.height_px,
+            "width_px": analysis.image.width_px,
+            "models": dict(analysis.models),
+        }
         xy, kinds, feats = rows.pop("xy_px"), rows.pop("kinds"), rows.pop("features")
         self.library.add_frame_with_defects(
-            source, analysis.image.pixel_size_nm, xy, kinds, feats, bias_v=analysis.image.bias_v, meta=meta,
+            source,
+            analysis.image.pixel_size_nm,
+            xy,
+            kinds,
+            feats,
+            bias_v=analysis.image.bias_v,
+            meta=meta,
             **rows,
         )
 

@@ -395,9 +395,7 @@ def postprocess_maps(
         for t, f in fits.items():
             ter_angle[t] = f.row_angle_deg
         atom_angle = ter_angle[atom_ter]
-        odd = lattice_anomalies(
-            atoms_xy, pairs, (h, w), s, ps.anomaly_max_bond_nm, atom_angle_deg=atom_angle
-        )
+        odd = lattice_anomalies(atoms_xy, pairs, (h, w), s, ps.anomaly_max_bond_nm, atom_angle_deg=atom_angle)
         odd &= (labels >= 0) & ~any_defect
         if odd.any():
             avoid[ps.anomaly_margin_nm] = avoid.get(ps.anomaly_margin_nm, np.zeros((h, w), bool)) | odd

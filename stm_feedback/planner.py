@@ -255,7 +255,9 @@ def lattice_holes(
     xy_nm, ang, ter = xy[ok] * pixel_size_nm, np.deg2rad(ang[ok]), ter[ok]
     u = np.stack([np.cos(ang), np.sin(ang)], axis=1)
     n = np.stack([-np.sin(ang), np.cos(ang)], axis=1)
-    step = np.concatenate([SURFACE_LATTICE_NM * u, -SURFACE_LATTICE_NM * u, ROW_SPACING_NM * n, -ROW_SPACING_NM * n])
+    step = np.concatenate(
+        [SURFACE_LATTICE_NM * u, -SURFACE_LATTICE_NM * u, ROW_SPACING_NM * n, -ROW_SPACING_NM * n]
+    )
     base = np.tile(xy_nm, (4, 1))
     tree = cKDTree(xy_nm)
     d1, _ = tree.query(base + step, k=1, distance_upper_bound=tol_nm)
@@ -309,7 +311,9 @@ def lattice_anomalies(
         ang = np.full(len(xy), np.nan) if atom_angle_deg is None else np.asarray(atom_angle_deg, float)
         a = np.deg2rad(ang[lone])
         v = xy[lone[nn]] - xy[lone]
-        along = np.abs(v[:, 0] * np.cos(a) + v[:, 1] * np.sin(a)) / np.maximum(np.hypot(v[:, 0], v[:, 1]), 1e-9)
+        along = np.abs(v[:, 0] * np.cos(a) + v[:, 1] * np.sin(a)) / np.maximum(
+            np.hypot(v[:, 0], v[:, 1]), 1e-9
+        )
         split &= along <= np.sin(np.deg2rad(max_tilt_deg))  # NaN angle -> False
         mids.append((xy[lone[split]] + xy[lone[nn[split]]]) / 2)
     pts = np.concatenate(mids)
@@ -320,7 +324,10 @@ def lattice_anomalies(
 
 
 def orientation_band(
-    dimers_xy_px: np.ndarray, dimer_angle_deg: np.ndarray, shape: tuple[int, int], pixel_size_nm: float,
+    dimers_xy_px: np.ndarray,
+    dimer_angle_deg: np.ndarray,
+    shape: tuple[int, int],
+    pixel_size_nm: float,
     reach_nm: float,
 ) -> np.ndarray:
     """(H, W) bool: pixels within ``reach_nm`` of detected dimers of *both* row orientations (rows of

@@ -37,7 +37,8 @@ def _robust_z(v: np.ndarray) -> np.ndarray:
     return (v - c) / (1.4826 * np.median(np.abs(v - c)) + 1e-12)
 
 
-def _line_scores(height: np.ndarray, pixel_size_nm: float, block_nm: float, window_nm: float
+def _line_scores(
+    height: np.ndarray, pixel_size_nm: float, block_nm: float, window_nm: float
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """(streak_z (H,), jump_z (H,), window lines) of the scan lines; see ``tip_change_lines``."""
     h, w = height.shape

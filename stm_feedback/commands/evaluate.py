@@ -42,6 +42,7 @@ def register(app: typer.Typer) -> None:
         table with the targets of issue 3 marked pass/fail."""
         from tqdm import tqdm
 
+        from stm_feedback.config import load_settings
         from stm_feedback.errors import ModelError
         from stm_feedback.evaluation import (
             baseline_analyzer,
@@ -51,8 +52,6 @@ def register(app: typer.Typer) -> None:
             oracle_analysis,
             suite_frames,
         )
-
-        from stm_feedback.config import load_settings
 
         settings = load_settings(config)
         methods = ["nets", "baseline"] if method is MethodName.both else [method.value]
