@@ -32,9 +32,10 @@ Scoring rules (also written down in docs/evaluation.md):
   prediction's most common label (1.0 when no spurious terrace is predicted).
 - **Row-angle error** (degrees, modulo 180, in [0, 90]): for each truth terrace with at least
   ``min_terrace_area_nm2`` scored pixels, the predicted terrace with the largest pixel overlap (after the -1
-  reassignment above) and its ``Terrace.row_angle_deg``. A truth terrace without such a predicted terrace (or
-  whose predicted terrace has no ``Terrace`` entry) scores the maximal error, 90 degrees, and counts as
-  missing.
+  reassignment above) and its ``Terrace.row_angle_undistorted_deg`` when given (drift shear removed: the
+  truth angle is drift-free), else its ``Terrace.row_angle_deg``. A truth terrace without such a predicted
+  terrace (or whose predicted terrace has no ``Terrace`` entry) scores the maximal error, 90 degrees, and
+  counts as missing.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from simulator.truth import GroundTruth
 from stm_feedback.errors import InputError
-from stm_feedback.schema import Analysis
+from stm_feedback.schema import Analysis, Terrace
 
 ATOM_TOL_NM = 0.10
 DIMER_TOL_NM = 0.15
@@ -275,6 +276,16 @@ def angle_diff_deg(a_deg: float, b_deg: float) -> float:
     return float(min(d, 180.0 - d))
 
 
+def lattice_angle_deg(terrace: Terrace) -> float:
+    """The predicted angle compared with the truth's: the drift-corrected ``row_angle_undistorted_deg`` when
+    the analysis gives one, else ``row_angle_deg`` (the image-frame rows). The truth angle is the lattice's
+    angle in the scan frame without drift (simulator/imaging.py), so scoring only the image-frame angle
+    charges a perfect answer with the drift shear (median 0.17 deg on the realistic suite, measured with the
+    truth atom positions)."""
+    u = terrace.row_angle_undistorted_deg
+    return float(u) if u is not None and np.isfinite(u) else float(terrace.row_angle_deg)
+
+
 def row_angle_errors(
     truth: GroundTruth,
     analysis: Analysis,
@@ -298,7 +309,7 @@ def row_angle_errors(
             errors.append(MISSING_ANGLE_ERR_DEG)
             missing += 1
         else:
-            errors.append(angle_diff_deg(pred.row_angle_deg, tt.row_angle_deg))
+            errors.append(angle_diff_deg(lattice_angle_deg(pred), tt.row_angle_deg))
     return errors, missing
 
 

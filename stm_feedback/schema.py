@@ -65,6 +65,9 @@ class Terrace:
     n_atoms: int = 0
     fft_row_angle_deg: float | None = None  # cross-check from the Fourier transform
     fit_residual_nm: float | None = None
+    # the rows' angle with the scan's drift shear removed (lattice.undistorted_row_angle_deg); None = not
+    # measurable (few atoms, creep). row_angle_deg/row_phase_nm stay the image-frame rows.
+    row_angle_undistorted_deg: float | None = None
 
 
 @dataclass

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from stm_feedback import preprocess
 from stm_feedback.errors import InputError
 from stm_feedback.preprocess import (
     crop_padding,
@@ -91,7 +92,7 @@ def test_levelling_keeps_rows_parallel_to_the_scan_lines() -> None:
 
 
 @pytest.mark.parametrize("step_nm", [0.136, -0.272])
-def test_levelling_keeps_a_step_along_the_scan_lines(step_nm: float) -> None:
+def test_levelling_keeps_a_step_along_the_scan_lines(step_nm: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """A step edge parallel to the scan lines is a per-line offset: the terraces must keep their height."""
     rng = np.random.default_rng(3)
     h, w, px = 200, 120, 0.1
@@ -102,6 +103,7 @@ def test_levelling_keeps_a_step_along_the_scan_lines(step_nm: float) -> None:
     rows = np.where(lower, np.cos(2 * np.pi * yy * px / 0.768), np.cos(2 * np.pi * xx * px / 0.768))
     img = (0.02 * rows + step_nm * lower).astype(np.float32)
     img += rng.normal(0, 0.003, h).cumsum()[:, None].astype(np.float32)  # line-offset wander
+    monkeypatch.setattr(preprocess, "KEEP_STEP_JUMPS", True)
     lev = level_plane_lines(img, smooth_px=4.0, pixel_size_nm=px)
     jump = np.median(lev[122:132]) - np.median(lev[102:112])
     assert jump == pytest.approx(step_nm, abs=0.03)

@@ -1,0 +1,221 @@
+"""Terraces (step-gap bridging, orientation split), dimers on the lattice and the drift-corrected row angle:
+seeded synthetic lattices with known answers, and simulator frames with oracle maps."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from stm_feedback import postprocess as pp
+from stm_feedback.config import Settings
+from stm_feedback.lattice import angle_diff_deg, fit_row_lattice, undistorted_row_angle_deg
+from stm_feedback.metrics import lattice_angle_deg
+from stm_feedback.physics import DIMER_ATOM_SEPARATION_NM, ROW_SPACING_NM, SURFACE_LATTICE_NM
+from stm_feedback.pipeline import Pipeline
+from stm_feedback.schema import Terrace
+from tests.test_pipeline_oracle import oracle_maps, simulate
+
+S_NM = 0.1  # pixel size of the synthetic maps
+
+
+def lattice_atoms(
+    angle_deg: float, phase_nm: float, extent_nm: float, origin_nm: tuple[float, float] = (0.0, 0.0)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Atoms (N, 2) nm of an ideal 2x1 lattice (rows along angle_deg, row centre lines at p.n = phase) and
+    their dimer centres (N/2, 2), covering [0, extent)^2 + origin."""
+    a = math.radians(angle_deg)
+    u, n = np.array([math.cos(a), math.sin(a)]), np.array([-math.sin(a), math.cos(a)])
+    k = int(extent_nm / SURFACE_LATTICE_NM) * 2 + 4
+    i, j = np.meshgrid(np.arange(-k, k), np.arange(-k, k), indexing="ij")
+    c = (i.ravel()[:, None] * SURFACE_LATTICE_NM) * u + (j.ravel()[:, None] * ROW_SPACING_NM + phase_nm) * n
+    c = c + np.asarray(origin_nm)
+    inside = np.all((c >= origin_nm) & (c < np.asarray(origin_nm) + extent_nm), axis=1)
+    c = c[inside]
+    half = DIMER_ATOM_SEPARATION_NM / 2
+    atoms = np.concatenate([c + half * n, c - half * n])
+    return atoms, c
+
+
+# ------------------------------------------------------------------------------------------- step gaps
+def _band(shape: tuple[int, int], row: int, x0: int, x1: int, half_width: int = 2) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    m[row - half_width : row + half_width + 1, x0:x1] = True
+    return m
+
+
+def test_gap_in_step_is_bridged_and_splits_the_terraces() -> None:
+    step = _band((160, 200), 80, 0, 90) | _band((160, 200), 80, 115, 200)  # 2.5 nm gap in the middle
+    prob = step.astype(np.float32)
+    labels_open, _ = pp.segment_terraces(prob, S_NM, 0.5, 4.0, close_gaps_nm=0.0)
+    labels, step_out = pp.segment_terraces(prob, S_NM, 0.5, 4.0, close_gaps_nm=6.0)
+    assert labels_open.max() == 0  # one terrace through the gap
+    assert labels.max() == 1
+    assert labels[20, 100] != labels[140, 100] and min(labels[20, 100], labels[140, 100]) >= 0
+    assert step_out[80, 100]  # the bridge is step edge
+
+
+def test_step_ending_short_of_the_border_is_extended_to_it() -> None:
+    step = _band((160, 200), 60, 0, 180)  # ends 2 nm before the right border
+    labels, _ = pp.segment_terraces(step.astype(np.float32), S_NM, 0.5, 4.0, close_gaps_nm=6.0)
+    assert labels.max() == 1 and labels[10, 195] != labels[150, 195]
+
+
+def test_compact_blobs_and_long_gaps_are_not_bridged() -> None:
+    step = np.zeros((160, 200), bool)
+    step[40:52, 40:50] = True  # a defect rim, not elongated
+    step |= _band((160, 200), 120, 0, 40)  # a 4 nm piece pointing into a 16 nm gap
+    step |= _band((160, 200), 120, 200 - 40, 200)
+    out = pp.close_step_gaps(step, S_NM, reach_nm=6.0)
+    assert np.array_equal(out, step)
+
+
+def test_bridging_restores_a_simulated_step_with_a_gap() -> None:
+    f = simulate(1_000_003, size_px=192, preset="hard", n_steps=(1, 1))
+    truth = f.truth
+    step = truth.step_mask.copy()
+    rows, cols = np.nonzero(step)
+    # cut a 2 nm gap across the step band at its middle column
+    c0 = int(np.median(cols))
+    gap = np.abs(np.arange(step.shape[1]) - c0) <= 10
+    step[:, gap] = False
+    labels_cut, _ = pp.segment_terraces(step.astype(np.float32), truth.pixel_size_nm, 0.5, 4.0, 0.0)
+    labels, _ = pp.segment_terraces(step.astype(np.float32), truth.pixel_size_nm, 0.5, 4.0, 6.0)
+    big = [t.id for t in truth.terraces if (truth.terrace_labels == t.id).sum() * truth.pixel_size_nm**2 > 20]
+    assert len(big) == 2
+    assert labels_cut.max() == 0  # the gap merged them
+    centres = [np.argwhere(truth.terrace_labels == t).mean(axis=0).round().astype(int) for t in big]
+    got = [labels[r, c] for r, c in centres]
+    assert got[0] >= 0 and got[1] >= 0 and got[0] != got[1]
+
+
+# ------------------------------------------------------------------------------------------- orientation
+def _bonds(atoms: np.ndarray, tol: float = 0.08) -> tuple[np.ndarray, np.ndarray]:
+    pairs = pp.pair_dimers(atoms, tol)
+    a, b = atoms[pairs[:, 0]], atoms[pairs[:, 1]]
+    return (a + b) / 2 / S_NM, (b - a) / S_NM
+
+
+def test_terrace_with_rows_turning_by_90_deg_is_split() -> None:
+    left, _ = lattice_atoms(10.0, 0.2, 10.0, (0.0, 0.0))
+    right, _ = lattice_atoms(100.0, 0.1, 10.0, (10.0, 0.0))
+    atoms = np.concatenate([left, right])
+    labels = np.zeros((100, 200), np.int32)  # one terrace: NN-0 saw no step
+    mids, vec = _bonds(atoms)
+    out = pp.split_by_orientation(labels, S_NM, mids, vec)
+    assert out.max() == 1
+    assert out[50, 20] == 0 and out[50, 180] == 1  # ids in raster order
+    # the boundary lies near x = 10 nm (100 px), within two 1.5 nm cells
+    row = out[50]
+    assert abs(int(np.argmax(row == 1)) - 100) <= 30
+
+
+def test_one_lattice_with_false_bonds_is_not_split() -> None:
+    rng = np.random.default_rng(5)
+    atoms, _ = lattice_atoms(30.0, 0.0, 20.0)
+    labels = np.zeros((200, 200), np.int32)
+    mids, vec = _bonds(atoms)
+    # 20 % false bonds of random direction scattered over the terrace
+    k = len(mids) // 5
+    mids = np.concatenate([mids, rng.uniform(0, 200, (k, 2))])
+    phi = rng.uniform(0, np.pi, k)
+    vec = np.concatenate([vec, 2.4 * np.stack([np.cos(phi), np.sin(phi)], 1)])
+    out = pp.split_by_orientation(labels, S_NM, mids, vec)
+    assert out is labels
+
+
+# ------------------------------------------------------------------------------------------- dimers
+def test_lattice_dimers_recovers_dimers_with_one_atom_missing() -> None:
+    rng = np.random.default_rng(2)
+    angle, phase = 25.0, 0.3
+    atoms, centres = lattice_atoms(angle, phase, 8.0)
+    n_d = len(centres)
+    atoms = atoms + rng.normal(0, 0.01, atoms.shape)
+    drop = rng.random(n_d) < 0.3  # one atom of 30 % of the dimers is missed by the network
+    keep = np.concatenate([np.ones(n_d, bool), ~drop])
+    # plus false atoms in the troughs between rows (offset 0.384 nm from a row centre line)
+    a = math.radians(angle)
+    n = np.array([-math.sin(a), math.cos(a)])
+    trough = centres[:10] + (ROW_SPACING_NM / 2) * n
+    xy = np.concatenate([atoms[keep], trough])
+    score = np.full(len(xy), 0.9)
+    pairs, got = pp.lattice_dimers(
+        xy, score, np.full(len(xy), angle), np.full(len(xy), phase), bond_pairs=pp.pair_dimers(xy, 0.08)
+    )
+    d = np.linalg.norm(got[:, None, :] - centres[None, :, :], axis=2)
+    assert len(got) == n_d  # every dimer once, no trough atom
+    assert np.all(d.min(axis=1) < 0.05)
+    assert len(np.unique(d.argmin(axis=1))) == n_d
+    assert (pairs[:, 1] < 0).sum() == drop.sum()  # the one-atom dimers
+
+
+def test_lattice_dimers_low_score_singles_and_unknown_lattice() -> None:
+    atoms, centres = lattice_atoms(0.0, 0.0, 3.0)
+    one = atoms[: len(centres)]  # one atom per dimer
+    nan = np.full(len(one), np.nan)
+    assert len(pp.lattice_dimers(one, np.full(len(one), 0.9), nan, nan)[0]) == 0  # no lattice, no dimers
+    low = pp.lattice_dimers(one, np.full(len(one), 0.1), np.zeros(len(one)), np.zeros(len(one)))[0]
+    assert len(low) == 0  # single atoms below the score threshold are not dimers
+
+
+# ------------------------------------------------------------------------------------------- angle
+@pytest.mark.parametrize(
+    ("angle", "shear", "stretch"), [(12.0, 0.02, 0.01), (70.0, -0.015, -0.02), (135.0, 0.02, 0.0)]
+)
+def test_undistorted_angle_removes_a_drift_shear(angle: float, shear: float, stretch: float) -> None:
+    rng = np.random.default_rng(int(angle))
+    atoms, _ = lattice_atoms(angle, 0.1, 20.0)
+    atoms = atoms + rng.normal(0, 0.015, atoms.shape)
+    img = np.stack([atoms[:, 0] + shear * atoms[:, 1], (1 + stretch) * atoms[:, 1]], 1)  # slow axis = y
+    fit = fit_row_lattice(img)
+    assert fit is not None
+    und = undistorted_row_angle_deg(img, fit.row_angle_deg)
+    assert und is not None
+    img_err = angle_diff_deg(fit.row_angle_deg, angle)  # the shear turns the image rows (least near 0 deg)
+    assert img_err > (0.05 if angle < 45 else 0.3)
+    assert angle_diff_deg(und, angle) < min(0.05, img_err / 2)
+
+
+def test_undistorted_angle_needs_coherent_rows() -> None:
+    rng = np.random.default_rng(0)
+    assert undistorted_row_angle_deg(rng.uniform(0, 20, (400, 2)), 30.0) is None
+    assert undistorted_row_angle_deg(np.zeros((10, 2)), 30.0) is None
+
+
+def test_metric_scores_the_undistorted_angle_when_given() -> None:
+    assert lattice_angle_deg(Terrace(0, 10.0, 0.0)) == 10.0
+    assert lattice_angle_deg(Terrace(0, 10.0, 0.0, row_angle_undistorted_deg=9.5)) == 9.5
+
+
+@pytest.mark.parametrize("seed", [1_000_002, 1_000_004])
+def test_oracle_undistorted_angle_is_closer_to_truth(seed: int) -> None:
+    """Drifted simulated frames, perfect atom maps: the drift-corrected angle is within 0.15 deg of the
+    (drift-free) truth on every large terrace, and closer to it than the image-frame angle on average."""
+    f = simulate(seed, size_px=256)
+    a = Pipeline(Settings()).analyze_maps(
+        f.image_nm, oracle_maps(f.image_nm, f.truth, f.bias_v), f.pixel_size_nm, f.bias_v
+    )
+    img_err, und_err = [], []
+    for t in a.terraces:
+        if t.n_atoms < 500 or t.row_angle_undistorted_deg is None:
+            continue
+        tl = f.truth.terrace_labels[a.terrace_labels == t.id]
+        tt = {x.id: x for x in f.truth.terraces}[int(np.bincount(tl[tl >= 0]).argmax())]
+        img_err.append(angle_diff_deg(t.row_angle_deg, tt.row_angle_deg))
+        und_err.append(angle_diff_deg(t.row_angle_undistorted_deg, tt.row_angle_deg))
+    assert und_err and max(und_err) < 0.15
+    assert np.mean(und_err) <= np.mean(img_err)
+
+
+def test_pair_dimers_equals_brute_force_mutual_nearest_neighbours() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(5):
+        xy = rng.uniform(0, 6, (400, 2))
+        d = np.linalg.norm(xy[:, None] - xy[None], axis=2)
+        np.fill_diagonal(d, np.inf)
+        nn = d.argmin(axis=1)
+        i = np.arange(len(xy))
+        ok = (nn[nn] == i) & (i < nn) & (np.abs(d[i, nn] - DIMER_ATOM_SEPARATION_NM) < 0.08)
+        want = np.stack([i[ok], nn[ok]], axis=1)
+        assert np.array_equal(pp.pair_dimers(xy, 0.08), want)
