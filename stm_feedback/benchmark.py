@@ -159,7 +159,11 @@ def bench_pipeline(pipe: Any, frames: Sequence[BenchFrame], n: int, warmup: int)
 
     Stages: "preprocess" (levelling, resampling, high-pass, polarity: networks time minus the nets),
     "net:<name>" (one backend engine call), then the post-processing stages of ``Analysis.timings_ms``.
+    After the warm-up the heap is frozen (``server.freeze_heap``, as the daemon does after its warm-up):
+    otherwise a full garbage collection over all the objects of the loaded libraries lands in some frame.
     """
+    from stm_feedback.server import freeze_heap
+
     runner = pipe.runner
     originals = dict(runner.engines)
     timed = {k: _TimedEngine(e) for k, e in originals.items()}
@@ -168,6 +172,8 @@ def bench_pipeline(pipe: Any, frames: Sequence[BenchFrame], n: int, warmup: int)
     load0 = load_average()
     try:
         for i, f in enumerate(cycle(frames, warmup + n)):
+            if i == warmup:
+                freeze_heap()
             for t in timed.values():
                 t.calls_ms.clear()
             c0, t0 = time.process_time(), time.perf_counter()
@@ -242,6 +248,10 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+# the daemon's own reply timings (docs/protocol.md): the work around the analysis on the reply path
+DAEMON_STAGES: tuple[str, ...] = ("decode", "queue", "analyze", "state", "encode")
+
+
 def bench_daemon(
     frames: Sequence[BenchFrame],
     n: int,
@@ -266,6 +276,7 @@ def bench_daemon(
         models = client.models()
         wall: list[float] = []
         server_ms: list[float] = []
+        stages: dict[str, list[float]] = {}
         load0 = load_average()
         for i, f in enumerate(cycle(frames, warmup + n)):
             t0 = time.perf_counter()
@@ -273,9 +284,13 @@ def bench_daemon(
             ms = (time.perf_counter() - t0) * 1e3
             if i >= warmup:
                 wall.append(ms)
-                total = client.last_reply.get("timings_ms", {}).get("total")
+                tm = client.last_reply.get("timings_ms", {})
+                total = tm.get("total")
                 if total is not None:
                     server_ms.append(float(total))
+                for k in DAEMON_STAGES:
+                    if k in tm:
+                        stages.setdefault(k, []).append(float(tm[k]))
         out: dict[str, Any] = {
             "round_trip": summarize_ms(wall),
             "cold_start_to_ready_s": round(cold_s, 2),
@@ -291,6 +306,8 @@ def bench_daemon(
         }
         if server_ms:
             out["server_total"] = summarize_ms(server_ms)
+        if stages:
+            out["server_stages"] = {k: summarize_ms(v) for k, v in stages.items()}
         return out
     finally:
         client.close()
@@ -611,6 +628,13 @@ def format_report(r: dict[str, Any]) -> str:
             f"(empty cache {d.get('cold_start_empty_cache_s')} s); RSS {d['rss_mb']} MiB "
             f"(load {d['load_before']} -> {d['load_after']})"
         )
+        if d.get("server_stages"):
+            lines.append(
+                "  server side p50/p95 ms: "
+                + "; ".join(
+                    f"{k} {v['p50_ms']:.2f}/{v['p95_ms']:.2f}" for k, v in d["server_stages"].items()
+                )
+            )
     for c in r.get("candidates", []):
         lines.append(
             f"candidate {c['net']:<9} widths {str(c['widths']):<18} x{c['convs_per_level']} "
@@ -721,6 +745,12 @@ def format_markdown(r: dict[str, Any]) -> str:
             f"RSS **{d['rss_mb']} MiB**; load "
             f"{d['load_before']} -> {d['load_after']}"
         )
+        if d.get("server_stages"):
+            st = d["server_stages"]
+            out.append(
+                "- daemon reply timings (server side, p50 / p95 ms): "
+                + "; ".join(f"{k} {v['p50_ms']:.2f} / {v['p95_ms']:.2f}" for k, v in st.items())
+            )
     if "archive" in r:
         a = r["archive"]
         out.append(

@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from stm_feedback.errors import InputError
-from stm_feedback.physics import KINDS, UNIT_CELL_AREA_NM2
+from stm_feedback.physics import KINDS
 
 FEATURE_NAMES: tuple[str, ...] = (
     "height_rel",  # apparent height at the centre in units of the local atom corrugation (defect_features)
@@ -77,38 +77,6 @@ BIN_SEEDING_ABOVE = 1000
 
 
 # ---------------------------------------------------------------------------------- features
-def _local_levels(
-    image_nm: np.ndarray,
-    mask: np.ndarray,
-    atoms_xy_px: np.ndarray | None,
-    centre_xy_px: tuple[float, float],
-    pixel_size_nm: float,
-    ring_nm: float,
-) -> tuple[float, float]:
-    """(lattice mean level, atom-centre level) in nm around a defect, from a ring outside its footprint."""
-    h, w = image_nm.shape
-    cx, cy = centre_xy_px
-    dist_px = ndimage.distance_transform_edt(~mask)
-    ring = (dist_px > 1.0) & (dist_px <= max(2.0, ring_nm / pixel_size_nm))
-    values = image_nm[ring]
-    if values.size < 4:  # footprint fills the frame: fall back to everything outside it
-        values = image_nm[~mask] if (~mask).any() else image_nm.ravel()
-    level_nm = float(np.median(values))
-    atom_level_nm = float("nan")
-    if atoms_xy_px is not None and len(atoms_xy_px):
-        atoms = np.asarray(atoms_xy_px, float).reshape(-1, 2)
-        d_nm = np.hypot(atoms[:, 0] - cx, atoms[:, 1] - cy) * pixel_size_nm
-        cols = np.clip(np.rint(atoms[:, 0]).astype(int), 0, w - 1)
-        rows = np.clip(np.rint(atoms[:, 1]).astype(int), 0, h - 1)
-        near = (d_nm <= ring_nm + 1.0) & ~mask[rows, cols]
-        if near.sum() >= 3:
-            atom_level_nm = float(np.mean(image_nm[rows[near], cols[near]]))
-    if not math.isfinite(atom_level_nm) or atom_level_nm - level_nm <= 1e-6:
-        # no usable atoms nearby: the bright end of the ring stands in for the atom centres
-        atom_level_nm = float(np.percentile(values, 90))
-    return level_nm, atom_level_nm
-
-
 def defect_features(
     image_nm: np.ndarray,
     mask: np.ndarray,
@@ -130,66 +98,22 @@ def defect_features(
     centres near the defect (the 90th percentile of the ring if none are given). An intact atom centre
     scores 1, the lattice mean 0; depressions go negative, protrusions well above 1; NaN when the
     surroundings are flat (no height reference).
+
+    Computed by the pipeline's own implementation, ``postprocess.blob_features``, on this one footprint
+    (``postprocess.footprint_blob``): one implementation of the definitions (see there for the details),
+    which tests/test_pipeline_postprocess.py checks against a straightforward per-defect reference.
     """
+    from stm_feedback import postprocess as pp  # postprocess imports this module
+
     image_nm = np.asarray(image_nm, dtype=np.float64)
     mask = np.asarray(mask, dtype=bool)
     if image_nm.ndim != 2 or mask.shape != image_nm.shape:
         raise InputError(f"image {image_nm.shape} and mask {mask.shape} must be the same 2-D shape")
     if not (math.isfinite(pixel_size_nm) and pixel_size_nm > 0):
         raise InputError(f"pixel_size_nm must be a positive number, got {pixel_size_nm!r}")
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        raise InputError("defect mask is empty")
-    if n > 1:
-        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
-        mask = labels == (int(np.argmax(sizes)) + 1)
-    cy, cx = ndimage.center_of_mass(mask)
-    area_px = float(mask.sum())
-    area_nm2 = area_px * pixel_size_nm**2
-
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    contour = max(contours, key=cv2.contourArea)
-    perimeter_px = cv2.arcLength(contour, closed=True)
-    # pixel-centre contours shrink the blob by half a pixel all round: use the contour's own area so that
-    # A and P describe the same polygon (a 1-pixel blob has no polygon: call it a disc)
-    contour_area_px = cv2.contourArea(contour)
-    circularity = 1.0 if perimeter_px <= 0 else min(1.0, 4.0 * math.pi * contour_area_px / perimeter_px**2)
-
-    level_nm, atom_level_nm = _local_levels(image_nm, mask, atoms_xy_px, (cx, cy), pixel_size_nm, ring_nm)
-    yy, xx = np.ogrid[: image_nm.shape[0], : image_nm.shape[1]]
-    r_px = max(1.0, 0.15 / pixel_size_nm)
-    core = (xx - cx) ** 2 + (yy - cy) ** 2 <= r_px**2
-    z_centre_nm = (
-        float(image_nm[core].mean()) if core.any() else float(image_nm[int(round(cy)), int(round(cx))])
-    )
-    corrugation_nm = atom_level_nm - level_nm
-    # flat surroundings (no atoms, no texture): no height reference, NaN rather than a huge ratio
-    height_rel = (z_centre_nm - level_nm) / corrugation_nm if corrugation_nm > 1e-9 else float("nan")
-
-    # extents of the pixel footprint along / across the rows (each pixel counts its own width once)
-    a = math.radians(row_angle_deg or 0.0)
-    ys, xs = np.nonzero(mask)
-    along = (xs - cx) * math.cos(a) + (ys - cy) * math.sin(a)
-    across = -(xs - cx) * math.sin(a) + (ys - cy) * math.cos(a)
-    extent_along_nm = (float(np.ptp(along)) + 1.0) * pixel_size_nm
-    extent_across_nm = (float(np.ptp(across)) + 1.0) * pixel_size_nm
-
-    # peak and fill of the footprint relative to the local level (sign from the footprint's mean)
-    z_rel_nm = image_nm[mask] - level_nm
-    mean_rel_nm = float(z_rel_nm.mean())
-    peak_nm = float(z_rel_nm.max() if mean_rel_nm >= 0 else z_rel_nm.min())
-    fill = mean_rel_nm / peak_nm if peak_nm != 0 else float("nan")
-
-    values = {
-        "peak_nm": peak_nm,
-        "fill": fill,
-        "extent_along_nm": extent_along_nm,
-        "extent_across_nm": extent_across_nm,
-        "height_rel": height_rel,
-        "area_cells": area_nm2 / UNIT_CELL_AREA_NM2,
-        "circularity": circularity,
-    }
-    return np.array([values[name] for name in FEATURE_NAMES], dtype=np.float64)
+    blob = pp.footprint_blob(mask)
+    atoms = np.empty((0, 2)) if atoms_xy_px is None else np.asarray(atoms_xy_px, float).reshape(-1, 2)
+    return pp.blob_features(image_nm, blob, pixel_size_nm, atoms, ring_nm, [row_angle_deg])[0]
 
 
 def row_aligned_patch(

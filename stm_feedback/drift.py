@@ -70,12 +70,20 @@ def bin_mean(image: np.ndarray, factor: int) -> np.ndarray:
 
 def remove_plane(image: np.ndarray) -> np.ndarray:
     """``image`` (float64) minus its least-squares plane: a tilt is fixed in the frame, not on the sample,
-    and would pull the correlation towards zero shift."""
-    h, w = image.shape
-    yy, xx = np.mgrid[0:h, 0:w]
-    a = np.column_stack([np.ones(h * w), xx.ravel(), yy.ravel()])
-    coef, *_ = np.linalg.lstsq(a, image.ravel().astype(np.float64), rcond=None)
-    return image.astype(np.float64) - (a @ coef).reshape(h, w)
+    and would pull the correlation towards zero shift.
+
+    On a full grid the centred coordinates are orthogonal to each other and to the constant, so the
+    least-squares coefficients are the mean and the two centred-coordinate projections (the normal
+    equations decouple): the same plane as ``np.linalg.lstsq`` (to rounding), ~20x cheaper."""
+    z = np.asarray(image, dtype=np.float64)
+    h, w = z.shape
+    xc = np.arange(w, dtype=np.float64) - (w - 1) / 2.0
+    yc = np.arange(h, dtype=np.float64) - (h - 1) / 2.0
+    sxx = float(xc @ xc) * h
+    syy = float(yc @ yc) * w
+    c1 = float(z.sum(axis=0) @ xc) / sxx if sxx > 0 else 0.0
+    c2 = float(z.sum(axis=1) @ yc) / syy if syy > 0 else 0.0
+    return z - (z.mean() + c1 * xc[None, :] + c2 * yc[:, None])
 
 
 def correlation_surface(
@@ -91,13 +99,17 @@ def correlation_surface(
     if window:
         taper = np.outer(np.hanning(a.shape[0]), np.hanning(a.shape[1]))
         a, b = a * taper, b * taper
-    cross = np.fft.fft2(b) * np.conj(np.fft.fft2(a))
+    # real-input FFTs (half spectrum): the same surface as the full complex FFTs, at half their cost
+    h, w = a.shape
+    cross = np.fft.rfft2(b) * np.conj(np.fft.rfft2(a))
     cross /= np.maximum(np.abs(cross), 1e-12)
-    fy = np.fft.fftfreq(a.shape[0])[:, None]
-    fx = np.fft.fftfreq(a.shape[1])[None, :]
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
     weight = np.exp(-2.0 * np.pi**2 * lowpass_sigma_px**2 * (fx**2 + fy**2))
     weight[0, 0] = 0.0  # the mean carries no position
-    r = np.fft.ifft2(cross * weight).real * (weight.size / weight.sum())
+    # normalisation by the full spectrum's weight sum: columns 1 .. ceil(w/2)-1 stand for two columns each
+    full_sum = 2.0 * weight.sum() - weight[:, 0].sum() - (weight[:, -1].sum() if w % 2 == 0 else 0.0)
+    r = np.fft.irfft2(cross * weight, s=(h, w)) * (h * w / full_sum)
     return np.fft.fftshift(r)
 
 

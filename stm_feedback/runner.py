@@ -132,8 +132,16 @@ class ModelRunner:
         out = self.engines[name](np.ascontiguousarray(padded, np.float32))  # probabilities (C, h, w)
         return np.ascontiguousarray(crop_padding(out, pad))
 
-    def net_on_frame(self, name: str, norm: np.ndarray, pixel_size_nm: float, invert: bool) -> np.ndarray:
-        """Net ``name`` on the normalised frame, output (C, H, W) resampled back to the frame's grid."""
+    def net_on_frame(
+        self,
+        name: str,
+        norm: np.ndarray,
+        pixel_size_nm: float,
+        invert: bool,
+        channels: tuple[int, ...] | None = None,
+    ) -> np.ndarray:
+        """Net ``name`` on the normalised frame, output (C, H, W) resampled back to the frame's grid;
+        ``channels``: only these output channels (in this order), the others are not resampled."""
         spec = self.specs[name]
         shape = resampled_shape(norm.shape, pixel_size_nm, spec.pixel_size_nm)
         x = resize(norm, shape)
@@ -141,7 +149,11 @@ class ModelRunner:
             x = (1.0 - x).astype(np.float32)
         x = net_input(x, spec.highpass_sigma_nm / spec.pixel_size_nm)
         y = self.run_net(name, x)
-        return np.stack([resize(c, norm.shape, antialias=False) for c in y])
+        idx = range(len(y)) if channels is None else channels
+        out = np.empty((len(idx), *norm.shape), np.float32)
+        for i, c in enumerate(idx):
+            out[i] = resize(y[c], norm.shape, antialias=False)
+        return out
 
     def predict(self, image: np.ndarray, pixel_size_nm: float, bias_v: float | None = None) -> NetworkMaps:
         """All three nets on one frame (H, W) of apparent heights (any unit; nm expected) at pixel_size_nm
@@ -154,7 +166,7 @@ class ModelRunner:
         step = self.net_on_frame("terraces", norm, s, False)[0]
         rows_bright_net = self.specs["atoms"].polarity == "rows_bright"
         atoms = self.net_on_frame("atoms", norm, s, empty and rows_bright_net)[0]
-        defects = self.net_on_frame("defects", norm, s, False)
+        defects = self.net_on_frame("defects", norm, s, False, channels=(1, 2))  # protrusion, depression
         if bias_v is not None:
             polarity, source = ("empty" if empty else "filled"), "bias"
         elif rows_bright_net:
@@ -175,10 +187,10 @@ class ModelRunner:
                 polarity, source = ("empty" if rows_dark else "filled"), "estimated"
         image_norm = (1.0 - norm).astype(np.float32) if polarity == "empty" else norm
         return NetworkMaps(
-            step_prob=step.astype(np.float32),
-            atom_prob=atoms.astype(np.float32),
-            protrusion_prob=defects[1].astype(np.float32),
-            depression_prob=defects[2].astype(np.float32),
+            step_prob=step,
+            atom_prob=atoms,
+            protrusion_prob=defects[0],
+            depression_prob=defects[1],
             image_norm=image_norm,
             pixel_size_nm=s,
             polarity=polarity,

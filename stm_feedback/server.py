@@ -12,15 +12,17 @@ The analyzer is any object with ``analyze(image, pixel_size_nm, bias_v=None, fra
 
 from __future__ import annotations
 
+import gc
 import importlib
 import itertools
 import logging
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Protocol
 
+import msgpack
 import numpy as np
 import zmq
 
@@ -28,6 +30,7 @@ from stm_feedback.config import ServerSettings, Settings
 from stm_feedback.drift import DriftEstimate, bin_mean, drift_bin_factor, estimate_drift
 from stm_feedback.errors import InputError, ModelError, ProtocolError
 from stm_feedback.protocol import (
+    PROTOCOL_VERSION,
     QUEUED_TYPES,
     AnalyzeLinesRequest,
     AnalyzeRequest,
@@ -36,6 +39,7 @@ from stm_feedback.protocol import (
     Request,
     build_error,
     build_reply,
+    encode_arrays,
     image_float32,
     packb,
     parse_request,
@@ -118,6 +122,35 @@ def describe_models(analyzer: Any) -> dict[str, Any]:
         "device": str(getattr(runner, "device", "unknown")),
         "analyzer": type(analyzer).__module__ + "." + type(analyzer).__qualname__,
     }
+
+
+# ------------------------------------------------------------------------------------------ reply payload
+_FLAT_LISTS = ("atoms", "dimers", "defects", "terraces")  # dataclasses of scalars, thousands per frame
+
+
+def _flat_rows(objs: list[Any]) -> list[dict[str, Any]]:
+    """``[asdict(o) for o in objs]`` for dataclasses whose fields are all scalars: a copy of each
+    instance's attribute dict (same keys in field order, same values), ~50x cheaper than ``asdict``'s
+    recursive deep copy; any object that is not such a plain instance goes through ``asdict``."""
+    if not objs:
+        return []
+    cls = type(objs[0])
+    n_fields = len(fields(cls)) if is_dataclass(cls) else -1
+    out = []
+    for o in objs:
+        d = getattr(o, "__dict__", None)
+        out.append(d.copy() if type(o) is cls and d is not None and len(d) == n_fields else asdict(o))
+    return out
+
+
+def analysis_json(analysis: Analysis) -> dict[str, Any]:
+    """``analysis.to_json_dict()`` (equal dict, same key order) for the reply: the large per-object lists
+    (atoms, dimers, defects, terraces) are built by ``_flat_rows``, everything else by ``to_json_dict``
+    itself, so keys added to the schema later still arrive. ~2 ms instead of ~45 ms for 6500 objects."""
+    d = replace(analysis, **{k: [] for k in _FLAT_LISTS}).to_json_dict()
+    for k in _FLAT_LISTS:
+        d[k] = _flat_rows(getattr(analysis, k))
+    return d
 
 
 # ------------------------------------------------------------------------------------------ drift estimate
@@ -307,6 +340,7 @@ class Server:
             self._ready = True
         except Exception:
             log.exception("warm-up failed; serving with ready=false")
+        freeze_heap()
         log.info(
             "warm-up", extra={"fields": {"ms": round((time.perf_counter() - t0) * 1e3, 1), "ok": self._ready}}
         )
@@ -580,10 +614,7 @@ class Server:
             arrays = analysis.maps() if h.with_maps else None
             for stage, ms in analysis.timings_ms.items():
                 timings[f"pipeline.{stage}"] = float(ms)
-            body = build_reply(h.id, h.type, payload, timings, arrays)
-            timings["encode"] = _ms(t3)
-            timings["total"] = _ms(job.received_s)
-            body[0] = packb({**_unpack_meta(body[0]), "timings_ms": timings})  # header with the final timings
+            body = encode_reply(h.id, h.type, payload, arrays, lambda: _final_timings(timings, t3, job))
             log.info(
                 "analyzed",
                 extra={
@@ -632,7 +663,7 @@ class Server:
                 state.update(binned, analysis, meta, shift)
             drift = state.drift_dict()
         payload: dict[str, Any] = {
-            "analysis": analysis.to_json_dict(),
+            "analysis": analysis_json(analysis),
             "instrument_id": h.instrument_id,
             "request_meta": meta,
             "drift": drift,
@@ -640,6 +671,45 @@ class Server:
         if isinstance(h, AnalyzeLinesRequest):
             payload["partial"] = {"lines": int(image.shape[0]), "total_lines": h.total_lines}
         return payload
+
+
+def encode_reply(
+    request_id: Any,
+    rtype: str | None,
+    payload: dict[str, Any],
+    arrays: dict[str, np.ndarray] | None,
+    final_timings: Any,
+) -> list[Any]:
+    """The frames ``protocol.build_reply`` makes, with ``timings_ms`` = ``final_timings()`` called after
+    everything else is packed (so it can include the encoding time). The header map is assembled from
+    separately packed entries, so the large ``analysis`` value is packed once, not packed, unpacked and
+    packed again to insert the final timings."""
+    header: dict[str, Any] = {
+        "v": PROTOCOL_VERSION, "type": rtype, "id": request_id, "ok": True, "timings_ms": None, **payload
+    }
+    frames: list[Any] = []
+    if arrays:
+        specs, frames = encode_arrays(arrays)
+        header["arrays"] = specs
+    parts = {k: packb(k) + packb(v) for k, v in header.items() if k != "timings_ms"}
+    parts["timings_ms"] = packb("timings_ms") + packb(final_timings())
+    head = msgpack.Packer().pack_map_header(len(header)) + b"".join(parts[k] for k in header)
+    return [head, *frames]
+
+
+def _final_timings(timings: dict[str, float], t_encode: float, job: Any) -> dict[str, float]:
+    timings["encode"] = _ms(t_encode)
+    timings["total"] = _ms(job.received_s)
+    return timings
+
+
+def freeze_heap() -> None:
+    """Collect once, then move every object alive now (modules, models, settings: ~250k objects) into
+    the collector's permanent generation (``gc.freeze``). Full collections otherwise walk all of them,
+    ~150-200 ms on this machine, every few frames as each analysis allocates thousands of objects: that
+    was the ``objects`` stage's p95 of 135 ms. Objects created later are collected as before."""
+    gc.collect()
+    gc.freeze()
 
 
 def _ms(t0: float) -> float:
