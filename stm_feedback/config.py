@@ -37,15 +37,35 @@ class PlannerSettings(BaseModel):
     max_sites: int = 50
     border_margin_nm: float = 1.0  # beyond the frame is unknown: dimers keep this distance from the border
     resolved_radius_nm: float = 0.6  # terrace pixels farther than this from any detected atom are unresolved
-    writable_max_area_cells: float = 1.5  # unlabelled protrusions larger than this are adatom/cluster-like
-    writable_max_height_rel: float = 15.0  # ... or higher than this (height_rel units)
+    # unlabelled protrusions at most this large AND this high are writable (DB-like); the defaults make none
+    # writable: on network detections adatoms/clusters and single DBs overlap in (area, height) (docs/
+    # defect-library.md), so only a classifier label (library `train`) may call a protrusion writable
+    writable_max_area_cells: float = 0.0
+    writable_max_height_rel: float = 0.0
     dimer_pitch_tol_nm: float = 0.1  # consecutive site dimers 0.384 +- tol nm apart along the row
+    # added to every must-avoid margin (defects, steps, holes) of *detected* features: network footprints and
+    # step masks come out slightly smaller than the truth (measured in docs/analysis-schema.md, planner)
+    detection_pad_nm: float = 0.3
+    # a lattice position next to a detected dimer with no detected dimer on it (a "hole": dihydrides and
+    # small vacancies the defect net misses look like this) is must-avoid with this margin; < 0 = off
+    hole_margin_nm: float = -1.0
+    # detected atoms in no dimer and dimers with a bond longer than anomaly_max_bond_nm (dihydrides look like
+    # this: the defect net misses them) are must-avoid with this margin; < 0 = off
+    anomaly_margin_nm: float = 0.6
+    anomaly_max_bond_nm: float = 0.27
+    # where dimers of both row orientations lie within this of a pixel a step lies between them (detected or
+    # not): that band keeps step_margin_nm; < 0 = off
+    orientation_reach_nm: float = 2.0
 
 
 class LibrarySettings(BaseModel):
     path: Path = Path("stm-feedback-library.sqlite")
     patch_size_px: int = 24
     patch_pixel_size_nm: float = 0.125  # row-aligned patches are resampled to this (24 px = 3 nm)
+    # the daemon (and `analyze --library`) record every analysed frame's defects into the library, on a
+    # background writer thread; False = off
+    record: bool = True
+    record_queue: int = 256  # frames waiting for the writer before submit() blocks (never dropped)
 
 
 class ServerSettings(BaseModel):

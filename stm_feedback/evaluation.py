@@ -21,6 +21,7 @@ import numpy as np
 from simulator.truth import GroundTruth
 from stm_feedback.errors import InputError, ModelError
 from stm_feedback.metrics import FrameScore, MatchCounts, score_frame
+from stm_feedback.planner_eval import SiteScore, aggregate_sites, score_sites
 from stm_feedback.schema import Analysis, Atom, Defect, Dimer, ImageInfo, Terrace
 
 Analyzer = Callable[[np.ndarray, float, "float | None"], Analysis]
@@ -53,13 +54,18 @@ TARGETS: dict[str, dict[str, tuple[str, float]]] = {
         "defect_f1": (">=", 0.90),
         "terrace_ari": (">=", 0.95),
         "angle_err_median_deg": ("<=", 0.5),
+        "site_found_rate": (">=", 0.90),
+        "false_safe_sites": ("<=", 0.0),
     },
     "hard": {
         "atom_f1": (">=", 0.85),
         "dimer_f1": (">=", 0.85),
         "defect_f1": (">=", 0.80),
         "terrace_ari": (">=", 0.90),
+        "site_found_rate": (">=", 0.90),
+        "false_safe_sites": ("<=", 0.0),
     },
+    "clean": {"false_safe_sites": ("<=", 0.0)},
 }
 
 # every metric shown in the table: key -> (label, higher is better)
@@ -77,6 +83,8 @@ METRICS: dict[str, tuple[str, bool]] = {
     "angle_err_median_deg": ("row-angle error median (deg)", False),
     "angle_err_mean_deg": ("row-angle error mean (deg)", False),
     "angle_err_p90_deg": ("row-angle error p90 (deg)", False),
+    "site_found_rate": ("site-found rate (frames with a truth window)", True),
+    "false_safe_sites": ("false-safe sites (total)", False),
 }
 
 
@@ -243,9 +251,12 @@ def evaluate_frames(
     suite: str,
     method: str,
     progress: Callable[[int, EvalFrame, FrameScore], None] | None = None,
+    planner: Any = None,
 ) -> SuiteResult:
-    """Run ``analyze(frame)`` on every frame, score against truth, aggregate."""
+    """Run ``analyze(frame)`` on every frame, score against truth, aggregate. ``planner``: the
+    ``PlannerSettings`` whose clearances define false-safe sites (defaults when None)."""
     scores: list[FrameScore] = []
+    site_scores: list[SiteScore] = []
     per_frame: list[dict] = []
     times_ms: list[float] = []
     for i, fr in enumerate(frames):
@@ -254,6 +265,7 @@ def evaluate_frames(
         times_ms.append(1e3 * (time.perf_counter() - t0))
         s = score_frame(fr.truth, analysis)
         scores.append(s)
+        site_scores.append(score_sites(fr.truth, analysis, planner))
         per_frame.append(
             {
                 "seed": fr.seed,
@@ -263,11 +275,13 @@ def evaluate_frames(
                 "n_terraces": len(fr.truth.terraces),
                 "time_ms": times_ms[-1],
                 **s.to_dict(),
+                "planner": site_scores[-1].to_dict(),
             }
         )
         if progress:
             progress(i, fr, s)
     metrics = aggregate(scores)
+    metrics.update(aggregate_sites(site_scores))
     metrics["time_ms_mean"] = float(np.mean(times_ms))
     return SuiteResult(suite, method, len(scores), metrics, per_frame)
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import pickle
+import queue
 import sqlite3
 import threading
 import time
@@ -547,6 +549,169 @@ class DefectLibrary:
         paths["json"].write_text(json.dumps(doc, indent=1))
         np.savez_compressed(paths["npz"], **{f"d{r.id}": r.patch for r in recs if r.patch is not None})
         return paths
+
+
+# ------------------------------------------------------------------------------------- background recorder
+log = logging.getLogger("stm_feedback.library")
+
+_FEATURE_FALLBACK = ("height_rel", "area_cells", "circularity")  # on the Defect records themselves
+
+
+def analysis_rows(
+    image: np.ndarray, analysis: Any, patch_size_px: int = 24, patch_pixel_size_nm: float = 0.125
+) -> dict[str, Any]:
+    """``add_frame_with_defects`` arguments for one analysed frame: positions, kinds, features
+    (``analysis.defect_features`` when present, else the three JSON features and NaN), row-aligned patches,
+    clusters and class labels of its defects."""
+    from stm_feedback.pipeline import defect_patches  # the pipeline imports this module
+
+    defects = list(analysis.defects)
+    n = len(defects)
+    feats = getattr(analysis, "defect_features", None)
+    if feats is None or np.shape(feats) != (n, len(FEATURE_NAMES)):
+        feats = np.full((n, len(FEATURE_NAMES)), np.nan)
+        for j, name in enumerate(FEATURE_NAMES):
+            if name in _FEATURE_FALLBACK:
+                feats[:, j] = [
+                    np.nan if getattr(d, name) is None else float(getattr(d, name)) for d in defects
+                ]
+    feats = np.where(np.isinf(feats), np.nan, np.asarray(feats, float))
+    return {
+        "xy_px": np.array([[d.x_px, d.y_px] for d in defects], float).reshape(n, 2),
+        "kinds": [d.kind for d in defects],
+        "features": feats,
+        "patches": defect_patches(image, analysis, patch_size_px, patch_pixel_size_nm) if n else None,
+        "clusters": [d.cluster for d in defects],
+        # a class name from the classifier; the "<kind>-<cluster>" fallback is not a prediction
+        "predicted_labels": [
+            None if d.label in (d.kind, f"{d.kind}-{d.cluster}") else d.label for d in defects
+        ],
+    }
+
+
+def matched_true_labels(analysis: Any, truth: Any, tol_nm: float = 0.40) -> list[str | None]:
+    """Per detected defect of ``analysis``: the class of the simulator truth defect it matches (Hungarian
+    on centres within ``tol_nm``, as the evaluation matches defects), None when unmatched."""
+    from stm_feedback.metrics import match_points
+
+    s = float(truth.pixel_size_nm)
+    det = np.array([[d.x_px, d.y_px] for d in analysis.defects], float).reshape(-1, 2) * s
+    tru = np.array([[d.x_px, d.y_px] for d in truth.defects], float).reshape(-1, 2) * s
+    out: list[str | None] = [None] * len(det)
+    if len(det) and len(tru):
+        ti, pi = match_points(tru, det, tol_nm)
+        for i, j in zip(ti.tolist(), pi.tolist(), strict=True):
+            out[j] = truth.defects[i].cls
+    return out
+
+
+class LibraryRecorder:
+    """Records analysed frames into a ``DefectLibrary`` on one background thread, off the caller's path.
+
+    ``submit(image, analysis, source)`` only enqueues (patches, features and the SQLite transaction run on
+    the writer thread). Accepted data is never dropped: when ``max_queue`` frames are waiting, ``submit``
+    blocks until the writer catches up (back-pressure instead of loss), and ``close()`` writes everything
+    still queued before it returns. Each frame is one transaction (frame + all its defects, or nothing);
+    a frame the library rejects is logged and counted in ``failed`` and the writer carries on. A killed
+    process loses at most the frames still queued in memory; the file itself stays consistent (WAL).
+    """
+
+    def __init__(
+        self,
+        library: DefectLibrary,
+        patch_size_px: int = 24,
+        patch_pixel_size_nm: float = 0.125,
+        max_queue: int = 256,
+        close_library: bool = False,
+    ) -> None:
+        self.library = library
+        self.patch_size_px = int(patch_size_px)
+        self.patch_pixel_size_nm = float(patch_pixel_size_nm)
+        self._close_library = close_library
+        self._q: queue.Queue[tuple[np.ndarray, Any, str] | None] = queue.Queue(maxsize=max(1, max_queue))
+        self._lock = threading.Lock()
+        self._closed = False
+        self.submitted = 0
+        self.written = 0
+        self.failed = 0
+        self._thread = threading.Thread(target=self._run, name="stm-feedback-library", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> LibraryRecorder:
+        """A recorder writing to ``settings.library.path`` (owns and closes that library)."""
+        ls = settings.library
+        return cls(
+            DefectLibrary(ls.path),
+            ls.patch_size_px,
+            ls.patch_pixel_size_nm,
+            max_queue=ls.record_queue,
+            close_library=True,
+        )
+
+    def submit(self, image: np.ndarray, analysis: Any, source: str | None = None) -> None:
+        """Queue one analysed frame (the image is not copied: do not modify it afterwards). Blocks while the
+        queue is full; RuntimeError after ``close()``."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("library recorder is closed")
+            self.submitted += 1
+        self._q.put((image, analysis, source or analysis.image.frame_id or "frame"))
+
+    def flush(self) -> None:
+        """Wait until every frame submitted so far is written (or failed)."""
+        self._q.join()
+
+    def close(self) -> None:
+        """Write what is queued, stop the thread (and close the library if owned). Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._q.put(None)
+        self._thread.join()
+        if self._close_library:
+            self.library.close()
+
+    def __enter__(self) -> LibraryRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            try:
+                if item is None:
+                    return
+                self._write(*item)
+                self.written += 1
+            except Exception:  # one bad frame must not stop the recording of the others
+                self.failed += 1
+                log.exception("library: recording a frame failed")
+            finally:
+                self._q.task_done()
+
+    def _write(self, image: np.ndarray, analysis: Any, source: str) -> None:
+        rows = analysis_rows(image, analysis, self.patch_size_px, self.patch_pixel_size_nm)
+        meta = {
+            "frame_id": analysis.image.frame_id,
+            "height_px": analysis.image.height_px,
+            "width_px": analysis.image.width_px,
+            "models": dict(analysis.models),
+        }
+        xy, kinds, feats = rows.pop("xy_px"), rows.pop("kinds"), rows.pop("features")
+        self.library.add_frame_with_defects(
+            source,
+            analysis.image.pixel_size_nm,
+            xy,
+            kinds,
+            feats,
+            bias_v=analysis.image.bias_v,
+            meta=meta,
+            **rows,
+        )
 
 
 # ------------------------------------------------------------------------------------------ row builders

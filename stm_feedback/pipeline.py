@@ -30,7 +30,16 @@ from stm_feedback.lattice import (
     undistorted_row_angle_deg,
 )
 from stm_feedback.maps import NetworkMaps
-from stm_feedback.planner import clearance_maps, defect_rule, near_mask, propose_sites
+from stm_feedback.planner import (
+    HOLE_TOL_NM,
+    clearance_maps,
+    defect_rule,
+    lattice_anomalies,
+    lattice_holes,
+    near_mask,
+    orientation_band,
+    propose_sites,
+)
 from stm_feedback.quality import assess
 from stm_feedback.schema import Analysis, Atom, Defect, Dimer, ImageInfo, Terrace
 
@@ -75,7 +84,9 @@ class _Timer:
 class Pipeline:
     """Analysis of single frames. ``runner``: anything with ``predict(image, pixel_size_nm, bias_v) ->
     NetworkMaps`` (built from ``settings.models`` on first use when None); ``library``: an optional
-    ``DefectLibrary`` whose stored cluster model and supervised classifier name the defects."""
+    ``DefectLibrary`` whose stored cluster model and supervised classifier name the defects; ``recorder``:
+    an optional ``library.LibraryRecorder`` that receives every analysed frame (queued, written on its own
+    thread; the daemon attaches one when ``settings.library.record`` is on)."""
 
     def __init__(
         self,
@@ -83,10 +94,12 @@ class Pipeline:
         runner: Any = None,
         library: Any = None,
         params: pp.PostprocessParams | None = None,
+        recorder: Any = None,
     ) -> None:
         self.settings = settings if settings is not None else load_settings()
         self._runner = runner
         self.library = library
+        self.recorder = recorder
         self.params = params or pp.PostprocessParams()
         self._lock = threading.Lock()
         self._cluster_model = library.cluster_model() if library is not None else None
@@ -136,7 +149,7 @@ class Pipeline:
     ) -> Analysis:
         """Post-processing only: objects and plan from ``maps`` (all on the image's grid)."""
         img, s, b = check_frame(image, pixel_size_nm, bias_v)
-        return postprocess_maps(
+        out = postprocess_maps(
             img,
             maps,
             s,
@@ -148,6 +161,9 @@ class Pipeline:
             self._classifier,
             self.models(),
         )
+        if self.recorder is not None:  # enqueue only: patches and SQLite run on the recorder's thread
+            self.recorder.submit(img, out, frame_id)
+        return out
 
 
 def _check_maps(maps: NetworkMaps, shape: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -397,7 +413,23 @@ def postprocess_maps(
     atom_px[a_rows, a_cols] = True
     resolved = near_mask(atom_px, ps.resolved_radius_nm, s, inclusive=True)
     unresolved = (labels >= 0) & ~resolved & ~any_defect
-    clear = clearance_maps(labels, step, unresolved, avoid, s, ps)
+    if ps.hole_margin_nm >= 0 and len(dim_xy):  # missing dimers next to detected ones: undetected defects
+        holes = lattice_holes(dim_xy, dim_angle, dim_ter, labels, s, HOLE_TOL_NM)
+        if holes.any():
+            avoid[ps.hole_margin_nm] = avoid.get(ps.hole_margin_nm, np.zeros((h, w), bool)) | holes
+    if ps.anomaly_margin_nm >= 0 and len(atoms_xy):  # unpaired atoms, stretched dimers: dihydride-like
+        ter_angle = np.full(n_ter + 1, np.nan)  # [t] = fitted row angle of terrace t, [-1] (no terrace) NaN
+        for t, f in fits.items():
+            ter_angle[t] = f.row_angle_deg
+        atom_angle = ter_angle[atom_ter]
+        odd = lattice_anomalies(atoms_xy, pairs, (h, w), s, ps.anomaly_max_bond_nm, atom_angle_deg=atom_angle)
+        odd &= (labels >= 0) & ~any_defect
+        if odd.any():
+            avoid[ps.anomaly_margin_nm] = avoid.get(ps.anomaly_margin_nm, np.zeros((h, w), bool)) | odd
+    step_plan = step
+    if ps.orientation_reach_nm > 0 and len(dim_xy):  # two row orientations meet: a step, maybe undetected
+        step_plan = step | orientation_band(dim_xy, dim_angle, (h, w), s, ps.orientation_reach_nm)
+    clear = clearance_maps(labels, step_plan, unresolved, avoid, s, ps)
     angles = {t: f.row_angle_deg for t, f in fits.items()}
     sites = propose_sites(dim_xy, dim_ter, angles, clear, s, ps, dimer_angle_deg=dim_angle)
     tm.lap("planner")
@@ -434,6 +466,7 @@ def postprocess_maps(
         safe_mask=clear.safe,
         timings_ms=tm.ms,
         models=dict(models or {}),
+        defect_features=features,
     )
 
 

@@ -8,6 +8,8 @@ Rules (``PlannerSettings``, defaults from ../shared/design/hsi-physics.md sectio
 - unresolved regions (terrace pixels outside every defect footprint and farther than ``resolved_radius_nm``
   from any detected atom) keep ``unknown_margin_nm``; the frame border keeps ``border_margin_nm``;
 - writable defects (single DBs, DB pairs, earlier litho patches) impose nothing;
+- holes (``lattice_holes``: a lattice position next to detected dimers without a dimer of its own) keep
+  ``hole_margin_nm``; step and defect margins of detected features are widened by ``detection_pad_nm``;
 - a site's dimers are *detected* dimers, consecutive ones 0.384 nm (+- ``dimer_pitch_tol_nm``) apart along the
   terrace's fitted row direction, adjacent rows 0.768 nm apart along the row normal; every dimer of a site
   must be on a safe pixel.
@@ -32,6 +34,7 @@ from stm_feedback.physics import DEFECT_CLASSES, ROW_SPACING_NM, SURFACE_LATTICE
 from stm_feedback.schema import Site
 
 HALF_PIXEL_DIAGONAL = math.sqrt(0.5)  # worst-case offset (px) of a point from its nearest pixel centre
+HOLE_TOL_NM = 0.15  # a predicted lattice position with a detected dimer within this is not a hole
 
 
 def parse_pattern(pattern: str) -> tuple[int, int]:
@@ -207,20 +210,162 @@ def clearance_maps(
     """Build the planning maps. ``avoid_masks``: margin_nm -> (H, W) bool union of must-avoid footprints
     with that margin; ``unresolved`` (H, W) bool; ``step_mask`` (H, W) bool (step edges).
 
+    Every step and ``avoid_masks`` margin is widened by ``settings.detection_pad_nm`` (detected footprints
+    and step masks are slightly smaller than the truth; 0 when planning on truth masks).
     safe = on a terrace and, for every rule, distance * s - margin >= 0 (float32, pixel-centre distances):
     each rule is one dilation of its mask with an exact disk kernel (``near_mask``) instead of a distance
     transform of the frame; the distances themselves are needed only at candidate dimers (``Clearance.at``).
     """
     s = float(pixel_size_nm)  # a Python float keeps the float32 maps float32 (NEP 50), as before
+    pad = max(0.0, settings.detection_pad_nm)
     off_terrace = (terrace_labels < 0) | step_mask
-    rules = [(off_terrace, settings.step_margin_nm), (unresolved, settings.unknown_margin_nm)]
-    rules += [(mask, margin) for margin, mask in avoid_masks.items()]
+    rules = [(off_terrace, settings.step_margin_nm + pad), (unresolved, settings.unknown_margin_nm)]
+    rules += [(mask, margin + pad) for margin, mask in avoid_masks.items()]
     rules = [(np.asarray(m, bool), float(g)) for m, g in rules if np.any(m)]
     border_slack = border_distance_px(terrace_labels.shape) * s - settings.border_margin_nm
     safe = (border_slack >= 0) & ~off_terrace
     for mask, margin in rules:
         safe &= ~near_mask(mask, margin, s)
     return Clearance(safe, rules, border_slack.astype(np.float32), s)
+
+
+def lattice_holes(
+    dimers_xy_px: np.ndarray,
+    dimer_angle_deg: np.ndarray,
+    dimer_terrace: np.ndarray,
+    terrace_labels: np.ndarray,
+    pixel_size_nm: float,
+    tol_nm: float,
+) -> np.ndarray:
+    """(H, W) bool: pixels of *holes*, single lattice positions without a detected dimer between two
+    detected ones: for each dimer and each of its directions +-0.384 nm along its row (``dimer_angle_deg``)
+    and +-0.768 nm across, the neighbour position is a hole when no dimer lies within ``tol_nm`` of it but
+    one lies within ``tol_nm`` of the next position beyond, on the same terrace (``terrace_labels``); marked
+    at its nearest pixel. A dihydride or a single missing dimer the defect net does not report looks exactly
+    like this; the ragged edge of a region where dimers were not detected does not (that is the unresolved
+    rule's job)."""
+    h, w = terrace_labels.shape
+    out = np.zeros((h, w), bool)
+    xy = np.asarray(dimers_xy_px, float).reshape(-1, 2)
+    ang = np.asarray(dimer_angle_deg, float).reshape(-1)
+    ter = np.asarray(dimer_terrace, int).reshape(-1)
+    ok = np.isfinite(ang)
+    if ok.sum() < 2:
+        return out
+    xy_nm, ang, ter = xy[ok] * pixel_size_nm, np.deg2rad(ang[ok]), ter[ok]
+    u = np.stack([np.cos(ang), np.sin(ang)], axis=1)
+    n = np.stack([-np.sin(ang), np.cos(ang)], axis=1)
+    step = np.concatenate(
+        [SURFACE_LATTICE_NM * u, -SURFACE_LATTICE_NM * u, ROW_SPACING_NM * n, -ROW_SPACING_NM * n]
+    )
+    base = np.tile(xy_nm, (4, 1))
+    tree = cKDTree(xy_nm)
+    d1, _ = tree.query(base + step, k=1, distance_upper_bound=tol_nm)
+    sel = ~np.isfinite(d1)
+    d2, _ = tree.query(base[sel] + 2 * step[sel], k=1, distance_upper_bound=tol_nm)
+    hole = (base[sel] + step[sel])[np.isfinite(d2)] / pixel_size_nm
+    src_ter = np.tile(ter, 4)[sel][np.isfinite(d2)]
+    c = np.rint(hole[:, 0]).astype(np.int64)
+    r = np.rint(hole[:, 1]).astype(np.int64)
+    inside = (c >= 0) & (c < w) & (r >= 0) & (r < h)
+    c, r, src_ter = c[inside], r[inside], src_ter[inside]
+    same = terrace_labels[r, c] == src_ter
+    out[r[same], c[same]] = True
+    return out
+
+
+def lattice_anomalies(
+    atoms_xy_px: np.ndarray,
+    dimer_pairs: np.ndarray,
+    shape: tuple[int, int],
+    pixel_size_nm: float,
+    max_bond_nm: float,
+    max_split_nm: float = 0.55,
+    atom_angle_deg: np.ndarray | None = None,
+    max_tilt_deg: float = 30.0,
+) -> np.ndarray:
+    """(H, W) bool: midpoints of *stretched dimers*: accepted dimers whose bond is longer than
+    ``max_bond_nm``, and mutually nearest pairs of atoms that are in no dimer, between ``max_bond_nm`` and
+    ``max_split_nm`` apart along the dimer bond direction (within ``max_tilt_deg`` of the row normal given
+    by ``atom_angle_deg``, the row direction at each atom; pairs of atoms without a finite angle do not
+    count): a dimer's atoms are 0.24 nm apart, neighbours along a row 0.384 nm. A dihydride
+    (SiH2: the dimer's two atoms pushed ~0.1 nm apart towards the troughs), which the defect net does not
+    report, looks like this; single stray atoms (edges of resolved regions, noise) do not count."""
+    h, w = shape
+    out = np.zeros((h, w), bool)
+    xy = np.asarray(atoms_xy_px, float).reshape(-1, 2)
+    pairs = np.asarray(dimer_pairs, np.int64).reshape(-1, 2)
+    if len(xy) < 2:
+        return out
+    s = pixel_size_nm
+    bond_nm = np.hypot(*(xy[pairs[:, 1]] - xy[pairs[:, 0]]).T) * s
+    mids = [(xy[pairs[bond_nm > max_bond_nm, 0]] + xy[pairs[bond_nm > max_bond_nm, 1]]) / 2]
+    paired = np.zeros(len(xy), bool)
+    paired[pairs.ravel()] = True
+    lone = np.flatnonzero(~paired)
+    if len(lone) >= 2:
+        d, j = cKDTree(xy[lone] * s).query(xy[lone] * s, k=2)
+        nn = j[:, 1]
+        mutual = (j[nn, 1] == np.arange(len(lone))) & (np.arange(len(lone)) < nn)
+        split = mutual & (d[:, 1] > max_bond_nm) & (d[:, 1] <= max_split_nm)
+        ang = np.full(len(xy), np.nan) if atom_angle_deg is None else np.asarray(atom_angle_deg, float)
+        a = np.deg2rad(ang[lone])
+        v = xy[lone[nn]] - xy[lone]
+        along = np.abs(v[:, 0] * np.cos(a) + v[:, 1] * np.sin(a)) / np.maximum(
+            np.hypot(v[:, 0], v[:, 1]), 1e-9
+        )
+        split &= along <= np.sin(np.deg2rad(max_tilt_deg))  # NaN angle -> False
+        mids.append((xy[lone[split]] + xy[lone[nn[split]]]) / 2)
+    pts = np.concatenate(mids)
+    c = np.clip(np.rint(pts[:, 0]).astype(np.int64), 0, w - 1)
+    r = np.clip(np.rint(pts[:, 1]).astype(np.int64), 0, h - 1)
+    out[r, c] = True
+    return out
+
+
+def orientation_band(
+    dimers_xy_px: np.ndarray,
+    dimer_angle_deg: np.ndarray,
+    shape: tuple[int, int],
+    pixel_size_nm: float,
+    reach_nm: float,
+) -> np.ndarray:
+    """(H, W) bool: pixels within ``reach_nm`` of detected dimers of *both* row orientations (rows of
+    adjacent Si(100) terraces are 90 deg apart, so two orientations meeting means a step lies between them,
+    detected or not). Orientation of a dimer: its ``dimer_angle_deg`` closer to theta0 or to theta0 + 90,
+    theta0 = the circular median of all angles modulo 90. Computed on a 2x coarser grid, so the band may be up
+    to ~1.5 px wider than the exact one (never narrower)."""
+    h, w = shape
+    out = np.zeros((h, w), bool)
+    ang = np.asarray(dimer_angle_deg, float).reshape(-1)
+    xy = np.asarray(dimers_xy_px, float).reshape(-1, 2)
+    ok = np.isfinite(ang)
+    if ok.sum() < 2:
+        return out
+    xy, ang = xy[ok], ang[ok]
+    z = np.exp(1j * np.deg2rad(4.0 * ang))  # period 90 deg
+    theta0 = np.rad2deg(np.angle(np.median(z.real) + 1j * np.median(z.imag))) / 4.0
+    rel = (ang - theta0) % 180.0
+    other = np.abs(rel - 90.0) < 45.0
+    if not other.any() or other.all():
+        return out
+    s = pixel_size_nm
+    d, _ = cKDTree(xy[other] * s).query(xy[~other] * s, k=1, distance_upper_bound=2.0 * reach_nm)
+    if not np.isfinite(d).any():  # no two dimers of different orientation within 2 reach: no band
+        return out
+    # on a grid coarsened by f (block max), widened by the block's half diagonal: a superset of the exact
+    # band (conservative), at 1/f^2 of the cost
+    f = 2
+    hc, wc = -(-h // f), -(-w // f)
+    c = np.clip(np.rint(xy[:, 0]).astype(np.int64), 0, w - 1) // f
+    r = np.clip(np.rint(xy[:, 1]).astype(np.int64), 0, h - 1) // f
+    a = np.zeros((hc, wc), bool)
+    b = np.zeros((hc, wc), bool)
+    a[r[~other], c[~other]] = True
+    b[r[other], c[other]] = True
+    reach_c = reach_nm + 2.0 * HALF_PIXEL_DIAGONAL * (f - 1) * s  # both ends may sit anywhere in a block
+    band = near_mask(a, reach_c, f * s) & near_mask(b, reach_c, f * s)
+    return np.repeat(np.repeat(band, f, axis=0), f, axis=1)[:h, :w]
 
 
 def _neighbour(tree: cKDTree, xy_nm: np.ndarray, step_nm: np.ndarray, tol_nm: float) -> np.ndarray:

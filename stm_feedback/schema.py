@@ -105,6 +105,9 @@ class Analysis:
     safe_mask: np.ndarray | None = None  # (H, W) bool
     timings_ms: dict[str, float] = field(default_factory=dict)
     models: dict[str, str] = field(default_factory=dict)
+    # (N defects, len(classify.FEATURE_NAMES)) float64, NaN = undefined: the full feature vectors behind the
+    # defects' JSON features, for the defect library; not part of the JSON contract
+    defect_features: np.ndarray | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
         """JSON-ready dict of schema ``stm-feedback.analysis/1`` (maps excluded: they go to the npz)."""

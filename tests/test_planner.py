@@ -15,10 +15,18 @@ from stm_feedback.config import PlannerSettings, Settings
 from stm_feedback.errors import InputError
 from stm_feedback.physics import ROW_SPACING_NM, SURFACE_LATTICE_NM
 from stm_feedback.pipeline import Pipeline
-from stm_feedback.planner import clearance_maps, defect_rule, distance_px, parse_pattern, propose_sites
+from stm_feedback.planner import (
+    clearance_maps,
+    defect_rule,
+    distance_px,
+    lattice_anomalies,
+    orientation_band,
+    parse_pattern,
+    propose_sites,
+)
+from stm_feedback.planner_eval import aggregate_sites, false_safe_sites, score_sites, truth_slack_nm
+from stm_feedback.schema import Site
 from tests.test_pipeline_oracle import oracle_maps, simulate
-
-TOUCH_NM = 0.3  # a dimer (0.5 x 0.38 nm) centred closer than this to a footprint pixel touches it
 
 
 # ---------------------------------------------------------------------------------------- synthetic rules
@@ -127,11 +135,14 @@ def test_defect_rules() -> None:
     assert defect_rule("protrusion", "litho_patch", 5.0, 3.0, ps) == (False, 0.0)
     assert defect_rule("protrusion", "adatom_cluster", 5.0, 1.0, ps) == (True, ps.adatom_margin_nm)
     assert defect_rule("depression", "dihydride", -1.0, 1.0, ps) == (True, ps.dihydride_margin_nm)
-    # unlabelled protrusions: small and low = writable DB-like; large or high = adatom-like
-    assert defect_rule("protrusion", "protrusion-0", 3.0, 1.0, ps)[0] is False
-    assert defect_rule("protrusion", "protrusion-0", 3.0, 5.0, ps)[0] is True
-    assert defect_rule("protrusion", "protrusion-0", 50.0, 1.0, ps)[0] is True
-    assert defect_rule("protrusion", "protrusion-0", float("nan"), 1.0, ps)[0] is True
+    # unlabelled protrusions: must-avoid by default (adatoms and DBs overlap in area and height)
+    assert defect_rule("protrusion", "protrusion-0", 3.0, 1.0, ps) == (True, ps.adatom_margin_nm)
+    # with writable thresholds set: small and low = writable DB-like; large or high = adatom-like
+    pw = PlannerSettings(writable_max_area_cells=1.5, writable_max_height_rel=15.0)
+    assert defect_rule("protrusion", "protrusion-0", 3.0, 1.0, pw)[0] is False
+    assert defect_rule("protrusion", "protrusion-0", 3.0, 5.0, pw)[0] is True
+    assert defect_rule("protrusion", "protrusion-0", 50.0, 1.0, pw)[0] is True
+    assert defect_rule("protrusion", "protrusion-0", float("nan"), 1.0, pw)[0] is True
     assert defect_rule("mystery", "x", 0.0, 1.0, ps) == (True, ps.unknown_margin_nm)
 
 
@@ -148,71 +159,101 @@ def test_writable_defect_can_be_written_over() -> None:
     assert len(sites_db) == len(sites_clean)
 
 
+def _atoms_of(dimers_px: np.ndarray, s: float, angle_deg: float, bond_nm: float = 0.24) -> np.ndarray:
+    """The two atoms of each dimer, bond across the rows (along the row normal)."""
+    a = np.radians(angle_deg)
+    n = np.array([-np.sin(a), np.cos(a)]) * bond_nm / 2 / s
+    return np.concatenate([dimers_px - n, dimers_px + n])
+
+
+def test_stretched_dimers_are_anomalies() -> None:
+    s, shape = 0.1, (80, 80)
+    dimers = _grid_dimers(shape, s, 20.0)
+    atoms = _atoms_of(dimers, s, 20.0)
+    m = len(dimers)
+    pairs = np.stack([np.arange(m), np.arange(m) + m], axis=1)
+    assert not lattice_anomalies(atoms, pairs, shape, s, 0.27).any()
+    k = int(np.argmin(np.hypot(*(dimers - 40).T)))  # a dimer near the centre becomes a dihydride
+    n = np.array([-np.sin(np.radians(20.0)), np.cos(np.radians(20.0))])
+    for bond_nm, paired in ((0.30, True), (0.44, False)):
+        at = atoms.copy()
+        at[k], at[k + m] = dimers[k] - n * bond_nm / 2 / s, dimers[k] + n * bond_nm / 2 / s
+        pr = pairs if paired else np.delete(pairs, k, axis=0)
+        angle = np.full(len(at), 20.0)
+        odd = lattice_anomalies(at, pr, shape, s, 0.27, atom_angle_deg=angle)
+        assert np.array_equal(np.argwhere(odd), [np.rint(dimers[k][::-1]).astype(int)]), (bond_nm, paired)
+        if not paired:  # the split pair counts only along the bond direction
+            along = np.full(len(at), 110.0)
+            assert not lattice_anomalies(at, pr, shape, s, 0.27, atom_angle_deg=along).any()
+
+
+def test_orientation_band_between_perpendicular_lattices() -> None:
+    s, shape = 0.1, (120, 120)
+    left = _grid_dimers(shape, s, 0.0)
+    left = left[left[:, 0] < 55]
+    right = _grid_dimers(shape, s, 90.0)
+    right = right[right[:, 0] > 65]
+    xy = np.concatenate([left, right])
+    ang = np.concatenate([np.zeros(len(left)), np.full(len(right), 90.0)])
+    band = orientation_band(xy, ang, shape, s, 2.0)
+    assert band[:, 58:62].all()  # between the lattices (1 nm gap)
+    assert not band[:, :30].any() and not band[:, 90:].any()
+    assert not orientation_band(left, np.zeros(len(left)), shape, s, 2.0).any()  # one orientation
+    exact = near_mask_pts(left, shape, s, 2.0) & near_mask_pts(right, shape, s, 2.0)
+    assert (band | ~exact).all()  # never narrower than the exact band
+
+
+def near_mask_pts(xy: np.ndarray, shape: tuple[int, int], s: float, r_nm: float) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    m[np.rint(xy[:, 1]).astype(int), np.rint(xy[:, 0]).astype(int)] = True
+    return distance_px(m) * s < r_nm
+
+
+def test_detection_pad_widens_margins() -> None:
+    mask = np.zeros((100, 100), bool)
+    mask[48:52, 48:52] = True
+    narrow, _ = _plan({0.8: mask}, settings=PlannerSettings(detection_pad_nm=0.0))
+    wide, _ = _plan({0.8: mask}, settings=PlannerSettings(detection_pad_nm=0.3))
+    d = distance_px(mask) * 0.1
+    assert (d[narrow.safe] >= 0.8).all() and (d[wide.safe] >= 1.1).all()
+    assert narrow.safe.sum() > wide.safe.sum()
+
+
 # ---------------------------------------------------------------------------------------- simulated frames
-def false_safe_count(sites, truth) -> tuple[int, int]:  # noqa: ANN001
-    """(site dimers touching a must-avoid truth footprint / step edge / unresolved region, dimers violating
-    2 nm step rule w.r.t. the truth step mask)."""
-    s = truth.pixel_size_nm
-    inst = np.asarray(truth.defect_instances)
-    avoid_ids = [d.id for d in truth.defects if d.must_avoid]
-    bad = np.isin(inst, avoid_ids) | np.asarray(truth.step_mask) | np.asarray(truth.unresolved_mask)
-    bad |= np.asarray(truth.terrace_labels) < 0
-    d_bad = distance_px(bad) * s
-    d_step = distance_px(np.asarray(truth.step_mask) | (np.asarray(truth.terrace_labels) < 0)) * s
-    pts = np.array([p for site in sites for p in site.dimers]).reshape(-1, 2)
-    if len(pts) == 0:
-        return 0, 0
-    r, c = np.rint(pts[:, 1]).astype(int), np.rint(pts[:, 0]).astype(int)
-    return int((d_bad[r, c] < TOUCH_NM).sum()), int((d_step[r, c] < 2.0 - s).sum())
-
-
-def truth_has_window(truth, ps: PlannerSettings) -> bool:  # noqa: ANN001
-    """Does the truth contain a clean window of the pattern (same rules, truth masks and truth dimers)?"""
-    s = truth.pixel_size_nm
-    inst = np.asarray(truth.defect_instances)
-    avoid: dict[float, np.ndarray] = {}
-    for d in truth.defects:
-        if d.must_avoid:
-            margin = {"adatom_cluster": ps.adatom_margin_nm, "dihydride": ps.dihydride_margin_nm}.get(
-                d.cls, ps.depression_margin_nm
-            )
-            m = avoid.setdefault(margin, np.zeros(inst.shape, bool))
-            m |= inst == d.id
-    labels = np.asarray(truth.terrace_labels)
-    clear = clearance_maps(
-        labels, np.asarray(truth.step_mask), np.asarray(truth.unresolved_mask), avoid, s, ps
-    )
-    angles = {t.id: t.row_angle_deg for t in truth.terraces}
-    sites = propose_sites(truth.dimers_xy_px, truth.dimer_terrace, angles, clear, s, ps)
-    return len(sites) > 0
-
-
 def run_frames(seeds, size_px: int = 192, preset: str = "realistic") -> dict:  # noqa: ANN001
+    """Planner scores (stm_feedback.planner_eval definitions) of the pipeline on oracle maps."""
     pipe = Pipeline(Settings())
     ps = pipe.settings.planner
-    out = {"frames": 0, "sites": 0, "false_safe": 0, "step_rule": 0, "window_frames": 0, "found": 0}
+    scores = []
     for seed in seeds:
         f = simulate(seed, size_px, None, preset)
         a = pipe.analyze_maps(
             f.image_nm, oracle_maps(f.image_nm, f.truth, f.bias_v), f.pixel_size_nm, f.bias_v
         )
-        fs, st = false_safe_count(a.sites, f.truth)
-        out["frames"] += 1
-        out["sites"] += len(a.sites)
-        out["false_safe"] += fs
-        out["step_rule"] += st
-        if truth_has_window(f.truth, ps):
-            out["window_frames"] += 1
-            out["found"] += bool(a.sites)
-    return out
+        scores.append(score_sites(f.truth, a, ps))
+    return {"frames": len(scores), **aggregate_sites(scores)}
+
+
+def test_false_safe_definition_counts_sites_near_truth_defects() -> None:
+    """A site on a must-avoid truth footprint, or closer to it than its class margin, is false-safe; one
+    farther away is not."""
+    f = simulate(1_000_101, 160, None, "realistic")
+    ps = PlannerSettings()
+    slack = truth_slack_nm(f.truth, ps)
+    d = next(x for x in f.truth.defects if x.must_avoid and x.cls != "adatom_cluster")
+    on = Site(d.x_px, d.y_px, [[d.x_px, d.y_px]] * 3, 0, 0.0)
+    assert false_safe_sites([on], slack) == 1
+    far = np.argwhere(slack > 0.5)[0]
+    ok = Site(float(far[1]), float(far[0]), [[float(far[1]), float(far[0])]] * 3, 0, 0.0)
+    assert false_safe_sites([ok], slack) == 0
 
 
 @pytest.mark.parametrize("preset", ["realistic", "hard"])
 def test_zero_false_safe_on_simulated_frames(preset: str) -> None:
     r = run_frames(range(1_000_100, 1_000_106), size_px=160, preset=preset)
-    assert r["false_safe"] == 0 and r["step_rule"] == 0, r
+    assert r["false_safe_sites"] == 0, r
     if preset == "realistic":
-        assert r["sites"] > 0
+        assert r["sites_found_frames"] > 0, r
 
 
 if __name__ == "__main__":  # measurement for the docs
@@ -222,6 +263,4 @@ if __name__ == "__main__":  # measurement for the docs
     ap.add_argument("--size-px", type=int, default=256)
     ap.add_argument("--preset", default="realistic")
     a = ap.parse_args()
-    res = run_frames(range(a.first_seed, a.first_seed + a.n), a.size_px, a.preset)
-    res["found_rate"] = res["found"] / max(1, res["window_frames"])
-    print(res)
+    print(run_frames(range(a.first_seed, a.first_seed + a.n), a.size_px, a.preset))

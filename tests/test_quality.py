@@ -1,10 +1,8 @@
 """Image quality against simulator truth: tip-change lines and double-tip suspicion (stm_feedback/quality.py).
 
-Seeded frames of the "clean" preset with one artefact switched on (flat background, so the artefact is the
-only line-to-line change) and the same frames without it. Not every seed passes: on seeds 1000300-1000311
-with a forced tip change of 0.04-0.1 nm the change was found in 9 of 12 frames, with one extra line in one
-of them and one false line in the 12 frames without a change; on the hard preset it is far worse (see
-docs/analysis-schema.md, quality section, for the numbers and commands).
+Seeded frames of the "clean" preset with one artefact switched on and the same frames without it. Not every
+seed passes: the suite-level rates (hard, realistic, clean) are measured by running this file as a script
+(numbers and commands in docs/analysis-schema.md, quality section).
 """
 
 from __future__ import annotations
@@ -50,18 +48,23 @@ def test_no_tip_change_lines_on_clean_frames(pipe: Pipeline, seed: int) -> None:
 
 
 def test_tip_change_ignores_steps_and_tilt() -> None:
-    """A terrace step (per-terrace levelling) and a tilted plane along y are not tip changes."""
+    """A terrace step, a tilted plane along y and per-line offsets are not tip changes; a disturbed transition
+    line followed by a new height level is, and is reported at its first line."""
     h, w, s = 160, 120, 0.1
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:h, :w]
     labels = np.where(xx + 0.3 * yy < 70, 0, 1).astype(np.int32)
     z = 0.136 * labels + 0.02 * np.cos(2 * np.pi * yy * s / 0.768) + rng.normal(0, 0.005, (h, w))
     assert tip_change_lines(z, labels, s) == []
-    tilted = z + np.tan(np.radians(1.5)) * yy * s
+    tilted = z + np.tan(np.radians(1.5)) * yy * s + rng.normal(0, 0.003, (h, 1))  # + line offsets
     assert tip_change_lines(tilted, labels, s) == []
-    jumped = tilted.copy()
-    jumped[90:] += 0.08  # 8 robust sigmas of this profile (row modulation along y) are ~0.04 nm
-    assert tip_change_lines(jumped, labels, s) == [90]
+    changed = tilted.copy()
+    changed[90:] += 0.04
+    changed[90] += np.cumsum(rng.normal(0, 0.08, w)) / np.sqrt(w)  # the feedback wanders on the change line
+    assert tip_change_lines(changed, labels, s) == [90]
+    wander_only = tilted.copy()
+    wander_only[90] += np.cumsum(rng.normal(0, 0.01, w)) / np.sqrt(w)  # small wander, no new level: no change
+    assert tip_change_lines(wander_only, labels, s) == []
 
 
 def _ghost_maps(f, offset_px: np.ndarray) -> NetworkMaps:  # noqa: ANN001

@@ -73,7 +73,13 @@ def register(app: typer.Typer) -> None:
             runner = BaselineMapsRunner()
         elif maps_from != "nets":
             raise typer.BadParameter("--maps-from must be 'nets' or 'baseline'")
-        pipe = Pipeline(settings, runner=runner, library=lib)
+        recorder = None
+        if lib is not None and settings.library.record:  # every analysed defect goes into the library
+            from stm_feedback.library import LibraryRecorder
+
+            ls = settings.library
+            recorder = LibraryRecorder(lib, ls.patch_size_px, ls.patch_pixel_size_nm, ls.record_queue)
+        pipe = Pipeline(settings, runner=runner, library=lib, recorder=recorder)
         out.mkdir(parents=True, exist_ok=True)
         done: list[tuple[Path, object, np.ndarray]] = []
         failed = 0
@@ -86,6 +92,8 @@ def register(app: typer.Typer) -> None:
                 failed += 1
                 continue
             done.append((path, a, frame.image))
+        if recorder is not None:
+            recorder.close()  # written with the per-frame classes; batch clusters below are JSON-only
         if lib is None or lib.cluster_model() is None:
             cluster_batch([a for _, a, _ in done])
         for path, a, image in done:

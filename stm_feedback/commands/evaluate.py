@@ -42,6 +42,7 @@ def register(app: typer.Typer) -> None:
         table with the targets of issue 3 marked pass/fail."""
         from tqdm import tqdm
 
+        from stm_feedback.config import load_settings
         from stm_feedback.errors import ModelError
         from stm_feedback.evaluation import (
             baseline_analyzer,
@@ -52,14 +53,13 @@ def register(app: typer.Typer) -> None:
             suite_frames,
         )
 
+        settings = load_settings(config)
         methods = ["nets", "baseline"] if method is MethodName.both else [method.value]
         analyzers = {}
         try:
             for m in methods:
                 if m == "nets":
-                    from stm_feedback.config import load_settings
-
-                    analyzers[m] = nets_analyzer(load_settings(config))
+                    analyzers[m] = nets_analyzer(settings)
                 elif m == "baseline":
                     analyzers[m] = baseline_analyzer()
         except ModelError as e:
@@ -77,7 +77,14 @@ def register(app: typer.Typer) -> None:
                 fn = lambda f, an=an: an(f.image_nm, f.pixel_size_nm, f.bias_v)  # noqa: E731
             with tqdm(total=len(frames), desc=f"{m} on {suite.value}", unit="frame") as bar:
                 results.append(
-                    evaluate_frames(frames, fn, suite.value, m, progress=lambda *_, b=bar: b.update(1))
+                    evaluate_frames(
+                        frames,
+                        fn,
+                        suite.value,
+                        m,
+                        progress=lambda *_, b=bar: b.update(1),
+                        planner=settings.planner,
+                    )
                 )
         typer.echo(markdown_table(results))
         if json_out:

@@ -236,15 +236,36 @@ def register(app: typer.Typer) -> None:
         first_seed: Annotated[int, typer.Option(help="first seed (without --suite)")] = 0,
         n: Annotated[int, typer.Option(help="frames")] = 10,
         size_px: Annotated[int, typer.Option(help="frame size (without --suite)")] = 256,
+        detections: Annotated[
+            str,
+            typer.Option(
+                help="'truth': features of the ground-truth footprints; 'nets': the pipeline's own detected "
+                "defects, true label from the truth defect matched at 0.40 nm (Hungarian), none if unmatched"
+            ),
+        ] = "truth",
+        config: Annotated[Path | None, typer.Option(help="settings file (with --detections nets)")] = None,
     ) -> None:
-        """Add simulated frames with features from their ground-truth footprints and true labels (evaluation
-        of the classes while the networks are untrained)."""
+        """Add simulated frames with their defects' features and true labels (evaluation of the classes):
+        from the ground-truth footprints, or as the networks + pipeline detect them."""
         from tqdm import tqdm
 
         from stm_feedback.classify import features_from_truth
         from stm_feedback.config import load_settings
 
-        ls = load_settings().library
+        if detections not in ("truth", "nets"):
+            _fail(ValueError("--detections must be 'truth' or 'nets'"))
+        settings = load_settings(config)
+        ls = settings.library
+        pipe = None
+        if detections == "nets":
+            from stm_feedback.errors import ModelError
+            from stm_feedback.pipeline import Pipeline
+
+            try:
+                pipe = Pipeline(settings)
+                _ = pipe.runner
+            except ModelError as exc:
+                _fail(exc)
         if suite is not None:
             from stm_feedback.evaluation import suite_frames
 
@@ -262,6 +283,24 @@ def register(app: typer.Typer) -> None:
         total = 0
         with _open(db, must_exist=False) as lib:
             for seed, image, truth in tqdm(frames, total=n, desc="frames"):
+                if pipe is not None:
+                    from stm_feedback.library import analysis_rows, matched_true_labels
+
+                    a = pipe.analyze(image, truth.pixel_size_nm, bias_v=truth.bias_v, frame_id=str(seed))
+                    r = analysis_rows(image, a, ls.patch_size_px, ls.patch_pixel_size_nm)
+                    lib.add_frame_with_defects(
+                        f"{source}:{seed}",
+                        truth.pixel_size_nm,
+                        r.pop("xy_px"),
+                        kinds := r.pop("kinds"),
+                        r.pop("features"),
+                        bias_v=truth.bias_v,
+                        meta={"seed": seed, "features": "network detections"},
+                        true_labels=matched_true_labels(a, truth),
+                        **r,
+                    )
+                    total += len(kinds)
+                    continue
                 rows = features_from_truth(image, truth, ls.patch_size_px, ls.patch_pixel_size_nm)
                 lib.add_frame_with_defects(
                     f"{source}:{seed}",

@@ -52,7 +52,14 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
         server = Server(analyzer, settings.server)
-        server.start()
+        server.start()  # the synthetic warm-up frame runs before the recorder is attached: not recorded
+        recorder = None
+        if settings.library.record and hasattr(analyzer, "recorder"):
+            from stm_feedback.library import LibraryRecorder
+
+            recorder = LibraryRecorder.from_settings(settings)
+            analyzer.recorder = recorder
+            log.info("recording analysed defects", extra={"fields": {"library": str(settings.library.path)}})
         print(f"stm-feedback serving on {server.endpoint}", flush=True)
         while not stop.wait(0.2):
             if not server.is_alive():
@@ -60,4 +67,10 @@ def register(app: typer.Typer) -> None:
                 raise typer.Exit(1)
         log.info("signal received: draining in-flight work")
         server.stop()
+        if recorder is not None:  # after the last analysis: every accepted frame is written before exit
+            recorder.close()
+            log.info(
+                "library recorder closed",
+                extra={"fields": {"written": recorder.written, "failed": recorder.failed}},
+            )
         log.info("stopped")
