@@ -36,6 +36,9 @@ SEED_BASE: dict[str, int] = {"terraces": 100_000, "atoms": 300_000, "defects": 5
 HELD_OUT_SEED = 950_000  # self-check frames (training range, never drawn by the cache)
 
 
+DEFECT_CLASS_WEIGHTS: tuple[float, float, float] = (1.0, 4.0, 8.0)  # background, protrusion, depression
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. ``crop_px`` at the net's working pixel size; ``n_frames`` simulated once."""
@@ -56,6 +59,7 @@ class TrainConfig:
     init_from: Path | None = None  # models dir whose weights (same spec) start this run (fine-tuning)
     sim_presets: tuple[str, ...] = ("training",)  # frame i of the cache uses sim_presets[i % len]
     p_axis_rows: float = 0.0  # fraction of cache frames rotated: rows along x or y (make_sample)
+    defect_class_weights: tuple[float, float, float] = DEFECT_CLASS_WEIGHTS  # defects: background/prot/depr
 
 
 # Frame pixel sizes drawn for the cache. Atoms: the two atoms of a dimer (0.24 nm) are unresolvable in frames
@@ -197,13 +201,17 @@ def make_batch(
     return x_t, y_t
 
 
-def loss_fn(spec: NetSpec, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def loss_fn(
+    spec: NetSpec,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    defect_class_weights: tuple[float, float, float] = DEFECT_CLASS_WEIGHTS,
+) -> torch.Tensor:
     """Terraces: BCE (step pixels weighted 3x); atoms: BCE on the soft Gaussian map, weighted 1 + 9 * target
-    (atoms are a small fraction of pixels); defects: cross-entropy with class weights 1/4/8."""
+    (atoms are a small fraction of pixels); defects: cross-entropy with class weights (default 1/4/8)."""
     if spec.name == "defects":
         # depressions weigh more: faint dihydrides (-0.02..-0.05 nm) were missed at equal weights
-        w = torch.tensor([1.0, 4.0, 8.0])
-        return F.cross_entropy(logits, target, weight=w)
+        return F.cross_entropy(logits, target, weight=torch.tensor(defect_class_weights, dtype=torch.float32))
     weight = 1.0 + (2.0 if spec.name == "terraces" else 9.0) * target
     return F.binary_cross_entropy_with_logits(logits, target, weight=weight)
 
@@ -243,7 +251,9 @@ def train(
     bar = tqdm(range(cfg.steps), desc=f"training {cfg.net}", disable=not progress)
     for _ in bar:
         x, y = make_batch(cache, spec, cfg, rng, aug)
-        loss = loss_fn(spec, net(x.contiguous(memory_format=torch.channels_last)), y)
+        loss = loss_fn(
+            spec, net(x.contiguous(memory_format=torch.channels_last)), y, cfg.defect_class_weights
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -68,3 +68,20 @@ def test_calibration_rejects_unknown_threshold() -> None:
 
     with pytest.raises(InputError):
         calibrate_thresholds(Path("models"), n_frames=1, grid={"nope": (0.5,)})
+
+
+def test_defect_class_weights_steer_the_loss() -> None:
+    """A missed depression costs more when depressions weigh more; background-only errors are unaffected."""
+    from stm_feedback.nets import spec_preset
+    from stm_feedback.training import DEFECT_CLASS_WEIGHTS, loss_fn
+
+    spec = spec_preset("defects")
+    logits = torch.zeros(1, 3, 4, 4)
+    logits[:, 0] = 2.0  # the net says background everywhere
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, 1, 1] = 2  # one depression pixel
+    base = loss_fn(spec, logits, target)
+    assert torch.isclose(base, loss_fn(spec, logits, target, DEFECT_CLASS_WEIGHTS))
+    assert loss_fn(spec, logits, target, (1.0, 4.0, 16.0)) > base
+    bg = torch.zeros(1, 4, 4, dtype=torch.long)
+    assert torch.isclose(loss_fn(spec, logits, bg), loss_fn(spec, logits, bg, (1.0, 4.0, 16.0)))

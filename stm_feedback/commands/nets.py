@@ -120,6 +120,9 @@ def register(app: typer.Typer) -> None:
         p_axis_rows: Annotated[
             float, typer.Option(help="atoms: fraction of frames rotated so the rows run along x or y")
         ] = 0.0,
+        class_weights: Annotated[
+            str, typer.Option(help="defects: cross-entropy weights background,protrusion,depression")
+        ] = "1,4,8",
         check: Annotated[
             bool, typer.Option(help="atoms only: F1 self-check on held-out frames afterwards")
         ] = True,
@@ -147,6 +150,7 @@ def register(app: typer.Typer) -> None:
             init_from=init,
             sim_presets=tuple(p.strip() for p in sim_presets.split(",") if p.strip()),
             p_axis_rows=p_axis_rows,
+            defect_class_weights=tuple(float(v) for v in class_weights.split(",")),  # type: ignore[arg-type]
         )
         try:
             model, net_spec, summary = train(cfg, out)
