@@ -85,3 +85,16 @@ def test_defect_class_weights_steer_the_loss() -> None:
     assert loss_fn(spec, logits, target, (1.0, 4.0, 16.0)) > base
     bg = torch.zeros(1, 4, 4, dtype=torch.long)
     assert torch.isclose(loss_fn(spec, logits, bg), loss_fn(spec, logits, bg, (1.0, 4.0, 16.0)))
+
+
+@pytest.mark.parametrize("text", ["1,4", "1,4,x", "1,0,8", "1,4,inf"])
+def test_train_cli_rejects_bad_class_weights(text: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from stm_feedback.cli import app
+
+    res = CliRunner().invoke(
+        app, ["train", "defects", "--steps", "1", "--class-weights", text, "--out", str(tmp_path)]
+    )
+    assert res.exit_code != 0 and "class-weights" in res.output
+    assert not list(tmp_path.iterdir())  # nothing trained or written

@@ -150,7 +150,7 @@ def register(app: typer.Typer) -> None:
             init_from=init,
             sim_presets=tuple(p.strip() for p in sim_presets.split(",") if p.strip()),
             p_axis_rows=p_axis_rows,
-            defect_class_weights=tuple(float(v) for v in class_weights.split(",")),  # type: ignore[arg-type]
+            defect_class_weights=_class_weights(class_weights),
         )
         try:
             model, net_spec, summary = train(cfg, out)
@@ -161,3 +161,14 @@ def register(app: typer.Typer) -> None:
             for preset in ("realistic", "hard"):
                 for known in (True, False):
                     typer.echo(json.dumps(self_check_atoms(model, net_spec, preset=preset, bias_known=known)))
+
+
+def _class_weights(text: str) -> tuple[float, float, float]:
+    """'1,4,8' -> (1.0, 4.0, 8.0): three positive finite weights (background, protrusion, depression)."""
+    try:
+        w = tuple(float(v) for v in text.split(","))
+    except ValueError as e:
+        raise typer.BadParameter(f"--class-weights must be three numbers, got {text!r}") from e
+    if len(w) != 3 or not all(0 < v < float("inf") for v in w):
+        raise typer.BadParameter(f"--class-weights must be three positive numbers, got {text!r}")
+    return w[0], w[1], w[2]
