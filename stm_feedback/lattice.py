@@ -407,13 +407,20 @@ def local_fit_tiles(
     # bonds: one tree, tiles translated apart by far more than the bond search radius
     moved = xy[order] + (tile_of[order] * (1000.0 * tile_nm))[:, None] * np.array([1.0, 0.0])
     bonds = _nn_bond_mask(moved)
+    # each tile's bond prior (bond_prior_deg of its bonds), from per-tile sums of the doubled bond angles
+    ok, j = bonds
     xy_o = xy[order]
-    priors: list[float | None] = []
-    for t, sub in enumerate(tiles):
-        sel = slice(start[t], start[t + 1] if t + 1 < len(start) else len(order))
-        ok, j = bonds[0][sel], bonds[1][sel]
-        prior = bond_prior_deg(xy_o[j[ok]] - sub[ok])
-        priors.append(prior if prior is not None else prior_deg)
+    v = xy_o[j[ok]] - xy_o[ok]
+    two = 2 * np.arctan2(v[:, 1], v[:, 0])
+    own = tile_of[order][ok]
+    n_b = np.bincount(own, minlength=len(tiles))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        zb = (np.bincount(own, np.cos(two), len(tiles)) + 1j * np.bincount(own, np.sin(two), len(tiles))) / n_b
+    agree = (n_b >= MIN_ATOMS_FOR_FIT) & (np.abs(zb) >= 0.6)
+    bond_deg = (np.rad2deg(np.angle(zb) / 2) - 90.0) % 180.0
+    priors: list[float | None] = [
+        float(bond_deg[t]) if agree[t] else prior_deg for t in range(len(tiles))
+    ]
     fits: list[LatticeFit | None] = [None] * len(tiles)
     batch = [t for t, p in enumerate(priors) if p is not None and len(tiles[t]) >= MIN_ATOMS_FOR_FIT]
     for t, f in zip(batch, _fit_tiles_with_prior([tiles[t] for t in batch], [priors[t] for t in batch],
@@ -483,13 +490,25 @@ def _fit_tiles_with_prior(
     cm = coherence(fit, fit_own, fit_st, fit_cnt, medium)
     angle = medium[np.arange(n_t), np.argmax(cm, axis=1)]
     angle = _newton_refine_tiles(angle, fit, fit_own, fit_st, fit_cnt, max_step_deg=0.1, active=good)
-    out: list[LatticeFit | None] = []
-    for t in range(n_t):
-        if not good[t]:
-            out.append(None)
-            continue
-        out.append(_finish_fit(tiles[t], float(angle[t]) % 180.0, norm, min_coherence))
-    return out
+    # _finish_fit of every tile: phase, residual and coherence over all its atoms
+    angle = angle % 180.0
+    xy_all, own, st, cnt = stack(tiles)
+    a = np.deg2rad(angle)
+    s = xy_all[:, 0] * (-np.sin(a))[own] + xy_all[:, 1] * np.cos(a)[own]
+    ph = (2 * np.pi / ROW_SPACING_NM) * s
+    z = _segment_means(np.cos(ph), st, cnt) + 1j * _segment_means(np.sin(ph), st, cnt)
+    phase = (np.angle(z) / (2 * np.pi) * ROW_SPACING_NM) % ROW_SPACING_NM
+    off = (s - phase[own] + ROW_SPACING_NM / 2) % ROW_SPACING_NM - ROW_SPACING_NM / 2
+    half = DIMER_ATOM_SEPARATION_NM / 2
+    resid = np.minimum(np.abs(off - half), np.abs(off + half))
+    rms = np.sqrt(_segment_means(resid**2, st, cnt))
+    coh_n = np.minimum(1.0, np.abs(z) / norm)
+    return [
+        LatticeFit(float(angle[t]), float(phase[t]), float(rms[t]), int(cnt[t]), float(coh_n[t]))
+        if good[t] and coh_n[t] >= min_coherence
+        else None
+        for t in range(n_t)
+    ]
 
 
 def _coherence_terms_tiles(
