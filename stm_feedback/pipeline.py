@@ -231,7 +231,7 @@ def postprocess_maps(
     fits: dict[int, LatticeFit] = {}
     terraces: list[Terrace] = []
     area_px = np.bincount(labels.ravel() + 1, minlength=n_ter + 1)[1:]
-    boxes = ndimage.find_objects(labels + 1)  # bounding box of terrace t at [t]
+    boxes: list[Any] | None = None  # bounding box of terrace t at [t], found when the FFT angle is needed
     order = np.argsort(atom_ter, kind="stable")
     bounds = np.searchsorted(atom_ter[order], np.arange(n_ter + 1))
     for t in range(n_ter):
@@ -240,6 +240,8 @@ def postprocess_maps(
         area_nm2 = float(area_px[t]) * s * s
         fft_deg = None
         if params.fft_check or fit is None:
+            if boxes is None:
+                boxes = ndimage.find_objects(labels + 1)
             box = boxes[t]
             fft_deg = fft_row_angle_deg(maps.image_norm[box], s, labels[box] == t)
         if fit is not None:
