@@ -755,7 +755,12 @@ def encode_reply(
     separately packed entries, so the large ``analysis`` value is packed once, not packed, unpacked and
     packed again to insert the final timings."""
     header: dict[str, Any] = {
-        "v": PROTOCOL_VERSION, "type": rtype, "id": request_id, "ok": True, "timings_ms": None, **payload
+        "v": PROTOCOL_VERSION,
+        "type": rtype,
+        "id": request_id,
+        "ok": True,
+        "timings_ms": None,
+        **payload,
     }
     frames: list[Any] = []
     if arrays:

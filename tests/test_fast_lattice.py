@@ -27,8 +27,12 @@ def _terraces() -> list[np.ndarray]:
     """Atom positions (N, 2) nm of every terrace with >= 8 atoms of four simulated frames, jittered."""
     rng = np.random.default_rng(7)
     out = []
-    for seed, preset in ((1_000_000, "realistic"), (1_000_001, "realistic"), (1_200_000, "hard"),
-                         (1_200_001, "hard")):
+    for seed, preset in (
+        (1_000_000, "realistic"),
+        (1_000_001, "realistic"),
+        (1_200_000, "hard"),
+        (1_200_001, "hard"),
+    ):
         f = simulate(seed, 256, 0.1, preset)
         t = f.truth
         xy = np.asarray(t.atoms_xy_px) * t.pixel_size_nm
@@ -109,7 +113,7 @@ def test_local_tile_fits_equal_one_fit_per_tile(seed: int) -> None:
             _same_fit(got[key], want[key])
     # the tile of each atom, as the pipeline uses it: floor(xy / tile) of the atoms of fitted tiles
     tile_of, keys, fits = fast.local_fit_tiles(xy, 5.0, 40)
-    fitted = {k for k, f in zip(keys, fits) if f is not None}
+    fitted = {k for k, f in zip(keys, fits, strict=True) if f is not None}
     assert fitted == set(ref.local_fits(xy, 5.0, 40))
     key_of = np.floor(xy / 5.0)
     for t, key in enumerate(keys):

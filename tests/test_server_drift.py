@@ -214,7 +214,11 @@ def test_daemon_drift_computed_ahead_equals_the_direct_estimate() -> None:
     assert first["frames"] == 1 and first["drift_px"] is None and first["method"] is None
     assert drift["frames"] == 2
     assert drift["drift_px"] == [want.dx_px, want.dy_px]
-    assert (drift["method"], drift["response"], drift["n_pairs"]) == (want.method, want.response, want.n_pairs)
+    assert (drift["method"], drift["response"], drift["n_pairs"]) == (
+        want.method,
+        want.response,
+        want.n_pairs,
+    )
     assert later == drift and queried_drift == drift
 
 
