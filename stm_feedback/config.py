@@ -82,6 +82,9 @@ class ServerSettings(BaseModel):
     max_header_bytes: int = 64 * 1024
     warmup_px: int = 128  # side of the synthetic warm-up frame; 0 = no warm-up
     latency_window: int = 1024  # samples per stage kept for the stats percentiles
+    # garbage collection between frames: automatic collection off while serving, one full collection
+    # after a reply when no job is queued, or after this many frames in a row (0 = automatic collection)
+    gc_every_frames: int = 8
 
 
 class Settings(BaseSettings):

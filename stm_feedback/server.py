@@ -347,6 +347,7 @@ class Server:
             for i in range(max(1, self.settings.workers))
         ]
         self._auth: Any = None
+        self._gc_paused = False
 
     # -------------------------------------------------------------------------------------------- lifecycle
 
@@ -356,9 +357,15 @@ class Server:
             self.warmup()
         else:
             self._ready = True
+        if self.settings.gc_every_frames > 0:
+            _automatic_gc.pause()
+            self._gc_paused = True
         self._io_thread.start()
         self._bound.wait()
         if self._bind_error is not None:
+            if self._gc_paused:
+                self._gc_paused = False
+                _automatic_gc.resume()
             raise self._bind_error
         for w in self._workers:
             w.start()
@@ -396,6 +403,9 @@ class Server:
             log.error("stop: threads still running after %s s; not closing the context", timeout_s)
             return
         self._drift_pool.shutdown(wait=True)
+        if self._gc_paused:
+            self._gc_paused = False
+            _automatic_gc.resume()
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
@@ -618,6 +628,8 @@ class Server:
         push = self._ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 1000)
         push.connect(self._inproc)
+        every = self.settings.gc_every_frames
+        since_gc = 0
         try:
             while True:
                 job = self._jobs.get()
@@ -626,6 +638,13 @@ class Server:
                 body, code, timings = self._run_job(job)
                 meta = packb({"n_env": len(job.envelope), "code": code, "timings": timings})
                 push.send_multipart([meta, *job.envelope, *body], copy=False)
+                del job, body  # the reply is sent: let the collection below free it
+                since_gc += 1
+                if every > 0 and (since_gc >= every or self._jobs.empty()):
+                    # after the reply, not during an analysis: with the heap frozen after warm-up a full
+                    # collection is the objects of the last frames only (docs/performance.md, speed4)
+                    gc.collect()
+                    since_gc = 0
         finally:
             push.close()
 
@@ -785,6 +804,36 @@ def freeze_heap() -> None:
     was the ``objects`` stage's p95 of 135 ms. Objects created later are collected as before."""
     gc.collect()
     gc.freeze()
+
+
+class _AutomaticGc:
+    """``gc.disable()`` while at least one server collects between frames itself (``pause``), restored
+    by the last ``resume`` to what it was before the first pause. Process-wide, as the collector is."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paused = 0
+        self._was_enabled = True
+
+    def pause(self) -> None:
+        with self._lock:
+            if self._paused == 0:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+            self._paused += 1
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = max(0, self._paused - 1)
+            if self._paused == 0 and self._was_enabled:
+                gc.enable()
+
+    @property
+    def paused(self) -> int:
+        return self._paused
+
+
+_automatic_gc = _AutomaticGc()
 
 
 def _ms(t0: float) -> float:

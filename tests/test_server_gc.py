@@ -1,0 +1,72 @@
+"""The daemon's garbage-collection policy (issue 6): automatic collection off while serving, one full
+collection after a reply when idle or every ``gc_every_frames`` frames, restored when the server stops."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+from test_server_doubles import DeterministicTestAnalyzer
+
+from stm_feedback.client import Client
+from stm_feedback.config import ServerSettings
+from stm_feedback.server import Server
+
+
+def _collections_during(fn) -> list[int]:  # noqa: ANN001 - a callable
+    gens: list[int] = []
+
+    def cb(phase: str, info: dict) -> None:
+        if phase == "stop":
+            gens.append(info["generation"])
+
+    gc.callbacks.append(cb)
+    try:
+        fn()
+    finally:
+        gc.callbacks.remove(cb)
+    return gens
+
+
+def test_collects_between_frames_and_restores_automatic_gc() -> None:
+    assert gc.isenabled()
+    srv = Server(
+        DeterministicTestAnalyzer(), ServerSettings(warmup_px=0, gc_every_frames=8), bind="tcp://127.0.0.1:*"
+    ).start()
+    try:
+        assert not gc.isenabled()  # no automatic collection lands inside an analysis
+        img = np.zeros((32, 32), np.float32)
+        with Client(srv.endpoint, timeout_ms=5000, retries=0) as c:
+            c.analyze(img, 0.1, bias_v=-2.0)  # warm the client and server paths
+
+            def frames() -> None:
+                for _ in range(3):
+                    c.analyze(img, 0.1, bias_v=-2.0)
+                    assert c.last_reply["ok"] is True
+
+            gens = _collections_during(frames)
+        # one full collection after each reply (the queue was empty), none automatic
+        assert gens.count(2) >= 2 and set(gens) == {2}
+    finally:
+        srv.stop()
+    assert gc.isenabled()
+
+
+def test_zero_keeps_automatic_gc() -> None:
+    srv = Server(
+        DeterministicTestAnalyzer(), ServerSettings(warmup_px=0, gc_every_frames=0), bind="tcp://127.0.0.1:*"
+    ).start()
+    try:
+        assert gc.isenabled()
+    finally:
+        srv.stop()
+    assert gc.isenabled()
+
+
+def test_two_servers_restore_only_after_the_last_stops() -> None:
+    a = Server(DeterministicTestAnalyzer(), ServerSettings(warmup_px=0), bind="tcp://127.0.0.1:*").start()
+    b = Server(DeterministicTestAnalyzer(), ServerSettings(warmup_px=0), bind="tcp://127.0.0.1:*").start()
+    a.stop()
+    assert not gc.isenabled()
+    b.stop()
+    assert gc.isenabled()
