@@ -25,11 +25,15 @@ CONFIGS: dict[str, tuple[str, dict[str, dict[str, object]]]] = {
     "2 threads pinned, seq": ("seq", {"*": {"INFERENCE_NUM_THREADS": 2, "ENABLE_CPU_PINNING": True}}),
     "no pinning, seq": ("seq", {"*": {"ENABLE_CPU_PINNING": False}}),
     "1 thread, seq": ("seq", {"*": {"INFERENCE_NUM_THREADS": 1}}),
-    "small nets 1 thread, seq": ("seq", {"*": {}, "terraces": {"INFERENCE_NUM_THREADS": 1},
-                                         "defects": {"INFERENCE_NUM_THREADS": 1}}),
+    "small nets 1 thread, seq": (
+        "seq",
+        {"*": {}, "terraces": {"INFERENCE_NUM_THREADS": 1}, "defects": {"INFERENCE_NUM_THREADS": 1}},
+    ),
     "atoms 1 thread || small nets 1 thread": ("par", {"*": {"INFERENCE_NUM_THREADS": 1}}),
-    "atoms 2 threads || small nets 1 thread": ("par", {"*": {"INFERENCE_NUM_THREADS": 1},
-                                                       "atoms": {"INFERENCE_NUM_THREADS": 2}}),
+    "atoms 2 threads || small nets 1 thread": (
+        "par",
+        {"*": {"INFERENCE_NUM_THREADS": 1}, "atoms": {"INFERENCE_NUM_THREADS": 2}},
+    ),
 }
 
 
@@ -58,7 +62,9 @@ def main() -> None:
         x, _ = pad_to_multiple(net_input(x, spec.highpass_sigma_nm / spec.pixel_size_nm), spec.pool_multiple)
         inputs[n] = np.ascontiguousarray(x, np.float32)[None, None]
         wrapped = WithActivation(runner.modules[n], spec.out_channels).eval().float()
-        models[n] = _convert_cached(ov, wrapped, module_fingerprint(wrapped, spec.out_channels, ov.__version__))
+        models[n] = _convert_cached(
+            ov, wrapped, module_fingerprint(wrapped, spec.out_channels, ov.__version__)
+        )
     names = list(CONFIGS)
     if args.only:
         names = [names[int(i)] for i in args.only.split(",")]
@@ -109,7 +115,9 @@ def main() -> None:
     print("|---|---|---|")
     for c in names:
         w = np.array(wall[c])
-        print(f"| {c} | {statistics.median(w):.1f} / {np.percentile(w, 95):.1f} | {statistics.median(cpu[c]):.1f} |")
+        print(
+            f"| {c} | {statistics.median(w):.1f} / {np.percentile(w, 95):.1f} | {statistics.median(cpu[c]):.1f} |"
+        )
 
 
 if __name__ == "__main__":

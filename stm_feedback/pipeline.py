@@ -41,7 +41,7 @@ from stm_feedback.planner import (
     propose_sites,
 )
 from stm_feedback.quality import assess
-from stm_feedback.schema import Analysis, Atom, Defect, Dimer, ImageInfo, Terrace
+from stm_feedback.schema import Analysis, Defect, ImageInfo, Terrace
 
 FEATURE_NAMES_USED = ("height_rel", "area_cells", "circularity")
 MIN_PIXEL_SIZE_NM = 0.005
@@ -490,14 +490,15 @@ def postprocess_maps(
             m["atom_prob"],
             params.partner_min_prob,
         )
+    # ``Atom`` / ``Dimer`` objects are built on first access (Analysis.with_lazy_rows): the daemon's reply
+    # needs only their JSON rows
     axy = np.round(out_xy, 3)
-    asc = np.round(out_score, 4).tolist()
-    atoms = list(map(Atom, axy[:, 0].tolist(), axy[:, 1].tolist(), out_ter.tolist(), asc))
+    atoms = (axy[:, 0].tolist(), axy[:, 1].tolist(), out_ter.tolist(), np.round(out_score, 4).tolist())
     dxy = np.round(dim_xy, 3).reshape(-1, 2)
-    dimers = list(map(Dimer, dxy[:, 0].tolist(), dxy[:, 1].tolist(), dim_ter.tolist(), dim_row.tolist()))
+    dimers = (dxy[:, 0].tolist(), dxy[:, 1].tolist(), dim_ter.tolist(), dim_row.tolist())
     tm.lap("objects")
     tm.ms["total"] = round(sum(tm.ms.values()), 3)
-    return Analysis(
+    return Analysis.with_lazy_rows(
         image=ImageInfo(h, w, s, b, frame_id),
         atoms=atoms,
         dimers=dimers,

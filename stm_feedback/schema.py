@@ -109,6 +109,49 @@ class Analysis:
     # defects' JSON features, for the defect library; not part of the JSON contract
     defect_features: np.ndarray | None = None
 
+    # ---- atoms and dimers built on first access (issue 6: ~6500 instances per frame cost ~1.8 ms, and the
+    # daemon only needs their JSON rows, which ``json_rows`` builds from the columns directly)
+
+    @classmethod
+    def with_lazy_rows(
+        cls, atoms: tuple[list, list, list, list], dimers: tuple[list, list, list, list], **kwargs: Any
+    ) -> Analysis:
+        """An Analysis whose ``atoms`` / ``dimers`` are given as columns (lists of Python scalars in field
+        order: x_px, y_px, terrace, score / row) and become ``Atom`` / ``Dimer`` lists on first access;
+        equal to ``Analysis(atoms=[Atom(*r) for r in zip(*atoms)], ...)`` in every respect."""
+        a = cls(**kwargs)
+        del a.atoms, a.dimers
+        a.__dict__["_lazy_rows"] = {"atoms": (Atom, atoms), "dimers": (Dimer, dimers)}
+        return a
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached when ``name`` is not an instance attribute: an unbuilt lazy list
+        lazy = self.__dict__.get("_lazy_rows")
+        if lazy is None or name not in lazy:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        row_cls, cols = lazy[name]
+        objs = list(map(row_cls, *cols))
+        self.__dict__[name] = objs
+        # a new dict, not ``pop``: a shallow copy of this Analysis shares the old one
+        self.__dict__["_lazy_rows"] = {k: v for k, v in lazy.items() if k != name}
+        return objs
+
+    def json_rows(self, name: str) -> list[dict[str, Any]] | None:
+        """``[asdict(o) for o in getattr(self, name)]`` for "atoms" / "dimers" while they are still
+        columns (without building the objects), else None."""
+        lazy = self.__dict__.get("_lazy_rows")
+        if lazy is None or name not in lazy or name in self.__dict__:
+            return None
+        row_cls, (xs, ys, ts, vs) = lazy[name]
+        if row_cls is Atom:
+            return [
+                {"x_px": x, "y_px": y, "terrace": t, "score": v}
+                for x, y, t, v in zip(xs, ys, ts, vs, strict=True)
+            ]
+        return [
+            {"x_px": x, "y_px": y, "terrace": t, "row": v} for x, y, t, v in zip(xs, ys, ts, vs, strict=True)
+        ]
+
     def to_json_dict(self) -> dict[str, Any]:
         """JSON-ready dict of schema ``stm-feedback.analysis/1`` (maps excluded: they go to the npz)."""
         return {
@@ -129,7 +172,10 @@ class Analysis:
         h, w = self.image.height_px, self.image.width_px
         labels = self.terrace_labels if self.terrace_labels is not None else np.full((h, w), -1, np.int32)
         safe = self.safe_mask if self.safe_mask is not None else np.zeros((h, w), bool)
-        return {"terrace_labels": labels.astype(np.int32, copy=False), "safe_mask": safe.astype(bool, copy=False)}
+        return {
+            "terrace_labels": labels.astype(np.int32, copy=False),
+            "safe_mask": safe.astype(bool, copy=False),
+        }
 
     @classmethod
     def from_json_dict(cls, d: dict[str, Any], maps: dict[str, np.ndarray] | None = None) -> Analysis:
