@@ -1,43 +1,90 @@
-"""In-process daemon, N frames: per-frame server timings and GC pauses (gc.callbacks, wall) by where they land."""
-import gc, sys, time, json, os, numpy as np
-from stm_feedback.config import Settings, ServerSettings
-from stm_feedback.server import Server, load_analyzer
-from stm_feedback.client import Client
-from stm_feedback.benchmark import simulated_frames
-every = int(sys.argv[1]); n = int(sys.argv[2])
-pauses = []  # (gen, wall ms, in_analysis)
-state = {"t0": 0.0, "in": False}
-def cb(phase, info):
-    if phase == "start": state["t0"] = time.perf_counter()
-    else: pauses.append((info["generation"], (time.perf_counter() - state["t0"]) * 1e3, state["in"]))
-gc.callbacks.append(cb)
-settings = Settings()
-an = load_analyzer(settings)
-orig = an.analyze
-def wrapped(*a, **k):
-    state["in"] = True
-    try: return orig(*a, **k)
-    finally: state["in"] = False
-an.analyze = wrapped
-srv = Server(an, ServerSettings(warmup_px=128, gc_every_frames=every), bind="tcp://127.0.0.1:*").start()
-frames = list(simulated_frames(30, 256, 2_000_000, preset="realistic"))
-c = Client(srv.endpoint, timeout_ms=60000, retries=0)
-tot, ana, st, rt = [], [], [], []
-for i in range(n + 5):
-    f = frames[i % len(frames)]
-    if i == 5: pauses.clear()
-    t = time.perf_counter()
-    c.analyze(f.image_nm, f.pixel_size_nm, bias_v=f.bias_v, with_maps=False)
-    w = (time.perf_counter() - t) * 1e3
-    tm = c.last_reply["timings_ms"]
-    if i >= 5: tot.append(tm["total"]); ana.append(tm["analyze"]); st.append(tm["state"]); rt.append(w)
-    time.sleep(0.02)  # an instrument frame takes seconds; leave the daemon idle a little
-c.close(); srv.stop()
-p = np.array([x[1] for x in pauses]) if pauses else np.zeros(1)
-inside = np.array([x[1] for x in pauses if x[2]] or [0.0])
-q = lambda a: "p50 %.1f p95 %.1f p99 %.1f max %.1f" % tuple(np.percentile(a, [50, 95, 99, 100]))
-print(json.dumps(dict(every=every, load=os.getloadavg()[0])))
-print(" round trip", q(rt)); print(" server total", q(tot)); print(" analyze", q(ana)); print(" state", q(st))
-print(" gc collections %d (gen2 %d), in analysis %d; sum of pauses in analysis %.1f ms, max %.1f; all pauses max %.1f, sum %.1f" % (
-    len(pauses), sum(x[0] == 2 for x in pauses), sum(x[2] for x in pauses), inside.sum(), inside.max(), p.max(), p.sum()))
-print(" gen2 pauses ms:", sorted(round(x[1], 1) for x in pauses if x[0] == 2)[-8:])
+"""Garbage-collection pauses in the daemon, and where they land (issue 6).
+
+Runs the daemon in this process (``server.Server`` with the real pipeline and the shipped models), sends
+``--frames`` 256 px realistic simulator frames (seeds 2 000 000+) with a short idle gap after each reply (an
+instrument frame takes seconds), and records every collection with ``gc.callbacks``: its generation, its
+wall time, and whether it ran inside ``analyze``. Prints the server's per-frame timings (p50 / p95 / p99 /
+max ms) and the collections. ``gc_every_frames`` is ``ServerSettings.gc_every_frames`` (0 = automatic
+collection, as before speed4). A/B: run both values alternately.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_daemon_gc.py 0 100
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_daemon_gc.py 8 100
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def _q(a: list[float]) -> str:
+    p50, p95, p99, mx = np.percentile(a, [50, 95, 99, 100])
+    return f"p50 {p50:.1f} p95 {p95:.1f} p99 {p99:.1f} max {mx:.1f}"
+
+
+def main() -> None:
+    from stm_feedback.benchmark import simulated_frames
+    from stm_feedback.client import Client
+    from stm_feedback.config import ServerSettings, Settings
+    from stm_feedback.server import Server, load_analyzer
+
+    every, n = int(sys.argv[1]), int(sys.argv[2])
+    pauses: list[tuple[int, float, bool]] = []  # (generation, wall ms, inside analyze)
+    state = {"t0": 0.0, "inside": False}
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            state["t0"] = time.perf_counter()
+        else:
+            pauses.append((info["generation"], (time.perf_counter() - state["t0"]) * 1e3, state["inside"]))
+
+    gc.callbacks.append(on_gc)
+    analyzer = load_analyzer(Settings())
+    analyze = analyzer.analyze
+
+    def flagged(*args: object, **kwargs: object) -> object:
+        state["inside"] = True
+        try:
+            return analyze(*args, **kwargs)
+        finally:
+            state["inside"] = False
+
+    analyzer.analyze = flagged
+    srv = Server(analyzer, ServerSettings(warmup_px=128, gc_every_frames=every), bind="tcp://127.0.0.1:*")
+    srv.start()
+    frames = list(simulated_frames(30, 256, 2_000_000, preset="realistic"))
+    timings: dict[str, list[float]] = {"round trip": [], "total": [], "analyze": [], "state": []}
+    warmup = 5
+    with Client(srv.endpoint, timeout_ms=60_000, retries=0) as client:
+        for i in range(n + warmup):
+            f = frames[i % len(frames)]
+            if i == warmup:
+                pauses.clear()
+            t0 = time.perf_counter()
+            client.analyze(f.image_nm, f.pixel_size_nm, bias_v=f.bias_v, with_maps=False)
+            wall = (time.perf_counter() - t0) * 1e3
+            tm = client.last_reply["timings_ms"]
+            if i >= warmup:
+                timings["round trip"].append(wall)
+                for k in ("total", "analyze", "state"):
+                    timings[k].append(tm[k])
+            time.sleep(0.02)
+    srv.stop()
+    inside = [p[1] for p in pauses if p[2]] or [0.0]
+    print(json.dumps({"gc_every_frames": every, "frames": n, "load": os.getloadavg()[0]}))
+    for k, v in timings.items():
+        print(f" {k:10s} {_q(v)}")
+    print(
+        f" collections {len(pauses)} (generation 2: {sum(p[0] == 2 for p in pauses)}), inside analyze "
+        f"{sum(p[2] for p in pauses)}: sum {sum(inside):.1f} ms, max {max(inside):.1f} ms; all collections "
+        f"sum {sum(p[1] for p in pauses):.1f} ms, max {max([p[1] for p in pauses] or [0.0]):.1f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -114,10 +114,8 @@ def main() -> None:
     print("| configuration | wall p50 / p95 ms | process CPU p50 ms |")
     print("|---|---|---|")
     for c in names:
-        w = np.array(wall[c])
-        print(
-            f"| {c} | {statistics.median(w):.1f} / {np.percentile(w, 95):.1f} | {statistics.median(cpu[c]):.1f} |"
-        )
+        w50, w95, c50 = statistics.median(wall[c]), np.percentile(wall[c], 95), statistics.median(cpu[c])
+        print(f"| {c} | {w50:.1f} / {w95:.1f} | {c50:.1f} |")
 
 
 if __name__ == "__main__":
