@@ -43,7 +43,15 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=20, help="timed frames per configuration and round")
     ap.add_argument("--models-dir", default="models")
     ap.add_argument("--only", default="", help="comma-separated configuration numbers (0-based)")
+    ap.add_argument(
+        "--share-ab",
+        action="store_true",
+        help="instead: the current config's infer with and without share_inputs (calling-thread CPU)",
+    )
     args = ap.parse_args()
+    if args.share_ab:
+        share_ab(args.models_dir, args.rounds, args.frames)
+        return
 
     import openvino as ov
 
@@ -116,6 +124,39 @@ def main() -> None:
     for c in names:
         w50, w95, c50 = statistics.median(wall[c]), np.percentile(wall[c], 95), statistics.median(cpu[c])
         print(f"| {c} | {w50:.1f} / {w95:.1f} | {c50:.1f} |")
+
+
+def share_ab(models_dir: str, rounds: int, frames: int) -> None:
+    """``infer`` with ``share_inputs`` False / True alternately on the runner's own requests (random input
+    of each net's 256 px-frame shape): median over rounds of the per-round median calling-thread CPU and
+    wall ms; outputs checked bit-identical."""
+    from stm_feedback.runner import ModelRunner
+
+    runner = ModelRunner.from_dir(models_dir, device="cpu", backend="openvino")
+    rng = np.random.default_rng(0)
+    print(f"load {os.getloadavg()[0]:.2f}; {rounds} rounds x {frames} calls")
+    for name, shape in {"terraces": (128, 128), "atoms": (256, 256), "defects": (172, 172)}.items():
+        x = rng.random(shape).astype(np.float32)[None, None]
+        request = runner.engines[name]._cache.get(shape)
+        ref = None
+        res: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+        for _ in range(rounds):
+            for share in (False, True):
+                cpu_ms, wall_ms = [], []
+                for _ in range(frames):
+                    c0, w0 = time.thread_time(), time.perf_counter()
+                    request.infer({0: x}, share_inputs=share)
+                    cpu_ms.append((time.thread_time() - c0) * 1e3)
+                    wall_ms.append((time.perf_counter() - w0) * 1e3)
+                    out = np.array(request.get_output_tensor(0).data[0])
+                    ref = out if ref is None else ref
+                    assert np.array_equal(out, ref), "outputs differ"
+                res[share].append((statistics.median(cpu_ms), statistics.median(wall_ms)))
+        for share, v in res.items():
+            cpu = statistics.median(a for a, _ in v)
+            wall = statistics.median(b for _, b in v)
+            print(f"{name:9s} share_inputs={share!s:5s} calling-thread CPU {cpu:.3f} ms, wall {wall:.3f} ms")
+    print(f"load after {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
