@@ -104,7 +104,7 @@ def segment_terraces(
     if close_gaps_nm > 0:
         step = close_step_gaps(step, pixel_size_nm, reach_nm=close_gaps_nm)
     barrier = cv2.dilate(step.astype(np.uint8), _CROSS) > 0
-    lab, n = ndimage.label(~barrier)
+    lab, n = label_components(~barrier, connectivity=4)  # = ndimage.label(~barrier), ~1/5 of its cost
     if n == 0:
         return np.full(step.shape, -1, np.int32), step
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
@@ -363,7 +363,7 @@ def find_atoms(
     if len(rows) == 0:
         return np.empty((0, 2)), np.empty(0)
     # merge flat-topped maxima (8-connected plateaus) into their centre; most peaks are single pixels
-    lab, n = ndimage.label(peak, structure=np.ones((3, 3)))
+    lab, n = label_components(peak, connectivity=8)  # = ndimage.label with a 3x3 structure, cheaper
     if n < len(rows):
         ids = lab[rows, cols] - 1
         cnt = np.bincount(ids, minlength=n)
