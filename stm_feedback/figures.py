@@ -185,7 +185,8 @@ def library_figures(
     lib: object, out_dir: str | Path, by: str = "cluster", patch_pixel_size_nm: float = 0.125
 ) -> list[Path]:
     """Write ``dendrogram.png``, ``counts.png`` and ``class_means.png`` of a ``DefectLibrary`` to out_dir,
-    grouping by ``cluster`` (mean-shift id), ``label`` (expert/predicted name) or ``true`` (simulator)."""
+    grouping by ``cluster`` (mean-shift id), ``label`` (expert/predicted name) or ``true`` (simulator class;
+    "unmatched" for a detection no truth defect matched)."""
     if by not in ("cluster", "label", "true"):
         raise InputError(f"group by 'cluster', 'label' or 'true', not {by!r}")
     recs = lib.defects(with_patches=True)  # type: ignore[attr-defined]
@@ -195,7 +196,8 @@ def library_figures(
     out.mkdir(parents=True, exist_ok=True)
     kinds = [r.kind for r in recs]
     groups = [
-        (r.cluster if by == "cluster" else r.label if by == "label" else (r.true_label or "?")) for r in recs
+        (r.cluster if by == "cluster" else r.label if by == "label" else (r.true_label or "unmatched"))
+        for r in recs
     ]
     paths = [
         dendrogram_png(
