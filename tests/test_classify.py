@@ -205,7 +205,7 @@ def test_truth_features_see_a_two_row_pit_as_one_object() -> None:
 
 
 def test_standardised_is_the_space_mean_shift_ran_in() -> None:
-    """Nearest fitted centre in ``standardised`` space = the cluster ``predict`` gives (the dendrogram uses it)."""
+    """The nearest fitted centre in ``standardised`` space is the cluster ``predict`` gives (dendrogram)."""
     x, kinds, _ = _three_clusters()
     model = ClusterModel()
     fitted = model.fit(x, kinds)
