@@ -25,7 +25,7 @@ from stm_feedback.lattice import (
     bond_prior_deg,
     fft_row_angle_deg,
     fit_row_lattice,
-    local_fits,
+    local_fit_tiles,
     row_index,
     undistorted_row_angle_deg,
 )
@@ -259,7 +259,7 @@ def postprocess_maps(
     fits: dict[int, LatticeFit] = {}
     terraces: list[Terrace] = []
     area_px = np.bincount(labels.ravel() + 1, minlength=n_ter + 1)[1:]
-    boxes = ndimage.find_objects(labels + 1)  # bounding box of terrace t at [t]
+    boxes: list[Any] | None = None  # bounding box of terrace t at [t], found when the FFT angle is needed
     order = np.argsort(atom_ter, kind="stable")
     bounds = np.searchsorted(atom_ter[order], np.arange(n_ter + 1))
     for t in range(n_ter):
@@ -268,6 +268,8 @@ def postprocess_maps(
         area_nm2 = float(area_px[t]) * s * s
         fft_deg = None
         if params.fft_check or fit is None:
+            if boxes is None:
+                boxes = ndimage.find_objects(labels + 1)
             box = boxes[t]
             fft_deg = fft_row_angle_deg(maps.image_norm[box], s, labels[box] == t)
         if fit is not None:
@@ -325,17 +327,19 @@ def postprocess_maps(
                 a_angle[a_sel], a_phase[a_sel] = fit.row_angle_deg, fit.row_phase_nm
                 if fit.coherence >= params.local_fit_below_coherence:
                     continue
-            tiles = local_fits(
+            tile_of, _, tile_fits = local_fit_tiles(
                 atoms_nm[a_sel],
                 params.local_tile_nm,
                 params.local_min_atoms,
                 prior_deg=None if fit is None else fit.row_angle_deg,
             )
-            if tiles:
-                keys = np.floor(atoms_nm[a_sel] / params.local_tile_nm)
-                for key, lfit in tiles.items():
-                    in_tile = a_sel[np.all(keys == key, axis=1)]
-                    a_angle[in_tile], a_phase[in_tile] = lfit.row_angle_deg, lfit.row_phase_nm
+            if any(f is not None for f in tile_fits):
+                # [tile] = its fit's angle / phase, NaN without a fit; [-1] (atoms of small tiles) NaN
+                t_angle = np.array([np.nan if f is None else f.row_angle_deg for f in tile_fits] + [np.nan])
+                t_phase = np.array([np.nan if f is None else f.row_phase_nm for f in tile_fits] + [np.nan])
+                in_fit = ~np.isnan(t_angle[tile_of])  # atoms of tiles without a fit keep the terrace's
+                a_angle[a_sel[in_fit]] = t_angle[tile_of[in_fit]]
+                a_phase[a_sel[in_fit]] = t_phase[tile_of[in_fit]]
         dpairs, centre_nm = pp.lattice_dimers(
             atoms_nm,
             atoms_score,
