@@ -102,8 +102,18 @@ class Pipeline:
         self.recorder = recorder
         self.params = params or pp.PostprocessParams()
         self._lock = threading.Lock()
-        self._cluster_model = library.cluster_model() if library is not None else None
-        self._classifier = library.classifier() if library is not None else None
+        self._cluster_model = None
+        self._classifier = None
+        if library is not None:
+            self.use_library(library)
+
+    def use_library(self, library: Any) -> None:
+        """Name defects with ``library``'s stored cluster model and expert-trained classifier (either may be
+        missing: then clusters/labels fall back as without a library). Read once, here: call again after
+        ``stm-feedback library cluster|train`` to pick up new models."""
+        self.library = library
+        self._cluster_model = library.cluster_model()
+        self._classifier = library.classifier()
 
     @property
     def runner(self) -> Any:

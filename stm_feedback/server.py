@@ -117,6 +117,12 @@ def describe_models(analyzer: Any) -> dict[str, Any]:
     except Exception:  # a broken runner must not take down the models request
         log.exception("runner.versions() failed")
         vers = {}
+    models = getattr(analyzer, "models", None)  # Pipeline: + the library classifier's version, if any
+    if callable(models):
+        try:
+            vers.update({str(k): str(v) for k, v in models().items()})
+        except Exception:
+            log.exception("analyzer.models() failed")
     return {
         "versions": vers,
         "backend": str(getattr(runner, "backend", "unknown")),
