@@ -34,14 +34,15 @@ def main() -> None:
     from stm_feedback.server import Server, load_analyzer
 
     every, n = int(sys.argv[1]), int(sys.argv[2])
-    pauses: list[tuple[int, float, bool]] = []  # (generation, wall ms, inside analyze)
-    state = {"t0": 0.0, "inside": False}
+    pauses: list[tuple[int, float, bool, bool]] = []  # (generation, wall ms, inside analyze, inside a job)
+    state = {"t0": 0.0, "inside": False, "job": False}
 
     def on_gc(phase: str, info: dict) -> None:
         if phase == "start":
             state["t0"] = time.perf_counter()
         else:
-            pauses.append((info["generation"], (time.perf_counter() - state["t0"]) * 1e3, state["inside"]))
+            ms = (time.perf_counter() - state["t0"]) * 1e3
+            pauses.append((info["generation"], ms, state["inside"], state["job"]))
 
     gc.callbacks.append(on_gc)
     analyzer = load_analyzer(Settings())
@@ -56,6 +57,16 @@ def main() -> None:
 
     analyzer.analyze = flagged
     srv = Server(analyzer, ServerSettings(warmup_px=128, gc_every_frames=every), bind="tcp://127.0.0.1:*")
+    run_job = srv._run_job
+
+    def job_flagged(job: object) -> object:  # decode done -> reply frames built (the reply path)
+        state["job"] = True
+        try:
+            return run_job(job)
+        finally:
+            state["job"] = False
+
+    srv._run_job = job_flagged
     srv.start()
     frames = list(simulated_frames(30, 256, 2_000_000, preset="realistic"))
     timings: dict[str, list[float]] = {"round trip": [], "total": [], "analyze": [], "state": []}
@@ -76,12 +87,15 @@ def main() -> None:
             time.sleep(0.02)
     srv.stop()
     inside = [p[1] for p in pauses if p[2]] or [0.0]
+    in_job = [p[1] for p in pauses if p[3]] or [0.0]
     print(json.dumps({"gc_every_frames": every, "frames": n, "load": os.getloadavg()[0]}))
     for k, v in timings.items():
         print(f" {k:10s} {_q(v)}")
     print(
         f" collections {len(pauses)} (generation 2: {sum(p[0] == 2 for p in pauses)}), inside analyze "
-        f"{sum(p[2] for p in pauses)}: sum {sum(inside):.1f} ms, max {max(inside):.1f} ms; all collections "
+        f"{sum(p[2] for p in pauses)}: sum {sum(inside):.1f} ms, max {max(inside):.1f} ms; inside the job "
+        f"(analyze + state + encode) {sum(p[3] for p in pauses)}: sum {sum(in_job):.1f} ms, max "
+        f"{max(in_job):.1f} ms; all collections "
         f"sum {sum(p[1] for p in pauses):.1f} ms, max {max([p[1] for p in pauses] or [0.0]):.1f} ms"
     )
 
