@@ -365,6 +365,9 @@ class Server:
         else:
             self._ready = True
         if self.settings.gc_every_frames > 0:
+            # the collections between frames must not walk the loaded libraries' ~250k objects (150-200 ms
+            # each): frozen by the warm-up, or here when there was none (a cheap collect after a warm-up)
+            freeze_heap()
             _automatic_gc.pause()
             self._gc_paused = True
         self._io_thread.start()

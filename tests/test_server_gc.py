@@ -35,6 +35,7 @@ def test_collects_between_frames_and_restores_automatic_gc() -> None:
     ).start()
     try:
         assert not gc.isenabled()  # no automatic collection lands inside an analysis
+        assert gc.get_freeze_count() > 0  # the heap is frozen even without a warm-up
         img = np.zeros((32, 32), np.float32)
         with Client(srv.endpoint, timeout_ms=5000, retries=0) as c:
             c.analyze(img, 0.1, bias_v=-2.0)  # warm the client and server paths
