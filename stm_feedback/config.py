@@ -56,6 +56,17 @@ class PlannerSettings(BaseModel):
     # where dimers of both row orientations lie within this of a pixel a step lies between them (detected or
     # not): that band keeps step_margin_nm; < 0 = off
     orientation_reach_nm: float = 2.0
+    # per-dimer evidence of a defect the nets did not report (planner.suspect_dimers): a detected dimer
+    # with NN-2 depression probability >= suspect_depression_prob within suspect_radius_nm, or a dark row
+    # centre line (robust z against its terrace's dimers >= suspect_centre_z), is must-avoid with
+    # suspect_margin_nm (+ detection_pad_nm); < 0 = that test off
+    suspect_depression_prob: float = -1.0
+    suspect_radius_nm: float = 0.25
+    suspect_centre_z: float = -1.0
+    suspect_margin_nm: float = 0.6
+    # pixels where NN-0's step probability reaches this are step pixels for planning (the segmentation's own
+    # threshold is PostprocessParams.step_threshold); < 0 = off
+    step_prob_plan: float = -1.0
 
 
 class LibrarySettings(BaseModel):

@@ -39,6 +39,7 @@ from stm_feedback.planner import (
     near_mask,
     orientation_band,
     propose_sites,
+    suspect_dimers,
 )
 from stm_feedback.quality import assess
 from stm_feedback.schema import Analysis, Atom, Defect, Dimer, ImageInfo, Terrace
@@ -426,7 +427,19 @@ def postprocess_maps(
         odd &= (labels >= 0) & ~any_defect
         if odd.any():
             avoid[ps.anomaly_margin_nm] = avoid.get(ps.anomaly_margin_nm, np.zeros((h, w), bool)) | odd
+    if (ps.suspect_depression_prob >= 0 or ps.suspect_centre_z >= 0) and len(dim_xy):
+        # dimers over a defect the nets did not report (sub-threshold depression, dark centre line)
+        sus = suspect_dimers(
+            dim_xy, dim_angle, dim_ter, maps.image_norm, m["depression_prob"], s,
+            ps.suspect_depression_prob, ps.suspect_radius_nm, ps.suspect_centre_z,
+        )
+        if sus.any():
+            mk = avoid.setdefault(ps.suspect_margin_nm, np.zeros((h, w), bool))
+            mk[np.clip(np.rint(dim_xy[sus, 1]).astype(int), 0, h - 1),
+               np.clip(np.rint(dim_xy[sus, 0]).astype(int), 0, w - 1)] = True
     step_plan = step
+    if ps.step_prob_plan >= 0:  # faint step evidence the segmentation threshold drops
+        step_plan = step | (m["step_prob"] >= ps.step_prob_plan)
     if ps.orientation_reach_nm > 0 and len(dim_xy):  # two row orientations meet: a step, maybe undetected
         step_plan = step | orientation_band(dim_xy, dim_angle, (h, w), s, ps.orientation_reach_nm)
     clear = clearance_maps(labels, step_plan, unresolved, avoid, s, ps)

@@ -323,6 +323,78 @@ def lattice_anomalies(
     return out
 
 
+def suspect_dimers(
+    dimers_xy_px: np.ndarray,
+    dimer_angle_deg: np.ndarray,
+    dimer_terrace: np.ndarray,
+    image_norm: np.ndarray,
+    depression_prob: np.ndarray,
+    pixel_size_nm: float,
+    depression_prob_min: float,
+    radius_nm: float,
+    centre_z_min: float,
+) -> np.ndarray:
+    """(M,) bool: detected dimers that look like an undetected defect (a dihydride, a vacancy) under them.
+
+    Two independent pieces of evidence, either suffices (< 0 switches one off):
+
+    - *sub-threshold depression*: the defect net's ``depression_prob`` reaches ``depression_prob_min``
+      within ``radius_nm`` of the dimer centre (NN-2 gives dihydrides 0.1-0.7 but rarely the 0.5 of its
+      blob threshold);
+    - *dark centre line*: in the polarity-corrected ``image_norm`` (rows bright), the mean along the row centre
+      line (0, +-0.1 nm along the row ``dimer_angle_deg``, on the centre) minus the mean 0.2 nm to either
+      side across the row, as a robust z-score against all dimers of the same terrace
+      ((median - value) / (1.4826 MAD)) is >= ``centre_z_min``: a dihydride pushes its atoms ~0.1 nm apart
+      towards the troughs and leaves a dark line along the row centre.
+
+    Dimers without a finite angle get only the first test. Bilinear sampling (cv2.remap)."""
+    xy = np.asarray(dimers_xy_px, np.float64).reshape(-1, 2)
+    out = np.zeros(len(xy), bool)
+    if not len(xy):
+        return out
+    h, w = depression_prob.shape
+    cols = np.clip(np.rint(xy[:, 0]).astype(np.int64), 0, w - 1)
+    rows = np.clip(np.rint(xy[:, 1]).astype(np.int64), 0, h - 1)
+    if depression_prob_min >= 0:
+        r = max(0, int(math.floor(radius_nm / pixel_size_nm)))
+        k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+        dmax = cv2.dilate(np.ascontiguousarray(depression_prob, np.float32), k)
+        out |= dmax[rows, cols] >= depression_prob_min
+    ang = np.asarray(dimer_angle_deg, float).reshape(-1)
+    ter = np.asarray(dimer_terrace, np.int64).reshape(-1)
+    ok = np.isfinite(ang)
+    if centre_z_min >= 0 and ok.sum() >= 10:
+        a = np.deg2rad(ang[ok])
+        u = np.stack([np.cos(a), np.sin(a)], axis=1) / pixel_size_nm  # px per nm along the row
+        n = np.stack([-np.sin(a), np.cos(a)], axis=1) / pixel_size_nm  # px per nm across
+        along = np.array([-0.1, 0.0, 0.1])
+        across = np.array([0.0, -0.2, 0.2])
+        off = along[None, :, None, None] * u[:, None, None, :] + across[None, None, :, None] * n[:, None, None, :]
+        pts = (xy[ok][:, None, None, :] + off).astype(np.float32)  # (N, 3 along, 3 across, 2) x, y px
+        v = cv2.remap(
+            np.ascontiguousarray(image_norm, np.float32),
+            pts[..., 0].reshape(1, -1),
+            pts[..., 1].reshape(1, -1),
+            cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_REPLICATE,
+        ).reshape(-1, 3, 3)
+        contrast = v[:, :, 0].mean(axis=1) - 0.5 * (v[:, :, 1].mean(axis=1) + v[:, :, 2].mean(axis=1))
+        t = ter[ok]
+        z = np.zeros(len(t))
+        for tid in np.unique(t).tolist():
+            sel = t == tid
+            if sel.sum() < 10:  # too few dimers for a terrace reference
+                continue
+            c = contrast[sel]
+            med = np.median(c)
+            mad = 1.4826 * np.median(np.abs(c - med))
+            z[sel] = (med - c) / max(mad, 1e-6)
+        flag = np.zeros(len(xy), bool)
+        flag[np.flatnonzero(ok)] = z >= centre_z_min
+        out |= flag
+    return out
+
+
 def orientation_band(
     dimers_xy_px: np.ndarray,
     dimer_angle_deg: np.ndarray,
