@@ -60,9 +60,9 @@ class PlannerSettings(BaseModel):
     # with NN-2 depression probability >= suspect_depression_prob within suspect_radius_nm, or a dark row
     # centre line (robust z against its terrace's dimers >= suspect_centre_z), is must-avoid with
     # suspect_margin_nm (+ detection_pad_nm); < 0 = that test off
-    suspect_depression_prob: float = -1.0
+    suspect_depression_prob: float = 0.2
     suspect_radius_nm: float = 0.25
-    suspect_centre_z: float = -1.0
+    suspect_centre_z: float = 3.0
     suspect_margin_nm: float = 0.6
     # pixels where NN-0's step probability reaches this are step pixels for planning (the segmentation's own
     # threshold is PostprocessParams.step_threshold); < 0 = off
