@@ -82,7 +82,7 @@ class SimConfig:
 
     @staticmethod
     def preset(name: str) -> SimConfig:
-        """One of "clean", "realistic", "hard", "training" (see docs/simulator.md)."""
+        """One of "clean", "realistic", "hard", "training", "defect_rich" (see docs/simulator.md)."""
         if name not in PRESETS:
             raise InputError(f"unknown simulator preset {name!r}; choose one of {sorted(PRESETS)}")
         return replace(PRESETS[name], density_per_100nm2=dict(PRESETS[name].density_per_100nm2))
@@ -166,6 +166,18 @@ PRESETS: dict[str, SimConfig] = {
         p_unresolved=0.4,
         unresolved_patches=(1, 4),
         unresolved_radius_nm=(1.0, 6.0),
+    ),
+    # realistic artefacts, 2-4x the defect density and 3x the dihydrides: a training mix component for NN-2,
+    # whose misses are mostly faint dihydrides (the planner's false-safe sites sat next to them)
+    "defect_rich": SimConfig(
+        name="defect_rich",
+        pixel_size_nm=(0.07, 0.15),
+        n_steps=(0, 2),
+        p_empty_state=0.3,
+        density_scale=(2.0, 4.0),
+        density_per_100nm2={**DEFAULT_DENSITY_PER_100NM2, "dihydride": 3 * DEFAULT_DENSITY_PER_100NM2["dihydride"]},
+        white_noise_nm=(0.001, 0.01),
+        pink_noise_nm=(0.0, 0.008),
     ),
 }
 

@@ -176,6 +176,34 @@ def _check_maps(maps: NetworkMaps, shape: tuple[int, int]) -> dict[str, np.ndarr
     }
 
 
+def _with_partners(
+    atoms_xy: np.ndarray,
+    atoms_score: np.ndarray,
+    atom_ter: np.ndarray,
+    single_atom: np.ndarray,
+    single_centre_px: np.ndarray,
+    atom_prob: np.ndarray,
+    min_prob: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Atoms plus the missing partner of each dimer seen by one atom only: ``single_atom`` (K,) atom indices,
+    ``single_centre_px`` (K, 2) their dimer centres (x_px, y_px); the partner is the atom mirrored through the
+    centre (the dimer bond is straight across the row), kept inside the frame where ``atom_prob`` >= min_prob;
+    its score is that probability."""
+    h, w = atom_prob.shape
+    part = 2.0 * single_centre_px - atoms_xy[single_atom]
+    c = np.rint(part[:, 0]).astype(np.int64)
+    r = np.rint(part[:, 1]).astype(np.int64)
+    inside = (c >= 0) & (c < w) & (r >= 0) & (r < h)
+    prob = np.zeros(len(part))
+    prob[inside] = atom_prob[r[inside], c[inside]]
+    keep = inside & (prob >= min_prob)
+    return (
+        np.concatenate([atoms_xy, part[keep]]),
+        np.concatenate([atoms_score, prob[keep]]),
+        np.concatenate([atom_ter, atom_ter[single_atom[keep]]]),
+    )
+
+
 def postprocess_maps(
     img: np.ndarray,
     maps: NetworkMaps,
@@ -460,9 +488,20 @@ def postprocess_maps(
 
     # round in numpy, then build the dataclasses from flat lists of floats (Python round() per field cost
     # ~10 ms; nested [x, y] lists double the number of GC-tracked containers per frame)
-    axy = np.round(atoms_xy, 3)
-    asc = np.round(atoms_score, 4).tolist()
-    atoms = list(map(Atom, axy[:, 0].tolist(), axy[:, 1].tolist(), atom_ter.tolist(), asc))
+    out_xy, out_score, out_ter = atoms_xy, atoms_score, atom_ter
+    if params.partner_min_prob >= 0 and len(dim_xy):
+        out_xy, out_score, out_ter = _with_partners(
+            atoms_xy,
+            atoms_score,
+            atom_ter,
+            dpairs[:, 0][dpairs[:, 1] < 0],
+            dim_xy[dpairs[:, 1] < 0],
+            m["atom_prob"],
+            params.partner_min_prob,
+        )
+    axy = np.round(out_xy, 3)
+    asc = np.round(out_score, 4).tolist()
+    atoms = list(map(Atom, axy[:, 0].tolist(), axy[:, 1].tolist(), out_ter.tolist(), asc))
     dxy = np.round(dim_xy, 3).reshape(-1, 2)
     dimers = list(map(Dimer, dxy[:, 0].tolist(), dxy[:, 1].tolist(), dim_ter.tolist(), dim_row.tolist()))
     tm.lap("objects")

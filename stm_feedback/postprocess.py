@@ -41,6 +41,11 @@ class PostprocessParams:
     dimer_pair_radius_nm: float = 0.15
     dimer_single_min_score: float = 0.3
     dimer_bond_pairs_first: bool = True
+    # a dimer seen by one atom only (lattice_dimers) also reports its missing atom, mirrored through the
+    # dimer centre, where atom_prob is at least this (< 0 = off; score = that probability). Most missed atoms
+    # are such partners (frames coarser than the net's 0.1 nm/px blur the pair); same value as atom_threshold:
+    # realistic atom F1 0.914 -> 0.96 (models/MODEL_CARD.md, session 3)
+    partner_min_prob: float = 0.2
     defect_threshold: float = 0.7  # protrusion/depression prob above this is defect footprint
     min_defect_area_nm2: float = 0.05  # smaller blobs are noise
     feature_ring_nm: float = 1.2  # ring around a footprint for the local level (classify.defect_features)

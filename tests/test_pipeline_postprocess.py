@@ -249,3 +249,23 @@ def test_clearance_at_points_equals_full_maps() -> None:
     np.testing.assert_allclose(raw, clear.raw_nm[rows, cols], rtol=3e-7, atol=0)
     np.testing.assert_allclose(slack, clear.slack_nm[rows, cols], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(clear.safe, (clear.slack_nm >= 0) & (labels >= 0))
+
+
+def test_partner_of_a_one_atom_dimer_is_mirrored_through_its_centre() -> None:
+    """A dimer seen by one atom reports the other at the mirror position, where the atom map supports it."""
+    from stm_feedback.pipeline import _with_partners
+
+    atoms = np.array([[10.0, 10.0], [20.0, 20.0], [30.0, 1.0]])
+    score = np.array([0.9, 0.8, 0.7])
+    ter = np.array([0, 1, 1], np.int32)
+    prob = np.zeros((32, 40), np.float32)
+    prob[12, 10] = 0.5  # supports the partner of atom 0 (mirror of (10, 10) through (10, 11.2) = (10, 12.4))
+    prob[22, 20] = 0.1  # too weak for the partner of atom 1
+    single = np.array([0, 1, 2])
+    centres = np.array([[10.0, 11.2], [20.0, 21.2], [30.0, 0.2]])  # atom 2's partner lies above the frame
+    xy, sc, tr = _with_partners(atoms, score, ter, single, centres, prob, 0.2)
+    assert len(xy) == 4
+    np.testing.assert_allclose(xy[3], [10.0, 12.4])
+    assert sc[3] == pytest.approx(0.5) and tr[3] == 0
+    np.testing.assert_array_equal(xy[:3], atoms)  # detected atoms unchanged, first
+    assert len(_with_partners(atoms, score, ter, single, centres, prob, 0.6)[0]) == 3

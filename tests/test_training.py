@@ -98,3 +98,37 @@ def test_train_cli_rejects_bad_class_weights(text: str, tmp_path: Path) -> None:
     )
     assert res.exit_code != 0 and "class-weights" in res.output
     assert not list(tmp_path.iterdir())  # nothing trained or written
+
+
+@pytest.mark.parametrize("text", ["0.1", "0.14,0.09", "a,b", "0.001,0.1"])
+def test_train_cli_rejects_bad_frame_pixel_size(text: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from stm_feedback.cli import app
+
+    res = CliRunner().invoke(
+        app, ["train", "atoms", "--steps", "1", "--frame-pixel-size", text, "--out", str(tmp_path)]
+    )
+    assert res.exit_code != 0 and "frame-pixel-size" in res.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_cache_frames_use_the_requested_pixel_size_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cache frames are simulated at native pixel sizes drawn from ``pixel_size_range_nm``."""
+    import simulator.frame
+    from stm_feedback.nets import spec_preset
+    from stm_feedback.training import build_cache
+
+    seen: list[float] = []
+    real = simulator.frame.simulate_frame
+
+    def spy(seed, size_px, pixel_size_nm, *a, **kw):  # type: ignore[no-untyped-def]
+        seen.append(float(pixel_size_nm))
+        return real(seed, size_px, pixel_size_nm, *a, **kw)
+
+    monkeypatch.setattr(simulator.frame, "simulate_frame", spy)
+    spec = spec_preset("atoms", "default")
+    build_cache(
+        TrainConfig("atoms", crop_px=32, n_frames=3, workers=1, pixel_size_range_nm=(0.12, 0.13)), spec
+    )
+    assert len(seen) == 3 and all(0.12 <= v <= 0.13 for v in seen)

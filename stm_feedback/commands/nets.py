@@ -123,6 +123,12 @@ def register(app: typer.Typer) -> None:
         class_weights: Annotated[
             str, typer.Option(help="defects: cross-entropy weights background,protrusion,depression")
         ] = "1,4,8",
+        frame_pixel_size: Annotated[
+            str,
+            typer.Option(
+                help="pixel-size range 'LO,HI' (nm) of the cache frames ('' = the net's default)"
+            ),
+        ] = "",
         check: Annotated[
             bool, typer.Option(help="atoms only: F1 self-check on held-out frames afterwards")
         ] = True,
@@ -151,6 +157,7 @@ def register(app: typer.Typer) -> None:
             sim_presets=tuple(p.strip() for p in sim_presets.split(",") if p.strip()),
             p_axis_rows=p_axis_rows,
             defect_class_weights=_class_weights(class_weights),
+            pixel_size_range_nm=_pixel_range(frame_pixel_size) if frame_pixel_size else None,
         )
         try:
             model, net_spec, summary = train(cfg, out)
@@ -172,3 +179,14 @@ def _class_weights(text: str) -> tuple[float, float, float]:
     if len(w) != 3 or not all(0 < v < float("inf") for v in w):
         raise typer.BadParameter(f"--class-weights must be three positive numbers, got {text!r}")
     return w[0], w[1], w[2]
+
+
+def _pixel_range(text: str) -> tuple[float, float]:
+    """'0.09,0.14' -> (0.09, 0.14): a pixel-size range in nm within the 0.02-0.5 nm/px frames we accept."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError as e:
+        raise typer.BadParameter(f"--frame-pixel-size must be 'LO,HI' in nm, got {text!r}") from e
+    if not 0.02 <= lo <= hi <= 0.5:
+        raise typer.BadParameter(f"--frame-pixel-size needs 0.02 <= LO <= HI <= 0.5 nm, got {text!r}")
+    return lo, hi
