@@ -33,9 +33,9 @@ def _value(text: str):
         return text
 
 
-def load(dirs: list[Path]):
+def load(dirs: list[Path], n: int = 0):
     for d in dirs:
-        for p in sorted(d.glob("*.pkl"), key=lambda q: int(q.stem)):
+        for p in sorted(d.glob("*.pkl"), key=lambda q: int(q.stem))[: n or None]:
             yield pickle.loads(p.read_bytes())
 
 
@@ -70,6 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", type=Path, nargs="+")
     ap.add_argument("--set", action="append", default=[], help="planner field=value (repeatable)")
+    ap.add_argument("--n", type=int, default=0, help="first N frames of each directory (0 = all)")
     ap.add_argument("--list", action="store_true", help="print every false-safe site and its cause")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -80,7 +81,7 @@ def main() -> None:
     params = pl.Pipeline(settings, runner=object()).params
     scores, rows, planner_ms = [], [], []
     models = None
-    for rec in load(args.dirs):
+    for rec in load(args.dirs, args.n):
         models = rec["models"]
         an = pl.postprocess_maps(
             rec["image_nm"].astype(np.float32), rec["maps"], rec["pixel_size_nm"], rec["bias_v"], None,
