@@ -63,7 +63,7 @@ class PlannerSettings(BaseModel):
     suspect_depression_prob: float = 0.2
     suspect_radius_nm: float = 0.25
     suspect_centre_z: float = 3.0
-    suspect_margin_nm: float = 0.6
+    suspect_margin_nm: float = 0.8
     # pixels where NN-0's step probability reaches this are step pixels for planning (the segmentation's own
     # threshold is PostprocessParams.step_threshold); < 0 = off
     step_prob_plan: float = -1.0
