@@ -219,7 +219,8 @@ def test_suspect_rule_in_pipeline_removes_sites_next_to_the_evidence() -> None:
         an = postprocess_maps(image, maps, s, None, None, settings, PostprocessParams())
         assert not an.defects and an.sites
         pts = np.array([p for site in an.sites for p in site.dimers])
-        return float(np.hypot(*(pts - target).T).min() * s)
+        # pixel-centre to pixel-centre, as the planner measures margins
+        return float(np.hypot(*(np.rint(pts) - np.rint(target)).T).min() * s)
 
     on = Settings(planner=PlannerSettings(max_sites=1000, suspect_centre_z=-1.0))
     off = Settings(planner=PlannerSettings(max_sites=1000, suspect_depression_prob=-1.0, suspect_centre_z=-1.0))
