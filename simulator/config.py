@@ -175,7 +175,10 @@ PRESETS: dict[str, SimConfig] = {
         n_steps=(0, 2),
         p_empty_state=0.3,
         density_scale=(2.0, 4.0),
-        density_per_100nm2={**DEFAULT_DENSITY_PER_100NM2, "dihydride": 3 * DEFAULT_DENSITY_PER_100NM2["dihydride"]},
+        density_per_100nm2={
+            **DEFAULT_DENSITY_PER_100NM2,
+            "dihydride": 3 * DEFAULT_DENSITY_PER_100NM2["dihydride"],
+        },
         white_noise_nm=(0.001, 0.01),
         pink_noise_nm=(0.0, 0.008),
     ),

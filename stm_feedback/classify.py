@@ -321,6 +321,15 @@ class ClusterModel:
                 out[sel] = np.argmin(d2, axis=1)
         return out
 
+    def standardised(self, features: np.ndarray, kind: str) -> np.ndarray:
+        """(N, F_kind) coordinates of defects of ``kind`` in the space its mean shift ran in: the kind's
+        columns, transformed (log1p / arcsinh / tanh) and z-scored with the fitted mean and floored scale.
+        ``features`` (N, F) in ``feature_names`` order. InputError if the kind was never fitted."""
+        if kind not in self.kinds:
+            raise InputError(f"no {kind} clusters fitted")
+        x = np.asarray(features, dtype=np.float64).reshape(-1, len(self.feature_names))
+        return self.kinds[kind].standardise(_transform(x, self.feature_names)[:, self.columns(kind)])
+
     def n_clusters(self, kind: str) -> int:
         return len(self.kinds[kind].centres) if kind in self.kinds else 0
 

@@ -168,24 +168,22 @@ def estimate_drift(
     factor: int = 1,
     prev_defects_px: np.ndarray | None = None,
     cur_defects_px: np.ndarray | None = None,
+    candidates: list[tuple[float, float, float]] | None = None,
 ) -> DriftEstimate:
     """Drift between two frames of one instrument, in input pixels.
 
     ``previous``/``current``: the frames already block-averaged by ``factor`` (``bin_mean``), same shape;
     ``pixel_size_nm``: of the input frames. ``*_defects_px``: (N, 2) defect centres (x_px, y_px) in input
     pixels from the two analyses (optional). See the module docstring for the method; a weak image peak
-    (< ``MIN_RESPONSE``) that no defects confirm is reported as ambiguous.
+    (< ``MIN_RESPONSE``) that no defects confirm is reported as ambiguous. ``candidates``: the result of
+    ``image_candidates(previous, current, pixel_size_nm, factor)`` when already computed (the daemon runs
+    that image part while the frame is being analysed; the defects are known only afterwards).
     """
     if previous.shape != current.shape:
         raise ValueError(f"frames differ in shape: {previous.shape} vs {current.shape}")
     if not (pixel_size_nm > 0 and factor >= 1):
         raise ValueError(f"pixel_size_nm must be > 0 and factor >= 1, got {pixel_size_nm}, {factor}")
-    binned_px_nm = pixel_size_nm * factor
-    sigma_px = max(1.0, LOWPASS_ROW_PERIODS * ROW_SPACING_NM / binned_px_nm)
-    r = correlation_surface(previous, current, sigma_px)
-    # peaks closer than ~2 sigma are one peak; shifts beyond a third of the frame leave too little overlap
-    peaks = correlation_peaks(r, 2.0 * sigma_px, max_shift_px=min(previous.shape) / 3.0)
-    cands = [(dx * factor, dy * factor, hgt) for dx, dy, hgt in peaks]
+    cands = image_candidates(previous, current, pixel_size_nm, factor) if candidates is None else candidates
     if not cands:
         return DriftEstimate(None, None, 0.0, "ambiguous", ambiguous=True)
     prev_xy = np.zeros((0, 2)) if prev_defects_px is None else np.asarray(prev_defects_px, np.float64)
@@ -225,6 +223,24 @@ def estimate_drift(
         dx, dy = (float(v) for v in trim_mean(pairs, 0.25, axis=0))
         method = "image+defects" if method == "image" else method
     return DriftEstimate(dx, dy, best[2], method, len(pairs), False, cands)
+
+
+def image_candidates(
+    previous: np.ndarray, current: np.ndarray, pixel_size_nm: float, factor: int = 1
+) -> list[tuple[float, float, float]]:
+    """The image part of ``estimate_drift``: the strongest peaks of the band-limited correlation of two
+    binned frames (``bin_mean`` by ``factor``, same shape), as (dx_px, dy_px, height) in input pixels, best
+    first. Needs no analysis, so it can run while the current frame is being analysed."""
+    if previous.shape != current.shape:
+        raise ValueError(f"frames differ in shape: {previous.shape} vs {current.shape}")
+    if not (pixel_size_nm > 0 and factor >= 1):
+        raise ValueError(f"pixel_size_nm must be > 0 and factor >= 1, got {pixel_size_nm}, {factor}")
+    binned_px_nm = pixel_size_nm * factor
+    sigma_px = max(1.0, LOWPASS_ROW_PERIODS * ROW_SPACING_NM / binned_px_nm)
+    r = correlation_surface(previous, current, sigma_px)
+    # peaks closer than ~2 sigma are one peak; shifts beyond a third of the frame leave too little overlap
+    peaks = correlation_peaks(r, 2.0 * sigma_px, max_shift_px=min(previous.shape) / 3.0)
+    return [(dx * factor, dy * factor, hgt) for dx, dy, hgt in peaks]
 
 
 def significant_count(chance: float, trials: int = 1, alpha: float = 1e-3) -> int:

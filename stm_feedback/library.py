@@ -502,13 +502,17 @@ class DefectLibrary:
     # ----------------------------------------------------------------------------------------------- export
     def export(self, out_dir: str | Path) -> dict[str, Path]:
         """Write ``defects.csv``, ``defects.json`` (rows + frames) and ``patches.npz`` (key ``d<id>``) to
-        out_dir."""
+        out_dir. Each defect row carries its frame's ``frame_source`` as well as the internal ``frame_id``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         recs = self.defects(with_patches=True)
+        # the frame's source (file name, daemon frame_id, simulator seed) next to the internal frame id: a
+        # CSV row on its own must say which image the defect came from
+        source = {f["id"]: f["source"] for f in self.frames()}
         header = [
             "id",
             "frame_id",
+            "frame_source",
             "x_px",
             "y_px",
             "kind",
@@ -523,6 +527,7 @@ class DefectLibrary:
             [
                 r.id,
                 r.frame_id,
+                source.get(r.frame_id, ""),
                 r.x_px,
                 r.y_px,
                 r.kind,

@@ -25,7 +25,7 @@ from stm_feedback.lattice import (
     bond_prior_deg,
     fft_row_angle_deg,
     fit_row_lattice,
-    local_fits,
+    local_fit_tiles,
     row_index,
     undistorted_row_angle_deg,
 )
@@ -103,8 +103,18 @@ class Pipeline:
         self.recorder = recorder
         self.params = params or pp.PostprocessParams()
         self._lock = threading.Lock()
-        self._cluster_model = library.cluster_model() if library is not None else None
-        self._classifier = library.classifier() if library is not None else None
+        self._cluster_model = None
+        self._classifier = None
+        if library is not None:
+            self.use_library(library)
+
+    def use_library(self, library: Any) -> None:
+        """Name defects with ``library``'s stored cluster model and expert-trained classifier (either may be
+        missing: then clusters/labels fall back as without a library). Read once, here: call again after
+        ``stm-feedback library cluster|train`` to pick up new models."""
+        self.library = library
+        self._cluster_model = library.cluster_model()
+        self._classifier = library.classifier()
 
     @property
     def runner(self) -> Any:
@@ -260,7 +270,7 @@ def postprocess_maps(
     fits: dict[int, LatticeFit] = {}
     terraces: list[Terrace] = []
     area_px = np.bincount(labels.ravel() + 1, minlength=n_ter + 1)[1:]
-    boxes = ndimage.find_objects(labels + 1)  # bounding box of terrace t at [t]
+    boxes: list[Any] | None = None  # bounding box of terrace t at [t], found when the FFT angle is needed
     order = np.argsort(atom_ter, kind="stable")
     bounds = np.searchsorted(atom_ter[order], np.arange(n_ter + 1))
     for t in range(n_ter):
@@ -269,6 +279,8 @@ def postprocess_maps(
         area_nm2 = float(area_px[t]) * s * s
         fft_deg = None
         if params.fft_check or fit is None:
+            if boxes is None:
+                boxes = ndimage.find_objects(labels + 1)
             box = boxes[t]
             fft_deg = fft_row_angle_deg(maps.image_norm[box], s, labels[box] == t)
         if fit is not None:
@@ -326,17 +338,19 @@ def postprocess_maps(
                 a_angle[a_sel], a_phase[a_sel] = fit.row_angle_deg, fit.row_phase_nm
                 if fit.coherence >= params.local_fit_below_coherence:
                     continue
-            tiles = local_fits(
+            tile_of, _, tile_fits = local_fit_tiles(
                 atoms_nm[a_sel],
                 params.local_tile_nm,
                 params.local_min_atoms,
                 prior_deg=None if fit is None else fit.row_angle_deg,
             )
-            if tiles:
-                keys = np.floor(atoms_nm[a_sel] / params.local_tile_nm)
-                for key, lfit in tiles.items():
-                    in_tile = a_sel[np.all(keys == key, axis=1)]
-                    a_angle[in_tile], a_phase[in_tile] = lfit.row_angle_deg, lfit.row_phase_nm
+            if any(f is not None for f in tile_fits):
+                # [tile] = its fit's angle / phase, NaN without a fit; [-1] (atoms of small tiles) NaN
+                t_angle = np.array([np.nan if f is None else f.row_angle_deg for f in tile_fits] + [np.nan])
+                t_phase = np.array([np.nan if f is None else f.row_phase_nm for f in tile_fits] + [np.nan])
+                in_fit = ~np.isnan(t_angle[tile_of])  # atoms of tiles without a fit keep the terrace's
+                a_angle[a_sel[in_fit]] = t_angle[tile_of[in_fit]]
+                a_phase[a_sel[in_fit]] = t_phase[tile_of[in_fit]]
         dpairs, centre_nm = pp.lattice_dimers(
             atoms_nm,
             atoms_score,

@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Protocol
 
@@ -27,7 +28,7 @@ import numpy as np
 import zmq
 
 from stm_feedback.config import ServerSettings, Settings
-from stm_feedback.drift import DriftEstimate, bin_mean, drift_bin_factor, estimate_drift
+from stm_feedback.drift import DriftEstimate, bin_mean, drift_bin_factor, estimate_drift, image_candidates
 from stm_feedback.errors import InputError, ModelError, ProtocolError
 from stm_feedback.protocol import (
     PROTOCOL_VERSION,
@@ -116,6 +117,12 @@ def describe_models(analyzer: Any) -> dict[str, Any]:
     except Exception:  # a broken runner must not take down the models request
         log.exception("runner.versions() failed")
         vers = {}
+    models = getattr(analyzer, "models", None)  # Pipeline: + the library classifier's version, if any
+    if callable(models):
+        try:
+            vers.update({str(k): str(v) for k, v in models().items()})
+        except Exception:
+            log.exception("analyzer.models() failed")
     return {
         "versions": vers,
         "backend": str(getattr(runner, "backend", "unknown")),
@@ -161,11 +168,17 @@ def _defects_xy_px(analysis: Analysis) -> np.ndarray:
 
 
 def measure_drift(
-    prev: Analysis | None, prev_binned: np.ndarray | None, analysis: Analysis, binned: np.ndarray, factor: int
+    prev: Analysis | None,
+    prev_binned: np.ndarray | None,
+    analysis: Analysis,
+    binned: np.ndarray,
+    factor: int,
+    candidates: list[tuple[float, float, float]] | None = None,
 ) -> DriftEstimate | None:
     """Apparent motion in input pixels of the surface from the previous full frame to this one
     (``stm_feedback.drift.estimate_drift`` on the frames block-averaged by ``factor``, with both analyses'
-    defects), or None without a previous frame of the same shape and pixel size."""
+    defects), or None without a previous frame of the same shape and pixel size. ``candidates``: the image
+    part (``DriftPrep.candidates``) when it was computed ahead for exactly these two binned frames."""
     if prev is None or prev_binned is None or prev_binned.shape != binned.shape:
         return None
     if (prev.image.height_px, prev.image.width_px) != (analysis.image.height_px, analysis.image.width_px):
@@ -173,7 +186,35 @@ def measure_drift(
     px = analysis.image.pixel_size_nm
     if abs(prev.image.pixel_size_nm - px) > 1e-6 * px:
         return None
-    return estimate_drift(prev_binned, binned, px, factor, _defects_xy_px(prev), _defects_xy_px(analysis))
+    return estimate_drift(
+        prev_binned, binned, px, factor, _defects_xy_px(prev), _defects_xy_px(analysis), candidates
+    )
+
+
+@dataclass
+class DriftPrep:
+    """The image part of one frame's drift estimate, computed on the drift thread while the frame is being
+    analysed: the frame binned for drift (``bin_mean`` by ``factor``) and, when a previous full frame of the
+    same binned shape existed at submission, the correlation peaks against it (``image_candidates``).
+    ``prev_binned`` is that previous frame (the object itself: the result is used only if it is still the
+    instrument's previous frame when the analysis is done)."""
+
+    factor: int
+    binned: np.ndarray
+    pixel_size_nm: float
+    prev_binned: np.ndarray | None = None
+    candidates: list[tuple[float, float, float]] | None = None
+
+
+def prepare_drift(image: np.ndarray, pixel_size_nm: float, prev_binned: np.ndarray | None) -> DriftPrep:
+    """``DriftPrep`` of ``image`` (H, W) against ``prev_binned`` (or None); needs no analysis."""
+    factor = drift_bin_factor(image.shape)
+    binned = bin_mean(image, factor)
+    prep = DriftPrep(factor, binned, float(pixel_size_nm))
+    if prev_binned is not None and prev_binned.shape == binned.shape:
+        prep.prev_binned = prev_binned
+        prep.candidates = image_candidates(prev_binned, binned, float(pixel_size_nm), factor)
+    return prep
 
 
 @dataclass
@@ -303,6 +344,9 @@ class Server:
         self._instruments: dict[str, InstrumentState] = {}
         self._state_lock = threading.Lock()
         self._models = describe_models(analyzer)
+        # the image part of the drift estimate runs here while the worker analyses the frame (numpy's FFTs
+        # release the GIL), so only the defect pairing is left on the reply path
+        self._drift_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stm-feedback-drift")
         self._io_thread = threading.Thread(target=self._io_loop, name="stm-feedback-io", daemon=True)
         self._workers = [
             threading.Thread(target=self._worker_loop, name=f"stm-feedback-worker-{i}", daemon=True)
@@ -357,6 +401,7 @@ class Server:
             # an analyzer call is stuck: leave the (daemon) threads and their sockets; term() would block
             log.error("stop: threads still running after %s s; not closing the context", timeout_s)
             return
+        self._drift_pool.shutdown(wait=True)
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
@@ -604,12 +649,13 @@ class Server:
             if not isinstance(h, AnalyzeRequest):
                 raise ProtocolError("unknown_type", f"{h.type!r} is not a queued request type")
             image = image_float32(job.request.arrays["image"])
+            prep = None if isinstance(h, AnalyzeLinesRequest) else self._start_drift(h, image)
             t1 = time.perf_counter()
             analysis = self.analyzer.analyze(image, h.pixel_size_nm, bias_v=h.bias_v, frame_id=h.frame_id)
             timings["analyze"] = _ms(t1)
             t2 = time.perf_counter()
-            payload = self._after_analysis(h, image, analysis)
-            timings["state"] = _ms(t2)  # instrument state + drift estimate
+            payload = self._after_analysis(h, image, analysis, prep)
+            timings["state"] = _ms(t2)  # instrument state + what is left of the drift estimate
             t3 = time.perf_counter()
             arrays = analysis.maps() if h.with_maps else None
             for stage, ms in analysis.timings_ms.items():
@@ -639,7 +685,25 @@ class Server:
         log.info("failed", extra={"fields": {"id": h.id, "code": code, "message": msg}})
         return build_error(h.id, h.type, code, msg, timings), code, timings
 
-    def _after_analysis(self, h: AnalyzeRequest, image: np.ndarray, analysis: Analysis) -> dict[str, Any]:
+    def _start_drift(self, h: AnalyzeRequest, image: np.ndarray) -> Future[DriftPrep] | None:
+        """Submit the image part of this frame's drift estimate (``prepare_drift``) to the drift thread,
+        against the instrument's previous full frame as it is now; None when the pool is shut down."""
+        with self._state_lock:
+            state = self._instruments.get(h.instrument_id)
+            prev_binned = None if state is None else state.previous_binned
+        try:
+            # the array keeps its zero-copy request buffer alive; the worker waits for the result anyway
+            return self._drift_pool.submit(prepare_drift, image, h.pixel_size_nm, prev_binned)
+        except RuntimeError:  # shut down
+            return None
+
+    def _after_analysis(
+        self,
+        h: AnalyzeRequest,
+        image: np.ndarray,
+        analysis: Analysis,
+        prep_future: Future[DriftPrep] | None = None,
+    ) -> dict[str, Any]:
         meta = {
             "pixel_size_nm": h.pixel_size_nm,
             "scan_angle_deg": h.scan_angle_deg,
@@ -653,9 +717,21 @@ class Server:
         # binning and FFTs run outside the lock so query_sites on the I/O thread never waits for them
         shift, binned = None, None
         if not partial:
-            factor = drift_bin_factor(image.shape)
-            binned = bin_mean(image, factor)
-            shift = measure_drift(prev, prev_binned, analysis, binned, factor)
+            prep = None
+            if prep_future is not None:
+                try:
+                    prep = prep_future.result()
+                except Exception:
+                    log.exception("drift preparation failed; estimating on the reply path")
+            if prep is None:
+                prep = prepare_drift(image, h.pixel_size_nm, None)
+            binned, cands = prep.binned, None
+            # the peaks are reused only for exactly the previous frame and pixel size they were computed for
+            # (another frame of this instrument may have been recorded meanwhile when workers > 1)
+            if prep.prev_binned is not None and prep.prev_binned is prev_binned:
+                if prep.pixel_size_nm == analysis.image.pixel_size_nm:
+                    cands = prep.candidates
+            shift = measure_drift(prev, prev_binned, analysis, binned, prep.factor, cands)
         with self._state_lock:
             if binned is None:
                 state.latest_partial = analysis  # a partial frame never replaces the latest full analysis
@@ -685,7 +761,12 @@ def encode_reply(
     separately packed entries, so the large ``analysis`` value is packed once, not packed, unpacked and
     packed again to insert the final timings."""
     header: dict[str, Any] = {
-        "v": PROTOCOL_VERSION, "type": rtype, "id": request_id, "ok": True, "timings_ms": None, **payload
+        "v": PROTOCOL_VERSION,
+        "type": rtype,
+        "id": request_id,
+        "ok": True,
+        "timings_ms": None,
+        **payload,
     }
     frames: list[Any] = []
     if arrays:

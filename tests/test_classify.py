@@ -202,3 +202,19 @@ def test_truth_features_see_a_two_row_pit_as_one_object() -> None:
     image[mask] -= 0.1
     f = dict(zip(FEATURE_NAMES, defect_features(image, closed, 0.1), strict=True))
     assert f["extent_across_nm"] == pytest.approx(1.4)  # both rows, not the bigger one only
+
+
+def test_standardised_is_the_space_mean_shift_ran_in() -> None:
+    """The nearest fitted centre in ``standardised`` space is the cluster ``predict`` gives (dendrogram)."""
+    x, kinds, _ = _three_clusters()
+    model = ClusterModel()
+    fitted = model.fit(x, kinds)
+    for kind in ("depression", "protrusion"):
+        sel = kinds == kind
+        z = model.standardised(x[sel], kind)
+        assert z.shape == (sel.sum(), len(model.columns(kind)))
+        assert np.allclose(z.mean(axis=0), 0.0, atol=1e-9)  # z-scored with the fitted mean
+        d2 = ((z[:, None, :] - model.kinds[kind].centres[None]) ** 2).sum(axis=2)
+        assert np.array_equal(d2.argmin(axis=1), fitted[sel])
+    with pytest.raises(InputError):
+        ClusterModel().standardised(x, "protrusion")

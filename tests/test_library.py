@@ -120,6 +120,8 @@ def test_export_csv_json_npz(tmp_path: Path) -> None:
     assert len(rows) == len(truth)
     assert set(FEATURE_NAMES) <= set(rows[0]) and rows[0]["true_label"] == truth[int(rows[0]["id"])]
     doc = json.loads(paths["json"].read_text())
+    sources = {f["id"]: f["source"] for f in doc["frames"]}
+    assert all(r["frame_source"] == sources[int(r["frame_id"])] != "" for r in rows)
     assert doc["feature_names"] == list(FEATURE_NAMES) and len(doc["frames"]) == 2
     assert len(doc["defects"]) == len(truth)
     with np.load(paths["npz"]) as npz:

@@ -78,3 +78,67 @@ def test_cli_cluster_train_list_show_relabel_export_figures(sim_db: Path, tmp_pa
 def test_cli_missing_library_is_a_clear_error(tmp_path: Path) -> None:
     res = runner.invoke(app, ["library", "list", "--db", str(tmp_path / "nope.sqlite")])
     assert res.exit_code == 2 and "no library" in res.output
+
+
+def test_trained_library_names_classes_in_later_analyses(tmp_path: Path) -> None:
+    """Issue 4 item 7's loop: library -> expert labels -> `library train` -> a later analysis with that
+    library names its defects with the classifier's classes (oracle maps: no trained networks needed)."""
+    from simulator.frame import SimConfig
+    from stm_feedback.config import Settings
+    from stm_feedback.pipeline import Pipeline
+    from tests.test_pipeline_oracle import oracle_maps, simulate
+
+    db = tmp_path / "lib.sqlite"
+    _run("library", "add-sim", "--db", str(db), "--n", "6", "--size-px", "128", "--first-seed", "21")
+    _run("library", "cluster", "--db", str(db))
+    _run("library", "train", "--db", str(db), "--from-truth", "--folds", "2")
+    classes = {n for n in SimConfig.preset("realistic").density_per_100nm2}
+    f = simulate(1_000_320, 192, 0.1, "realistic")
+    maps = oracle_maps(f.image_nm, f.truth, f.bias_v)
+    without = Pipeline(Settings()).analyze_maps(f.image_nm, maps, 0.1, f.bias_v)
+    assert without.defects and not {d.label for d in without.defects} & classes  # "<kind>-<cluster>" only
+    with DefectLibrary(db) as lib:
+        named = Pipeline(Settings(), library=lib).analyze_maps(f.image_nm, maps, 0.1, f.bias_v)
+        version = lib.classifier().version
+    assert named.models.get("defect_classifier") == str(version)
+    defined = [d for d in named.defects if d.height_rel is not None and d.circularity is not None]
+    assert defined and all(d.label in classes for d in defined), {d.label for d in named.defects}
+
+
+def test_serve_names_classes_with_the_trained_library(tmp_path: Path) -> None:
+    """`stm-feedback serve` reads settings.library.path at start: its classifier names the defects in replies
+    and its version is in `models` (real networks in a subprocess on 127.0.0.1)."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from simulator.frame import SimConfig, simulate_frame
+    from stm_feedback.client import Client
+
+    db = tmp_path / "lib.sqlite"
+    _run("library", "add-sim", "--db", str(db), "--n", "6", "--size-px", "128", "--first-seed", "21")
+    _run("library", "train", "--db", str(db), "--from-truth", "--folds", "2")
+    with DefectLibrary(db) as lib:
+        version = str(lib.classifier().version)
+    env = {k: v for k, v in os.environ.items() if k != "STM_FEEDBACK_SERVER__ANALYZER"}
+    env.update(STM_FEEDBACK_LIBRARY__PATH=str(db), STM_FEEDBACK_LIBRARY__RECORD="false")
+    env["STM_FEEDBACK_SERVER__WARMUP_PX"] = "64"
+    cmd = [sys.executable, "-m", "stm_feedback.cli", "serve", "--bind", "tcp://127.0.0.1:*"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        match = re.search(r"serving on (\S+)", proc.stdout.readline())
+        assert match, proc.communicate(timeout=10)
+        f = simulate_frame(1_000_321, size_px=192, pixel_size_nm=0.1, config=SimConfig.preset("realistic"))
+        classes = set(SimConfig.preset("realistic").density_per_100nm2)
+        with Client(match.group(1), timeout_ms=120_000, retries=0) as c:
+            assert c.models()["versions"].get("defect_classifier") == version
+            a = c.analyze(f.image_nm, 0.1, bias_v=f.bias_v, instrument_id="lib", frame_id="f1")
+        assert a.models.get("defect_classifier") == version
+        named = [d.label for d in a.defects if d.height_rel is not None and d.circularity is not None]
+        assert named and set(named) <= classes, {d.label for d in a.defects}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

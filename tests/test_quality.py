@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from stm_feedback.config import Settings
+from stm_feedback.errors import InputError
 from stm_feedback.maps import NetworkMaps
 from stm_feedback.pipeline import Pipeline
 from stm_feedback.quality import double_tip_suspected, tip_change_lines
@@ -96,10 +97,36 @@ def test_double_tip_rule_on_points() -> None:
     xy = rng.uniform(0, 200, (12, 2))
     kinds = ["protrusion"] * 6 + ["depression"] * 6
     assert not double_tip_suspected(xy, kinds, 0.1)
-    twice = np.concatenate([xy, xy + [10.0, 5.0]])
+    twice = np.concatenate([xy, xy + [10.0, 5.0]])  # ghosts 1.1 nm away
     assert double_tip_suspected(twice, kinds + kinds, 0.1)
     # pairs of different kinds at the offset do not count
     assert not double_tip_suspected(twice, kinds + kinds[::-1], 0.1)
+
+
+def test_double_tip_rule_counts_protrusions_only() -> None:
+    """z = max over the two apices copies raised features; repeated depressions are not a double tip."""
+    rng = np.random.default_rng(2)
+    xy = rng.uniform(0, 200, (8, 2))
+    twice = np.concatenate([xy, xy + [10.0, 5.0]])
+    assert double_tip_suspected(twice, ["protrusion"] * 16, 0.1)
+    assert not double_tip_suspected(twice, ["depression"] * 16, 0.1)
+    assert double_tip_suspected(twice, ["depression"] * 16, 0.1, copied_kinds=("protrusion", "depression"))
+
+
+def test_double_tip_rule_ignores_lattice_neighbours() -> None:
+    """Islands of 2-4 dimers seen as one blob per dimer repeat at the 0.384 nm dimer pitch by chance."""
+    rng = np.random.default_rng(3)
+    starts = rng.uniform(0, 200, (8, 2))
+    pitch_px = np.array([3.84, 0.0])  # one dimer along the row at 0.1 nm/px
+    islands = np.concatenate([starts + k * pitch_px for k in range(3)])
+    assert not double_tip_suspected(islands, ["protrusion"] * len(islands), 0.1)
+    # the old 0.3 nm minimum offset flagged them
+    assert double_tip_suspected(islands, ["protrusion"] * len(islands), 0.1, min_offset_nm=0.3)
+
+
+def test_double_tip_rule_rejects_mismatched_kinds() -> None:
+    with pytest.raises(InputError):
+        double_tip_suspected(np.zeros((4, 2)), ["protrusion"] * 3, 0.1)
 
 
 if __name__ == "__main__":  # measurement for docs/analysis-schema.md
@@ -110,19 +137,31 @@ if __name__ == "__main__":  # measurement for docs/analysis-schema.md
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--first-seed", type=int, default=1_000_000)
     ap.add_argument("--force-tip-change", action="store_true", help="override p_tip_change=1, dz 0.04-0.1 nm")
+    ap.add_argument(
+        "--maps",
+        choices=("oracle", "nets"),
+        default="oracle",
+        help="defects and atoms from the truth (oracle) or from the trained networks (nets: needs models/)",
+    )
     args = ap.parse_args()
     pipe_ = Pipeline(Settings())
     keys = ("frames", "tip_change_frames", "found", "false_lines", "double_truth", "double_flagged")
-    res = dict.fromkeys(keys, 0)
+    res = dict.fromkeys((*keys, "double_true_pos", "double_false_pos"), 0)
     for seed in range(args.first_seed, args.first_seed + args.n):
         f = simulate(seed, 256, None, args.preset, **(TIP_CHANGE if args.force_tip_change else {}))
-        q = _analyze(pipe_, f).quality
+        if args.maps == "nets":
+            q = pipe_.analyze(f.image_nm, f.pixel_size_nm, f.bias_v).quality
+        else:
+            q = _analyze(pipe_, f).quality
         first = f.truth.tip_change_lines[0] if f.truth.tip_change_lines else None
         hit = [k for k in q.tip_change_lines if first is not None and abs(k - first) <= 3]
         res["frames"] += 1
         res["tip_change_frames"] += first is not None
         res["found"] += bool(hit)
         res["false_lines"] += len(q.tip_change_lines) - len(hit)
-        res["double_truth"] += bool(f.truth.params.get("double_tip"))
+        double = bool(f.truth.params.get("double_tip"))
+        res["double_truth"] += double
         res["double_flagged"] += q.double_tip_suspected
+        res["double_true_pos"] += double and q.double_tip_suspected
+        res["double_false_pos"] += (not double) and q.double_tip_suspected
     print(res)

@@ -178,3 +178,79 @@ def test_daemon_reports_drift_of_the_reported_case_and_ambiguity() -> None:
     # a featureless frame has nothing to correlate: no number, and nothing accumulated
     assert flat_drift["drift_px"] is None and flat_drift["ambiguous"], flat_drift
     assert flat_drift["cumulative_drift_nm"] == [0.0, 0.0]
+
+
+def test_daemon_drift_computed_ahead_equals_the_direct_estimate() -> None:
+    """The daemon computes the image part of the drift while the frame is analysed (server.prepare_drift on
+    its drift thread). The reply's drift, and what stats and query_sites return afterwards, must be the
+    estimate_drift of the two binned frames with both analyses' defects, computed directly."""
+    from stm_feedback.client import Client
+    from stm_feedback.config import ServerSettings
+    from stm_feedback.server import BaselineAnalyzer, Server
+
+    a, b, _, _, _ = _rescan(0, "realistic")
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    analyzer = BaselineAnalyzer()
+    ana_a, ana_b = analyzer.analyze(a, PX_NM), analyzer.analyze(b, PX_NM)
+
+    def xy(an):
+        return np.array([[d.x_px, d.y_px] for d in an.defects], np.float64).reshape(-1, 2)
+
+    f = drift_bin_factor(a.shape)
+    want = estimate_drift(bin_mean(a, f), bin_mean(b, f), PX_NM, f, xy(ana_a), xy(ana_b))
+    assert want.dx_px is not None
+    srv = Server(analyzer, ServerSettings(warmup_px=0), bind="tcp://127.0.0.1:*").start()
+    try:
+        with Client(srv.endpoint, timeout_ms=30_000, retries=0) as c:
+            c.analyze(a, PX_NM, instrument_id="stm", with_maps=False)
+            first = c.last_reply["drift"]
+            c.analyze(b, PX_NM, instrument_id="stm", with_maps=False)
+            drift = c.last_reply["drift"]
+            later = c.stats()["instruments"]["stm"]
+            c.query_sites("stm")
+            queried_drift = c.last_reply["drift"]
+    finally:
+        srv.stop()
+    assert first["frames"] == 1 and first["drift_px"] is None and first["method"] is None
+    assert drift["frames"] == 2
+    assert drift["drift_px"] == [want.dx_px, want.dy_px]
+    assert (drift["method"], drift["response"], drift["n_pairs"]) == (
+        want.method,
+        want.response,
+        want.n_pairs,
+    )
+    assert later == drift and queried_drift == drift
+
+
+def test_stale_drift_preparation_is_not_used() -> None:
+    """Peaks computed ahead against a previous frame that is no longer the instrument's previous frame (a
+    second worker recorded another frame meanwhile) are discarded: the estimate is made against the frame
+    actually recorded, as without the drift thread."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from stm_feedback.config import ServerSettings
+    from stm_feedback.server import BaselineAnalyzer, Server, prepare_drift
+
+    a, b, true, _, _ = _rescan(0, "realistic")
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    unrelated = np.random.default_rng(1).normal(size=a.shape).astype(np.float32)
+    analyzer = BaselineAnalyzer()
+    srv = Server(analyzer, ServerSettings(warmup_px=0), bind="tcp://127.0.0.1:*")
+    srv2 = Server(analyzer, ServerSettings(warmup_px=0), bind="tcp://127.0.0.1:*")
+    try:
+        h = SimpleNamespace(
+            pixel_size_nm=PX_NM, scan_angle_deg=0.0, bias_v=None, setpoint_pa=None, instrument_id="stm"
+        )
+        srv._after_analysis(h, a, analyzer.analyze(a, PX_NM))  # the instrument's previous frame is a
+        stale = Future()
+        f = drift_bin_factor(a.shape)
+        stale.set_result(prepare_drift(b, PX_NM, bin_mean(unrelated, f)))  # peaks against another frame
+        out = srv._after_analysis(h, b, analyzer.analyze(b, PX_NM), stale)["drift"]
+        srv2._after_analysis(h, a, analyzer.analyze(a, PX_NM))
+        ref = srv2._after_analysis(h, b, analyzer.analyze(b, PX_NM))["drift"]  # no preparation at all
+    finally:
+        srv.stop()
+        srv2.stop()
+    assert out == ref
+    assert out["drift_px"] == pytest.approx(true.tolist(), abs=0.5)

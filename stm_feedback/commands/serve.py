@@ -51,6 +51,12 @@ def register(app: typer.Typer) -> None:
         except ModelError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
+        if settings.library.path.exists() and hasattr(analyzer, "use_library"):
+            # the expert's stored clusters and trained classifier name the defects (`library cluster|train`)
+            from stm_feedback.library import DefectLibrary
+
+            analyzer.use_library(DefectLibrary(settings.library.path))
+            log.info("defect classes from the library", extra={"fields": {"models": analyzer.models()}})
         server = Server(analyzer, settings.server)
         server.start()  # the synthetic warm-up frame runs before the recorder is attached: not recorded
         recorder = None
