@@ -339,13 +339,18 @@ def suspect_dimers(
         # x = x0 + along * u_x + across * n_x, y = y0 + along * u_y + across * n_y; u = (c, s), n = (-s, c)
         mx = x0 + _SUSPECT_ALONG_NM * ca - _SUSPECT_ACROSS_NM * sa
         my = y0 + _SUSPECT_ALONG_NM * sa + _SUSPECT_ACROSS_NM * ca
+        # cv2.remap needs maps narrower and shorter than 32767: 256 dimers per map row, zero-padded
+        n_pts, per_row = mx.shape[0], 256
+        n_rows = -(-n_pts // per_row)
+        maps_xy = np.zeros((2, n_rows * per_row, len(_SUSPECT_WEIGHTS)), np.float32)
+        maps_xy[0, :n_pts], maps_xy[1, :n_pts] = mx, my
         v = cv2.remap(
             np.ascontiguousarray(image_norm, np.float32),
-            np.ascontiguousarray(mx.reshape(1, -1)),
-            np.ascontiguousarray(my.reshape(1, -1)),
+            maps_xy[0].reshape(n_rows, -1),
+            maps_xy[1].reshape(n_rows, -1),
             cv2.INTER_LINEAR,
             borderMode=cv2.BORDER_REPLICATE,
-        ).reshape(-1, len(_SUSPECT_WEIGHTS))
+        ).reshape(-1, len(_SUSPECT_WEIGHTS))[:n_pts]
         contrast = v @ _SUSPECT_WEIGHTS  # centre-line mean minus the mean of the two side lines
         t = ter[ok]
         z = np.zeros(len(t))

@@ -171,6 +171,24 @@ def test_suspect_dimers_flags_split_dimer_and_depression_evidence(angle_deg: flo
     assert not suspect_dimers(dimers, ang, ter, img, dep, s, 0.2, 0.1, -1.0)[dep_i]
 
 
+def test_suspect_dimers_many_dimers_same_as_in_parts() -> None:
+    """More dimers than cv2.remap takes in one map row (32767 / 9 sample points): same flags as in chunks."""
+    rng = np.random.default_rng(2)
+    s, shape = 0.05, (400, 400)
+    img = rng.normal(0, 1, shape).astype(np.float32)
+    dep = rng.random(shape).astype(np.float32) * 0.205  # a disk of 21 px reaches 0.2 on ~40 % of dimers
+    xy = rng.uniform(5, 395, (5000, 2))
+    ang = rng.uniform(0, 180, 5000)
+    ter = np.zeros(5000, int)
+    ter[2500:] = 1  # two terraces, so each half has its own reference
+    full = suspect_dimers(xy, ang, ter, img, dep, s, 0.2, 0.25, 2.0)
+    parts = np.concatenate(
+        [suspect_dimers(xy[sl], ang[sl], ter[sl], img, dep, s, 0.2, 0.25, 2.0) for sl in (slice(0, 2500), slice(2500, None))]
+    )
+    np.testing.assert_array_equal(full, parts)
+    assert 0 < full.sum() < len(full)
+
+
 def test_clearance_safe_equals_every_rule_thresholded() -> None:
     """One distance transform per margin class gives the same safe mask as each rule on its own."""
     rng = np.random.default_rng(3)
