@@ -483,7 +483,7 @@ def postprocess_maps(
     if ps.step_prob_plan >= 0:  # faint step evidence the segmentation threshold drops
         step_plan = step | (m["step_prob"] >= ps.step_prob_plan)
     if ps.orientation_reach_nm > 0 and len(dim_xy):  # two row orientations meet: a step, maybe undetected
-        step_plan = step | orientation_band(dim_xy, dim_angle, (h, w), s, ps.orientation_reach_nm)
+        step_plan = step_plan | orientation_band(dim_xy, dim_angle, (h, w), s, ps.orientation_reach_nm)
     clear = clearance_maps(labels, step_plan, unresolved, avoid, s, ps)
     angles = {t: f.row_angle_deg for t, f in fits.items()}
     sites = propose_sites(dim_xy, dim_ter, angles, clear, s, ps, dimer_angle_deg=dim_angle)
