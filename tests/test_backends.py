@@ -127,8 +127,16 @@ def test_same_detections_as_eager_fp32(kind: str, bf16: bool | None) -> None:
             assert agree["protrusions_f1"] >= 0.999 and agree["depressions_f1"] >= 0.999, (seed, agree)
         n_atoms += int(agree["atoms_n_ref"])
     assert abs(totals["ref"][0].f1 - totals["out"][0].f1) <= 0.005, totals
-    assert abs(totals["ref"][1].f1 - totals["out"][1].f1) <= 0.005, totals
-    assert n_atoms > 100  # the comparison is not vacuous
+    d_ref, d_out = totals["ref"][1], totals["out"][1]
+    if low_precision:
+        # these 3 frames hold ~27 defects: one flipped borderline detection moves F1 by ~0.017, so 0.005 is
+        # not resolvable here; bf16 may flip at most one. The criterion (|dF1| <= 0.005) holds at suite
+        # scale: `backend_equivalence(models, 30)` (60 realistic+hard frames) gave openvino-bf16 0.0017,
+        # torch-jit-bf16 0.0025 with NN-2 s23 (docs/performance.md)
+        assert abs(d_ref.tp - d_out.tp) + abs(d_ref.fp - d_out.fp) <= 1, totals
+    else:
+        assert abs(d_ref.f1 - d_out.f1) <= 0.005, totals
+    assert n_atoms > 100 and d_ref.tp > 10  # the comparison is not vacuous
 
 
 def test_fallback_chain_without_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
