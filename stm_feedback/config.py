@@ -66,7 +66,7 @@ class PlannerSettings(BaseModel):
     suspect_margin_nm: float = 0.8
     # pixels where NN-0's step probability reaches this are step pixels for planning (the segmentation's own
     # threshold is PostprocessParams.step_threshold); < 0 = off
-    step_prob_plan: float = -1.0
+    step_prob_plan: float = 0.15
 
 
 class LibrarySettings(BaseModel):
