@@ -5,7 +5,8 @@
 Reads the pickles of ``benchmarks/planner_cache.py`` and runs ``pipeline.postprocess_maps`` ``--repeats``
 times per frame; per frame it keeps the *minimum* of the ``planner`` stage's wall-clock time (the stage's
 own timer, as ``stm-feedback bench`` reports it; the minimum because on a shared machine the rest is other
-jobs) and prints p50 / p90 over the frames in ms, the CPU time (``time.process_time``, all threads) of the whole post-processing p50 (min of the repeats: the
+jobs) and prints p50 / p90 over the frames in ms, the CPU time (``time.process_time``, all threads) of the
+whole post-processing p50 (min of the repeats: the
 trees compared differ only in the planner, so the difference is the planner's), and the 1-minute load
 average before and after. Run it from
 two trees alternately (``PYTHONPATH=<tree>``) for an A/B comparison. ``--parts`` adds the CPU ms of each
@@ -26,8 +27,14 @@ import numpy as np
 from stm_feedback import pipeline as pl
 from stm_feedback.config import load_settings
 
-
-PARTS = ("near_mask", "lattice_anomalies", "orientation_band", "suspect_dimers", "clearance_maps", "propose_sites")
+PARTS = (
+    "near_mask",
+    "lattice_anomalies",
+    "orientation_band",
+    "suspect_dimers",
+    "clearance_maps",
+    "propose_sites",
+)
 
 
 def _instrument() -> dict[str, list[float]]:
@@ -78,7 +85,9 @@ def main() -> None:
             for v in parts.values():
                 v.append(0.0)
             t0 = time.process_time()
-            an = pl.postprocess_maps(img, rec["maps"], rec["pixel_size_nm"], rec["bias_v"], None, settings, params)
+            an = pl.postprocess_maps(
+                img, rec["maps"], rec["pixel_size_nm"], rec["bias_v"], None, settings, params
+            )
             cpu_ms.append((time.process_time() - t0) * 1e3)
             ms.append(an.timings_ms["planner"])
             for v in parts.values():  # keep the frame's minimum over the repeats in its slot
@@ -88,7 +97,8 @@ def main() -> None:
         cpu.append(min(cpu_ms))
     print(
         f"{pl.__file__}: planner stage p50 {np.median(best):.2f} ms, p90 {np.percentile(best, 90):.2f} ms "
-        f"({len(best)} frames, min of {args.repeats}); whole post-processing CPU p50 {np.median(cpu):.2f} ms; "
+        f"({len(best)} frames, min of {args.repeats}); "
+        f"whole post-processing CPU p50 {np.median(cpu):.2f} ms; "
         + "".join(f"{k} {np.median(v):.2f}, " for k, v in parts.items())
         + f"load {load0:.1f} -> {os.getloadavg()[0]:.1f}"
     )

@@ -1,6 +1,7 @@
-"""Cache simulator frames with their truth and the networks' maps, for planner studies without re-running nets.
+"""Cache simulator frames with their truth and the networks' maps (planner studies without the networks).
 
-``python benchmarks/planner_cache.py --preset realistic --first-seed 500000 --n 100 --out /tmp/pc/train-realistic``
+``python benchmarks/planner_cache.py --preset realistic --first-seed 700000 --n 150 \\
+    --out /tmp/pc/train-realistic``
 ``python benchmarks/planner_cache.py --suite hard --n 100 --out /tmp/pc/suite-hard``
 
 ``--suite`` takes the frames of ``stm-feedback evaluate --suite`` (seeds >= 1_000_000: report only, never
@@ -44,7 +45,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.preset and args.first_seed + args.n > 1_000_000:
         ap.error("calibration frames must stay in the training seed range (< 1_000_000)")
-    frames = suite_frames(args.suite, args.n) if args.suite else preset_frames(args.preset, args.first_seed, args.n)
+    frames = (
+        suite_frames(args.suite, args.n)
+        if args.suite
+        else preset_frames(args.preset, args.first_seed, args.n)
+    )
     pipe = Pipeline(load_settings())
     runner = pipe.runner
     models = pipe.models()

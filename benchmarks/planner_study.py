@@ -23,7 +23,7 @@ import numpy as np
 from stm_feedback import pipeline as pl
 from stm_feedback.config import load_settings
 from stm_feedback.planner import distance_px
-from stm_feedback.planner_eval import aggregate_sites, score_sites, truth_avoid_masks
+from stm_feedback.planner_eval import aggregate_sites, score_sites
 
 
 def _value(text: str):
@@ -84,8 +84,13 @@ def main() -> None:
     for rec in load(args.dirs, args.n):
         models = rec["models"]
         an = pl.postprocess_maps(
-            rec["image_nm"].astype(np.float32), rec["maps"], rec["pixel_size_nm"], rec["bias_v"], None,
-            settings, params,
+            rec["image_nm"].astype(np.float32),
+            rec["maps"],
+            rec["pixel_size_nm"],
+            rec["bias_v"],
+            None,
+            settings,
+            params,
         )
         planner_ms.append(an.timings_ms.get("planner", np.nan))
         sc = score_sites(rec["truth"], an, ps)

@@ -472,13 +472,22 @@ def postprocess_maps(
     if (ps.suspect_depression_prob >= 0 or ps.suspect_centre_z >= 0) and len(dim_xy):
         # dimers over a defect the nets did not report (sub-threshold depression, dark centre line)
         sus = suspect_dimers(
-            dim_xy, dim_angle, dim_ter, maps.image_norm, m["depression_prob"], s,
-            ps.suspect_depression_prob, ps.suspect_radius_nm, ps.suspect_centre_z,
+            dim_xy,
+            dim_angle,
+            dim_ter,
+            maps.image_norm,
+            m["depression_prob"],
+            s,
+            ps.suspect_depression_prob,
+            ps.suspect_radius_nm,
+            ps.suspect_centre_z,
         )
         if sus.any():
             mk = avoid.setdefault(ps.suspect_margin_nm, np.zeros((h, w), bool))
-            mk[np.clip(np.rint(dim_xy[sus, 1]).astype(int), 0, h - 1),
-               np.clip(np.rint(dim_xy[sus, 0]).astype(int), 0, w - 1)] = True
+            mk[
+                np.clip(np.rint(dim_xy[sus, 1]).astype(int), 0, h - 1),
+                np.clip(np.rint(dim_xy[sus, 0]).astype(int), 0, w - 1),
+            ] = True
     step_plan = step
     if ps.step_prob_plan >= 0:  # faint step evidence the segmentation threshold drops
         step_plan = step | (m["step_prob"] >= ps.step_prob_plan)

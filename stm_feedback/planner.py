@@ -10,11 +10,16 @@ Rules (``PlannerSettings``, defaults from ../shared/design/hsi-physics.md sectio
 - writable defects (single DBs, DB pairs, earlier litho patches) impose nothing;
 - holes (``lattice_holes``: a lattice position next to detected dimers without a dimer of its own) keep
   ``hole_margin_nm``; step and defect margins of detected features are widened by ``detection_pad_nm``;
+- suspect dimers (``suspect_dimers``: sub-threshold NN-2 depression probability or a dark row centre line
+  under a detected dimer, i.e. a defect the nets did not report) keep ``suspect_margin_nm``; stretched dimers
+  (``lattice_anomalies``) keep ``anomaly_margin_nm``; the pipeline adds the orientation band
+  (``orientation_band``) and NN-0 step probability >= ``step_prob_plan`` to the step pixels;
 - a site's dimers are *detected* dimers, consecutive ones 0.384 nm (+- ``dimer_pitch_tol_nm``) apart along the
   terrace's fitted row direction, adjacent rows 0.768 nm apart along the row normal; every dimer of a site
   must be on a safe pixel.
 
-Distances are Euclidean between pixel centres (cv2.distanceTransform, DIST_MASK_PRECISE), converted to nm.
+Distances are Euclidean between pixel centres (cv2.distanceTransform, DIST_MASK_PRECISE; one transform per
+margin class), converted to nm.
 """
 
 from __future__ import annotations
@@ -281,8 +286,8 @@ def lattice_anomalies(
     return out
 
 
-# sample points of the dark-centre-line test (nm, row frame): 3 along the row (-0.1, 0, 0.1) on the centre line
-# and on the lines 0.2 nm to either side; weights: centre-line mean minus the mean of both side lines
+# sample points of the dark-centre-line test (nm, row frame): 3 along the row (-0.1, 0, 0.1) on the centre
+# line and on the lines 0.2 nm to either side; weights: centre-line mean minus the mean of both side lines
 _SUSPECT_ALONG_NM = np.array([-0.1, 0.0, 0.1] * 3, np.float32)
 _SUSPECT_ACROSS_NM = np.repeat(np.array([0.0, -0.2, 0.2], np.float32), 3)
 _SUSPECT_WEIGHTS = np.where(_SUSPECT_ACROSS_NM == 0, 1 / 3, -1 / 6).astype(np.float32)
@@ -306,9 +311,9 @@ def suspect_dimers(
     - *sub-threshold depression*: the defect net's ``depression_prob`` reaches ``depression_prob_min``
       within ``radius_nm`` of the dimer centre (NN-2 gives dihydrides 0.1-0.7 but rarely the 0.5 of its
       blob threshold);
-    - *dark centre line*: in the polarity-corrected ``image_norm`` (rows bright), the mean along the row centre
-      line (0, +-0.1 nm along the row ``dimer_angle_deg``, on the centre) minus the mean 0.2 nm to either
-      side across the row, as a robust z-score against all dimers of the same terrace
+    - *dark centre line*: in the polarity-corrected ``image_norm`` (rows bright), the mean along the row
+      centre line (0, +-0.1 nm along the row ``dimer_angle_deg``, on the centre) minus the mean 0.2 nm to
+      either side across the row, as a robust z-score against all dimers of the same terrace
       ((median - value) / (1.4826 MAD)) is >= ``centre_z_min``: a dihydride pushes its atoms ~0.1 nm apart
       towards the troughs and leaves a dark line along the row centre.
 
@@ -323,7 +328,8 @@ def suspect_dimers(
     if depression_prob_min >= 0:
         r = max(0, int(math.floor(radius_nm / pixel_size_nm)))
         dy, dx = np.nonzero(cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
-        # max over the disk's pixels around each dimer's pixel (clipped to the frame): a dilation, at the dimers only
+        # max over the disk's pixels around each dimer's pixel (clipped to the frame): a dilation, at the
+        # dimers only
         rr = np.clip(rows[:, None] + (dy - r)[None, :], 0, h - 1)
         cc = np.clip(cols[:, None] + (dx - r)[None, :], 0, w - 1)
         vals = np.take(np.ascontiguousarray(depression_prob).reshape(-1), rr * w + cc)  # flat: ~5x faster

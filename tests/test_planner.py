@@ -20,9 +20,9 @@ from stm_feedback.planner import (
     defect_rule,
     distance_px,
     lattice_anomalies,
+    near_mask,
     orientation_band,
     parse_pattern,
-    near_mask,
     propose_sites,
     suspect_dimers,
 )
@@ -125,7 +125,9 @@ def test_unresolved_region_and_border_margin() -> None:
     assert not clear.safe[:59].any() and clear.safe[59:90, 20:80].all()
 
 
-def _dimer_image(shape: tuple[int, int], s: float, dimers: np.ndarray, angle_deg: float, split_nm: dict[int, float]):  # noqa: ANN202
+def _dimer_image(
+    shape: tuple[int, int], s: float, dimers: np.ndarray, angle_deg: float, split_nm: dict[int, float]
+):  # noqa: ANN202
     """Filled-state-like image (rows bright): two Gaussian atoms per dimer 0.24 nm apart across the row;
     dimers in ``split_nm`` (index -> extra shift per atom, nm) have their atoms pushed apart (a dihydride)."""
     h, w = shape
@@ -183,7 +185,10 @@ def test_suspect_dimers_many_dimers_same_as_in_parts() -> None:
     ter[2500:] = 1  # two terraces, so each half has its own reference
     full = suspect_dimers(xy, ang, ter, img, dep, s, 0.2, 0.25, 2.0)
     parts = np.concatenate(
-        [suspect_dimers(xy[sl], ang[sl], ter[sl], img, dep, s, 0.2, 0.25, 2.0) for sl in (slice(0, 2500), slice(2500, None))]
+        [
+            suspect_dimers(xy[sl], ang[sl], ter[sl], img, dep, s, 0.2, 0.25, 2.0)
+            for sl in (slice(0, 2500), slice(2500, None))
+        ]
     )
     np.testing.assert_array_equal(full, parts)
     assert 0 < full.sum() < len(full)
@@ -199,7 +204,11 @@ def test_clearance_safe_equals_every_rule_thresholded() -> None:
     step = labels < 0
     unres = np.zeros((h, w), bool)
     unres[:12, :40] = True
-    avoid = {0.8: rng.random((h, w)) > 0.998, 1.5: rng.random((h, w)) > 0.999, 0.6: rng.random((h, w)) > 0.999}
+    avoid = {
+        0.8: rng.random((h, w)) > 0.998,
+        1.5: rng.random((h, w)) > 0.999,
+        0.6: rng.random((h, w)) > 0.999,
+    }
     clear = clearance_maps(labels, step, unres, avoid, s, ps)
     pad = ps.detection_pad_nm
     expect = ~step & ~near_mask(step, ps.step_margin_nm + pad, s) & ~near_mask(unres, ps.unknown_margin_nm, s)
@@ -241,7 +250,9 @@ def test_suspect_rule_in_pipeline_removes_sites_next_to_the_evidence() -> None:
         return float(np.hypot(*(np.rint(pts) - np.rint(target)).T).min() * s)
 
     on = Settings(planner=PlannerSettings(max_sites=1000, suspect_centre_z=-1.0))
-    off = Settings(planner=PlannerSettings(max_sites=1000, suspect_depression_prob=-1.0, suspect_centre_z=-1.0))
+    off = Settings(
+        planner=PlannerSettings(max_sites=1000, suspect_depression_prob=-1.0, suspect_centre_z=-1.0)
+    )
     assert near_target(off) < 0.1
     assert near_target(on) >= on.planner.suspect_margin_nm + on.planner.detection_pad_nm - 1e-6
 
