@@ -507,6 +507,11 @@ def postprocess_maps(
         kinds,
         s,
     )
+    safe_mask = clear.safe
+    if ps.withhold_on_double_tip and quality.double_tip_suspected and (sites or safe_mask.any()):
+        # a double tip images every feature twice and writes unreliably: nothing on this frame is safe
+        sites, safe_mask = [], np.zeros_like(safe_mask)
+        quality.notes.append("double tip suspected: no sites proposed, safe mask empty (condition the tip)")
     tm.lap("quality")
 
     # round in numpy, then build the dataclasses from flat lists of floats (Python round() per field cost
@@ -538,7 +543,7 @@ def postprocess_maps(
         sites=sites,
         quality=quality,
         terrace_labels=labels.astype(np.int32),
-        safe_mask=clear.safe,
+        safe_mask=safe_mask,
         timings_ms=tm.ms,
         models=dict(models or {}),
         defect_features=features,

@@ -398,3 +398,24 @@ if __name__ == "__main__":  # measurement for the docs
     ap.add_argument("--preset", default="realistic")
     a = ap.parse_args()
     print(run_frames(range(a.first_seed, a.first_seed + a.n), a.size_px, a.preset))
+
+
+@pytest.mark.parametrize("withhold", [True, False])
+def test_double_tip_frames_get_no_sites(withhold: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame whose quality check suspects a double tip proposes nothing and marks nothing safe (unless
+    planner.withhold_on_double_tip is off); the reason is in quality.notes."""
+    import stm_feedback.pipeline as pipeline_mod
+    from stm_feedback.schema import Quality
+
+    f = simulate(1_000_310, 192, 0.1, "clean")
+    maps = oracle_maps(f.image_nm, f.truth, f.bias_v)
+    settings = Settings(planner=PlannerSettings(withhold_on_double_tip=withhold))
+    normal = Pipeline(settings).analyze_maps(f.image_nm, maps, 0.1, f.bias_v)
+    assert normal.sites and normal.safe_mask.any() and not normal.quality.double_tip_suspected
+    monkeypatch.setattr(pipeline_mod, "assess", lambda *a, **k: Quality(double_tip_suspected=True))
+    a = Pipeline(settings).analyze_maps(f.image_nm, maps, 0.1, f.bias_v)
+    if withhold:
+        assert a.sites == [] and not a.safe_mask.any()
+        assert any("double tip" in n for n in a.quality.notes)
+    else:
+        assert len(a.sites) == len(normal.sites) and np.array_equal(a.safe_mask, normal.safe_mask)
