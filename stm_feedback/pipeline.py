@@ -527,6 +527,11 @@ def postprocess_maps(
             m["atom_prob"],
             params.partner_min_prob,
         )
+    if params.drop_atoms_in_depressions and len(out_xy) and len(blobs["depression"].slices):
+        c = np.clip(np.rint(out_xy[:, 0]).astype(np.int64), 0, w - 1)
+        r = np.clip(np.rint(out_xy[:, 1]).astype(np.int64), 0, h - 1)
+        keep = blobs["depression"].labels[r, c] == 0
+        out_xy, out_score, out_ter = out_xy[keep], out_score[keep], out_ter[keep]
     axy = np.round(out_xy, 3)
     asc = np.round(out_score, 4).tolist()
     atoms = list(map(Atom, axy[:, 0].tolist(), axy[:, 1].tolist(), out_ter.tolist(), asc))
