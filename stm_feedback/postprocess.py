@@ -47,10 +47,11 @@ class PostprocessParams:
     # realistic atom F1 0.914 -> 0.96 (models/MODEL_CARD.md, session 3)
     partner_min_prob: float = 0.2
     # reported atoms inside a detected depression footprint are dropped (vacancies, pits and dihydrides have
-    # no intact dimer there; the atom map still peaks on their rims and floors). evaluate --n 30/20 (session 3):
-    # atom precision clean 0.991 -> 0.995, realistic 0.972 -> 0.978, hard 0.545 -> 0.554; F1 up on all three
+    # no intact dimer there; the atom map still peaks on their rims and floors). evaluate --n 30/20
+    # (session 3): atom precision clean 0.991 -> 0.995, realistic 0.972 -> 0.978, hard 0.545 -> 0.554
     drop_atoms_in_depressions: bool = True
-    defect_threshold: float = 0.7  # protrusion/depression prob above this is defect footprint
+    # protrusion/depression prob above this is defect footprint (`nets-calibrate --frames 6`, NN-2 s23: 0.8)
+    defect_threshold: float = 0.8
     min_defect_area_nm2: float = 0.05  # smaller blobs are noise
     feature_ring_nm: float = 1.2  # ring around a footprint for the local level (classify.defect_features)
     # local lattice fits (tiles of local_tile_nm, >= local_min_atoms atoms) validate the dimers of terraces
