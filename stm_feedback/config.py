@@ -56,6 +56,20 @@ class PlannerSettings(BaseModel):
     # where dimers of both row orientations lie within this of a pixel a step lies between them (detected or
     # not): that band keeps step_margin_nm; < 0 = off
     orientation_reach_nm: float = 2.0
+    # frames whose quality check suspects a double tip get no sites and an empty safe mask (every feature is
+    # imaged twice; hard suite: the last false-safe sites sat on such a frame, docs/analysis-schema.md)
+    withhold_on_double_tip: bool = True
+    # per-dimer evidence of a defect the nets did not report (planner.suspect_dimers): a detected dimer
+    # with NN-2 depression probability >= suspect_depression_prob within suspect_radius_nm, or a dark row
+    # centre line (robust z against its terrace's dimers >= suspect_centre_z), is must-avoid with
+    # suspect_margin_nm (+ detection_pad_nm); < 0 = that test off
+    suspect_depression_prob: float = 0.2
+    suspect_radius_nm: float = 0.25
+    suspect_centre_z: float = 3.0
+    suspect_margin_nm: float = 0.8
+    # pixels where NN-0's step probability reaches this are step pixels for planning (the segmentation's own
+    # threshold is PostprocessParams.step_threshold); < 0 = off
+    step_prob_plan: float = 0.15
 
 
 class LibrarySettings(BaseModel):

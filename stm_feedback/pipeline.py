@@ -39,6 +39,7 @@ from stm_feedback.planner import (
     near_mask,
     orientation_band,
     propose_sites,
+    suspect_dimers,
 )
 from stm_feedback.quality import assess
 from stm_feedback.schema import Analysis, Defect, ImageInfo, Terrace
@@ -468,9 +469,30 @@ def postprocess_maps(
         odd &= (labels >= 0) & ~any_defect
         if odd.any():
             avoid[ps.anomaly_margin_nm] = avoid.get(ps.anomaly_margin_nm, np.zeros((h, w), bool)) | odd
+    if (ps.suspect_depression_prob >= 0 or ps.suspect_centre_z >= 0) and len(dim_xy):
+        # dimers over a defect the nets did not report (sub-threshold depression, dark centre line)
+        sus = suspect_dimers(
+            dim_xy,
+            dim_angle,
+            dim_ter,
+            maps.image_norm,
+            m["depression_prob"],
+            s,
+            ps.suspect_depression_prob,
+            ps.suspect_radius_nm,
+            ps.suspect_centre_z,
+        )
+        if sus.any():
+            mk = avoid.setdefault(ps.suspect_margin_nm, np.zeros((h, w), bool))
+            mk[
+                np.clip(np.rint(dim_xy[sus, 1]).astype(int), 0, h - 1),
+                np.clip(np.rint(dim_xy[sus, 0]).astype(int), 0, w - 1),
+            ] = True
     step_plan = step
+    if ps.step_prob_plan >= 0:  # faint step evidence the segmentation threshold drops
+        step_plan = step | (m["step_prob"] >= ps.step_prob_plan)
     if ps.orientation_reach_nm > 0 and len(dim_xy):  # two row orientations meet: a step, maybe undetected
-        step_plan = step | orientation_band(dim_xy, dim_angle, (h, w), s, ps.orientation_reach_nm)
+        step_plan = step_plan | orientation_band(dim_xy, dim_angle, (h, w), s, ps.orientation_reach_nm)
     clear = clearance_maps(labels, step_plan, unresolved, avoid, s, ps)
     angles = {t: f.row_angle_deg for t, f in fits.items()}
     sites = propose_sites(dim_xy, dim_ter, angles, clear, s, ps, dimer_angle_deg=dim_angle)
@@ -485,6 +507,11 @@ def postprocess_maps(
         kinds,
         s,
     )
+    safe_mask = clear.safe
+    if ps.withhold_on_double_tip and quality.double_tip_suspected and (sites or safe_mask.any()):
+        # a double tip images every feature twice and writes unreliably: nothing on this frame is safe
+        sites, safe_mask = [], np.zeros_like(safe_mask)
+        quality.notes.append("double tip suspected: no sites proposed, safe mask empty (condition the tip)")
     tm.lap("quality")
 
     # round in numpy, then build the dataclasses from flat lists of floats (Python round() per field cost
@@ -500,6 +527,11 @@ def postprocess_maps(
             m["atom_prob"],
             params.partner_min_prob,
         )
+    if params.drop_atoms_in_depressions and len(out_xy) and len(blobs["depression"].slices):
+        c = np.clip(np.rint(out_xy[:, 0]).astype(np.int64), 0, w - 1)
+        r = np.clip(np.rint(out_xy[:, 1]).astype(np.int64), 0, h - 1)
+        keep = blobs["depression"].labels[r, c] == 0
+        out_xy, out_score, out_ter = out_xy[keep], out_score[keep], out_ter[keep]
     # ``Atom`` / ``Dimer`` objects are built on first access (Analysis.with_lazy_rows): the daemon's reply
     # needs only their JSON rows
     axy = np.round(out_xy, 3)
@@ -517,7 +549,7 @@ def postprocess_maps(
         sites=sites,
         quality=quality,
         terrace_labels=labels.astype(np.int32),
-        safe_mask=clear.safe,
+        safe_mask=safe_mask,
         timings_ms=tm.ms,
         models=dict(models or {}),
         defect_features=features,

@@ -10,11 +10,16 @@ Rules (``PlannerSettings``, defaults from ../shared/design/hsi-physics.md sectio
 - writable defects (single DBs, DB pairs, earlier litho patches) impose nothing;
 - holes (``lattice_holes``: a lattice position next to detected dimers without a dimer of its own) keep
   ``hole_margin_nm``; step and defect margins of detected features are widened by ``detection_pad_nm``;
+- suspect dimers (``suspect_dimers``: sub-threshold NN-2 depression probability or a dark row centre line
+  under a detected dimer, i.e. a defect the nets did not report) keep ``suspect_margin_nm``; stretched dimers
+  (``lattice_anomalies``) keep ``anomaly_margin_nm``; the pipeline adds the orientation band
+  (``orientation_band``) and NN-0 step probability >= ``step_prob_plan`` to the step pixels;
 - a site's dimers are *detected* dimers, consecutive ones 0.384 nm (+- ``dimer_pitch_tol_nm``) apart along the
   terrace's fitted row direction, adjacent rows 0.768 nm apart along the row normal; every dimer of a site
   must be on a safe pixel.
 
-Distances are Euclidean between pixel centres (cv2.distanceTransform, DIST_MASK_PRECISE), converted to nm.
+Distances are Euclidean between pixel centres (cv2.distanceTransform, DIST_MASK_PRECISE; one transform per
+margin class), converted to nm.
 """
 
 from __future__ import annotations
@@ -84,7 +89,7 @@ def distance_px(feature: np.ndarray) -> np.ndarray:
     (a large number everywhere when ``feature`` is empty)."""
     if not feature.any():
         return np.full(feature.shape, 1e6, np.float32)
-    src = np.where(feature, 0, 255).astype(np.uint8)
+    src = np.logical_not(feature).view(np.uint8)  # 0 on the feature, 1 elsewhere: a view, no copy
     return cv2.distanceTransform(src, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
 
 
@@ -130,73 +135,22 @@ def near_mask(
     return cv2.dilate(feature.astype(np.uint8), kernel) > 0
 
 
-class _NearestPixel:
-    """Exact Euclidean distance (px, float32) from query pixels to the nearest True pixel of a mask, by a
-    cKDTree over the mask's 4-boundary pixels (the nearest mask pixel of any outside point is one of them).
-    Equal to cv2.distanceTransform's value up to 1 float32 ulp (cv2 does not always round its sqrt
-    correctly on multi-pixel masks)."""
-
-    def __init__(self, mask: np.ndarray) -> None:
-        self.mask = mask
-        inner = cv2.erode(mask.astype(np.uint8), np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.uint8))
-        rc = np.argwhere(mask & (inner == 0))
-        self.tree = cKDTree(rc) if len(rc) else None
-
-    def distance_px(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        if self.tree is None:
-            return np.full(len(rows), 1e6, np.float32)
-        d, _ = self.tree.query(np.stack([rows, cols], axis=1))
-        return np.where(self.mask[rows, cols], 0.0, d).astype(np.float32)
-
-
 @dataclass
 class Clearance:
-    """Planning maps. ``safe`` (H, W) bool: terrace pixel with slack >= 0. ``at(rows, cols)`` gives, at
-    given pixels, ``raw_nm`` = distance to the nearest must-avoid thing (defect footprint, step/unknown
-    pixel, unresolved pixel), margins not applied, and ``slack_nm`` = smallest (distance - margin) over all
-    rules including the border; the full (H, W) maps ``raw_nm`` / ``slack_nm`` are computed on first access
-    (the planner itself needs them only at candidate dimers)."""
+    """Planning maps, all (H, W): ``safe`` bool = terrace pixel with slack >= 0; ``raw_nm`` float32 = distance
+    to the nearest must-avoid thing (defect footprint, step/unknown pixel, unresolved pixel), margins not
+    applied; ``slack_nm`` float32 = smallest (distance - margin) over all rules including the border.
+    ``at(rows, cols)`` reads (raw_nm, slack_nm) at given pixels."""
 
     safe: np.ndarray
-    rules: list[tuple[np.ndarray, float]]  # (mask, margin_nm) of every distance rule
-    border_slack_nm: np.ndarray  # (H, W) float32 border distance - border margin
+    raw_nm: np.ndarray
+    slack_nm: np.ndarray
     pixel_size_nm: float
-    _maps: tuple[np.ndarray, np.ndarray] | None = None
-    _near: list[_NearestPixel] | None = None
 
     def at(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(raw_nm, slack_nm) float32 at pixels (rows, cols), equal to the full maps there."""
+        """(raw_nm, slack_nm) float32 at pixels (rows, cols)."""
         rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
-        if self._near is None:
-            self._near = [_NearestPixel(m) for m, _ in self.rules]
-        s = self.pixel_size_nm
-        raw = np.full(len(rows), np.float32(1e6) * s, np.float32)  # distance_px of an empty mask
-        slack = self.border_slack_nm[rows, cols].astype(np.float32)
-        for near, (_, margin) in zip(self._near, self.rules, strict=True):
-            d = near.distance_px(rows, cols) * s
-            raw = np.minimum(raw, d)
-            slack = np.minimum(slack, d - margin)
-        return raw, slack
-
-    def _full(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._maps is None:
-            s = self.pixel_size_nm
-            raw = np.full(self.safe.shape, np.float32(1e6) * s, np.float32)
-            slack = self.border_slack_nm.copy()
-            for mask, margin in self.rules:
-                d = distance_px(mask) * s
-                raw = np.minimum(raw, d)
-                slack = np.minimum(slack, d - margin)
-            self._maps = (raw.astype(np.float32), slack.astype(np.float32))
-        return self._maps
-
-    @property
-    def raw_nm(self) -> np.ndarray:
-        return self._full()[0]
-
-    @property
-    def slack_nm(self) -> np.ndarray:
-        return self._full()[1]
+        return self.raw_nm[rows, cols], self.slack_nm[rows, cols]
 
 
 def clearance_maps(
@@ -212,21 +166,30 @@ def clearance_maps(
 
     Every step and ``avoid_masks`` margin is widened by ``settings.detection_pad_nm`` (detected footprints
     and step masks are slightly smaller than the truth; 0 when planning on truth masks).
-    safe = on a terrace and, for every rule, distance * s - margin >= 0 (float32, pixel-centre distances):
-    each rule is one dilation of its mask with an exact disk kernel (``near_mask``) instead of a distance
-    transform of the frame; the distances themselves are needed only at candidate dimers (``Clearance.at``).
+    One exact distance transform per margin class (cv2.distanceTransform, DIST_MASK_PRECISE; masks with
+    equal margins are merged): slack = min over rules of (distance * s - margin) and the border slack
+    (float32), raw = min distance; safe = on a terrace and slack >= 0 (identical to thresholding each rule's
+    distance map, ``near_mask``).
     """
-    s = float(pixel_size_nm)  # a Python float keeps the float32 maps float32 (NEP 50), as before
+    s = float(pixel_size_nm)  # a Python float keeps the float32 maps float32 (NEP 50)
     pad = max(0.0, settings.detection_pad_nm)
     off_terrace = (terrace_labels < 0) | step_mask
-    rules = [(off_terrace, settings.step_margin_nm + pad), (unresolved, settings.unknown_margin_nm)]
-    rules += [(mask, margin + pad) for margin, mask in avoid_masks.items()]
-    rules = [(np.asarray(m, bool), float(g)) for m, g in rules if np.any(m)]
-    border_slack = border_distance_px(terrace_labels.shape) * s - settings.border_margin_nm
-    safe = (border_slack >= 0) & ~off_terrace
-    for mask, margin in rules:
-        safe &= ~near_mask(mask, margin, s)
-    return Clearance(safe, rules, border_slack.astype(np.float32), s)
+    rules: dict[float, np.ndarray] = {}
+    for m, g in [(off_terrace, settings.step_margin_nm + pad), (unresolved, settings.unknown_margin_nm)] + [
+        (mask, margin + pad) for margin, mask in avoid_masks.items()
+    ]:
+        m = np.asarray(m, bool)
+        if m.any():
+            g = float(g)
+            rules[g] = (rules[g] | m) if g in rules else m
+    slack = (border_distance_px(terrace_labels.shape) * s - settings.border_margin_nm).astype(np.float32)
+    raw = np.full(slack.shape, np.float32(1e6) * s, np.float32)  # distance_px of an empty mask
+    for margin, mask in rules.items():
+        d_nm = distance_px(mask) * s
+        np.minimum(raw, d_nm, out=raw)
+        np.minimum(slack, d_nm - margin, out=slack)
+    safe = (slack >= 0) & ~off_terrace
+    return Clearance(safe, raw, slack, s)
 
 
 def lattice_holes(
@@ -320,6 +283,94 @@ def lattice_anomalies(
     c = np.clip(np.rint(pts[:, 0]).astype(np.int64), 0, w - 1)
     r = np.clip(np.rint(pts[:, 1]).astype(np.int64), 0, h - 1)
     out[r, c] = True
+    return out
+
+
+# sample points of the dark-centre-line test (nm, row frame): 3 along the row (-0.1, 0, 0.1) on the centre
+# line and on the lines 0.2 nm to either side; weights: centre-line mean minus the mean of both side lines
+_SUSPECT_ALONG_NM = np.array([-0.1, 0.0, 0.1] * 3, np.float32)
+_SUSPECT_ACROSS_NM = np.repeat(np.array([0.0, -0.2, 0.2], np.float32), 3)
+_SUSPECT_WEIGHTS = np.where(_SUSPECT_ACROSS_NM == 0, 1 / 3, -1 / 6).astype(np.float32)
+
+
+def suspect_dimers(
+    dimers_xy_px: np.ndarray,
+    dimer_angle_deg: np.ndarray,
+    dimer_terrace: np.ndarray,
+    image_norm: np.ndarray,
+    depression_prob: np.ndarray,
+    pixel_size_nm: float,
+    depression_prob_min: float,
+    radius_nm: float,
+    centre_z_min: float,
+) -> np.ndarray:
+    """(M,) bool: detected dimers that look like an undetected defect (a dihydride, a vacancy) under them.
+
+    Two independent pieces of evidence, either suffices (< 0 switches one off):
+
+    - *sub-threshold depression*: the defect net's ``depression_prob`` reaches ``depression_prob_min``
+      within ``radius_nm`` of the dimer centre (NN-2 gives dihydrides 0.1-0.7 but rarely the 0.5 of its
+      blob threshold);
+    - *dark centre line*: in the polarity-corrected ``image_norm`` (rows bright), the mean along the row
+      centre line (0, +-0.1 nm along the row ``dimer_angle_deg``, on the centre) minus the mean 0.2 nm to
+      either side across the row, as a robust z-score against all dimers of the same terrace
+      ((median - value) / (1.4826 MAD)) is >= ``centre_z_min``: a dihydride pushes its atoms ~0.1 nm apart
+      towards the troughs and leaves a dark line along the row centre.
+
+    Dimers without a finite angle get only the first test. Bilinear sampling (cv2.remap)."""
+    xy = np.asarray(dimers_xy_px, np.float64).reshape(-1, 2)
+    out = np.zeros(len(xy), bool)
+    if not len(xy):
+        return out
+    h, w = depression_prob.shape
+    cols = np.clip(np.rint(xy[:, 0]).astype(np.int64), 0, w - 1)
+    rows = np.clip(np.rint(xy[:, 1]).astype(np.int64), 0, h - 1)
+    if depression_prob_min >= 0:
+        r = max(0, int(math.floor(radius_nm / pixel_size_nm)))
+        dy, dx = np.nonzero(cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+        # max over the disk's pixels around each dimer's pixel (clipped to the frame): a dilation, at the
+        # dimers only
+        rr = np.clip(rows[:, None] + (dy - r)[None, :], 0, h - 1)
+        cc = np.clip(cols[:, None] + (dx - r)[None, :], 0, w - 1)
+        vals = np.take(np.ascontiguousarray(depression_prob).reshape(-1), rr * w + cc)  # flat: ~5x faster
+        out |= vals.max(axis=1) >= depression_prob_min
+    ang = np.asarray(dimer_angle_deg, float).reshape(-1)
+    ter = np.asarray(dimer_terrace, np.int64).reshape(-1)
+    ok = np.isfinite(ang)
+    if centre_z_min >= 0 and ok.sum() >= 10:
+        a = np.deg2rad(ang[ok]).astype(np.float32)
+        ca, sa = np.cos(a)[:, None] / pixel_size_nm, np.sin(a)[:, None] / pixel_size_nm  # px per nm
+        x0 = xy[ok, 0].astype(np.float32)[:, None]
+        y0 = xy[ok, 1].astype(np.float32)[:, None]
+        # x = x0 + along * u_x + across * n_x, y = y0 + along * u_y + across * n_y; u = (c, s), n = (-s, c)
+        mx = x0 + _SUSPECT_ALONG_NM * ca - _SUSPECT_ACROSS_NM * sa
+        my = y0 + _SUSPECT_ALONG_NM * sa + _SUSPECT_ACROSS_NM * ca
+        # cv2.remap needs maps narrower and shorter than 32767: 256 dimers per map row, zero-padded
+        n_pts, per_row = mx.shape[0], 256
+        n_rows = -(-n_pts // per_row)
+        maps_xy = np.zeros((2, n_rows * per_row, len(_SUSPECT_WEIGHTS)), np.float32)
+        maps_xy[0, :n_pts], maps_xy[1, :n_pts] = mx, my
+        v = cv2.remap(
+            np.ascontiguousarray(image_norm, np.float32),
+            maps_xy[0].reshape(n_rows, -1),
+            maps_xy[1].reshape(n_rows, -1),
+            cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_REPLICATE,
+        ).reshape(-1, len(_SUSPECT_WEIGHTS))[:n_pts]
+        contrast = v @ _SUSPECT_WEIGHTS  # centre-line mean minus the mean of the two side lines
+        t = ter[ok]
+        z = np.zeros(len(t))
+        for tid in np.unique(t).tolist():
+            sel = t == tid
+            if sel.sum() < 10:  # too few dimers for a terrace reference
+                continue
+            c = contrast[sel]
+            med = np.median(c)
+            mad = 1.4826 * np.median(np.abs(c - med))
+            z[sel] = (med - c) / max(mad, 1e-6)
+        flag = np.zeros(len(xy), bool)
+        flag[np.flatnonzero(ok)] = z >= centre_z_min
+        out |= flag
     return out
 
 
@@ -438,7 +489,9 @@ def propose_sites(
         return []
     cand = np.concatenate(groups)  # (C, k*r)
     # distances only at the dimers of candidate chains
-    used_d = np.unique(cand)
+    used = np.zeros(len(xy_px), bool)
+    used[cand.ravel()] = True
+    used_d = np.flatnonzero(used)  # = np.unique(cand), without the sort
     raw_d, slack_d = clearance.at(rows[used_d], cols[used_d])
     raw = np.full(len(xy_px), np.nan, np.float32)
     slack = np.full(len(xy_px), np.nan, np.float32)
@@ -448,26 +501,37 @@ def propose_sites(
     c_slack = slack[cand].min(axis=1)
     # best clearance first, then slack, then position of the first dimer (y, x); stable like list.sort
     order = np.lexsort((xy_px[cand[:, 0], 0], xy_px[cand[:, 0], 1], -c_slack, -c_raw))
-    taken = np.zeros(len(xy_px), bool)
-    sites: list[Site] = []
-    for i in order.tolist():
-        g = cand[i]
-        if taken[g].any():
+    # greedy, best first: a candidate is taken when none of its dimers is taken yet (Python lists: the loop
+    # may scan thousands of overlapping chains)
+    taken = [False] * len(xy_px)
+    chosen: list[int] = []
+    for i, g in zip(order.tolist(), cand[order].tolist(), strict=True):
+        if any(taken[j] for j in g):
             continue
-        taken[g] = True
-        pts = xy_px[g]
-        c = pts.mean(axis=0)
-        sites.append(
-            Site(
-                center_x_px=float(c[0]),
-                center_y_px=float(c[1]),
-                dimers=pts.tolist(),
-                terrace=int(ter[g[0]]),
-                clearance_nm=round(float(c_raw[i]), 4),
-                pattern=f"{k}x{r}",
-                score=round(float(c_slack[i]), 4),
-            )
-        )
-        if len(sites) >= settings.max_sites:
+        for j in g:
+            taken[j] = True
+        chosen.append(i)
+        if len(chosen) >= settings.max_sites:
             break
+    if not chosen:
+        return []
+    sel = np.asarray(chosen)
+    pts = xy_px[cand[sel]]  # (n, k*r, 2)
+    centre = pts.mean(axis=1)
+    clear_nm = [round(v, 4) for v in c_raw[sel].astype(np.float64).tolist()]
+    score = [round(v, 4) for v in c_slack[sel].astype(np.float64).tolist()]
+    terr = ter[cand[sel, 0]].tolist()
+    pattern = f"{k}x{r}"
+    sites = [
+        Site(
+            center_x_px=cx,
+            center_y_px=cy,
+            dimers=p,
+            terrace=t,
+            clearance_nm=cl,
+            pattern=pattern,
+            score=sc,
+        )
+        for (cx, cy), p, t, cl, sc in zip(centre.tolist(), pts.tolist(), terr, clear_nm, score, strict=True)
+    ]
     return sites

@@ -46,7 +46,14 @@ class PostprocessParams:
     # are such partners (frames coarser than the net's 0.1 nm/px blur the pair); same value as atom_threshold:
     # realistic atom F1 0.914 -> 0.96 (models/MODEL_CARD.md, session 3)
     partner_min_prob: float = 0.2
-    defect_threshold: float = 0.7  # protrusion/depression prob above this is defect footprint
+    # reported atoms inside a detected depression footprint are dropped (vacancies, pits and dihydrides have
+    # no intact dimer there; the atom map still peaks on their rims and floors). evaluate --n 30/20
+    # (session 3): atom precision clean 0.991 -> 0.995, realistic 0.972 -> 0.978, hard 0.545 -> 0.554
+    drop_atoms_in_depressions: bool = True
+    # protrusion/depression prob above this is defect footprint. `nets-calibrate --frames 6` on NN-2 s23
+    # recommends 0.8 (simulated objective 0.811 vs 0.805), but on the real tiles 0.8 drops 86 -> 65 defects
+    # of tile 0007, visible bright protrusions among them (docs/real-data.md): missing a real adatom is worse
+    defect_threshold: float = 0.7
     min_defect_area_nm2: float = 0.05  # smaller blobs are noise
     feature_ring_nm: float = 1.2  # ring around a footprint for the local level (classify.defect_features)
     # local lattice fits (tiles of local_tile_nm, >= local_min_atoms atoms) validate the dimers of terraces

@@ -269,3 +269,29 @@ def test_partner_of_a_one_atom_dimer_is_mirrored_through_its_centre() -> None:
     assert sc[3] == pytest.approx(0.5) and tr[3] == 0
     np.testing.assert_array_equal(xy[:3], atoms)  # detected atoms unchanged, first
     assert len(_with_partners(atoms, score, ter, single, centres, prob, 0.6)[0]) == 3
+
+
+def test_atoms_inside_a_detected_depression_are_not_reported() -> None:
+    """A depression footprint painted over part of the lattice removes the atoms in it from the output (and
+    only those); with drop_atoms_in_depressions off they stay."""
+    from dataclasses import replace as dc_replace
+
+    from stm_feedback.config import Settings
+    from stm_feedback.pipeline import Pipeline
+
+    f = simulate(1_000_311, 160, 0.1, "clean")
+    maps = oracle_maps(f.image_nm, f.truth, f.bias_v)
+    dep = np.zeros_like(maps.depression_prob)
+    dep[60:90, 60:90] = 1.0  # 3 x 3 nm "vacancy" the net reports
+    maps = dc_replace(maps, depression_prob=np.maximum(maps.depression_prob, dep))
+    keep = Pipeline(Settings(), params=pp.PostprocessParams(drop_atoms_in_depressions=False))
+    drop = Pipeline(Settings(), params=pp.PostprocessParams(drop_atoms_in_depressions=True))
+    a_keep = keep.analyze_maps(f.image_nm, maps, 0.1, f.bias_v)
+    a_drop = drop.analyze_maps(f.image_nm, maps, 0.1, f.bias_v)
+
+    def inside(a):  # noqa: ANN001, ANN202
+        return [p for p in a.atoms if 60 <= round(p.y_px) < 90 and 60 <= round(p.x_px) < 90]
+
+    assert len(inside(a_keep)) > 20 and inside(a_drop) == []
+    assert len(a_keep.atoms) - len(a_drop.atoms) >= len(inside(a_keep))
+    assert len(a_drop.atoms) > 0.6 * len(a_keep.atoms)

@@ -20,9 +20,11 @@ from stm_feedback.planner import (
     defect_rule,
     distance_px,
     lattice_anomalies,
+    near_mask,
     orientation_band,
     parse_pattern,
     propose_sites,
+    suspect_dimers,
 )
 from stm_feedback.planner_eval import aggregate_sites, false_safe_sites, score_sites, truth_slack_nm
 from stm_feedback.schema import Site
@@ -121,6 +123,138 @@ def test_unresolved_region_and_border_margin() -> None:
     assert pts.min() * s >= ps.border_margin_nm - 1e-9
     assert (99 - pts.max()) * s >= ps.border_margin_nm - 1e-9
     assert not clear.safe[:59].any() and clear.safe[59:90, 20:80].all()
+
+
+def _dimer_image(
+    shape: tuple[int, int], s: float, dimers: np.ndarray, angle_deg: float, split_nm: dict[int, float]
+):  # noqa: ANN202
+    """Filled-state-like image (rows bright): two Gaussian atoms per dimer 0.24 nm apart across the row;
+    dimers in ``split_nm`` (index -> extra shift per atom, nm) have their atoms pushed apart (a dihydride)."""
+    h, w = shape
+    a = np.radians(angle_deg)
+    n = np.array([-np.sin(a), np.cos(a)])
+    yy, xx = np.mgrid[0:h, 0:w].astype(float)
+    img = np.zeros(shape)
+    for i, c in enumerate(dimers):
+        half = 0.12 + split_nm.get(i, 0.0)
+        for sign in (-1, 1):
+            x, y = c + sign * half * n / s
+            img += np.exp(-((xx - x) ** 2 + (yy - y) ** 2) * s * s / (2 * 0.07**2))
+    return img.astype(np.float32)
+
+
+@pytest.mark.parametrize("angle_deg", [0.0, 37.0])
+def test_suspect_dimers_flags_split_dimer_and_depression_evidence(angle_deg: float) -> None:
+    s, shape = 0.05, (120, 120)
+    dimers = _grid_dimers(shape, s, angle_deg)
+    centre = np.array([shape[1], shape[0]]) / 2
+    split = int(np.argmin(np.hypot(*(dimers - centre).T)))
+    dep_i = int(np.argmin(np.hypot(*(dimers - centre - 25).T)))
+    img = _dimer_image(shape, s, dimers, angle_deg, {split: 0.1})
+    img += np.random.default_rng(1).normal(0, 0.02, shape).astype(np.float32)
+    dep = np.zeros(shape, np.float32)
+    x, y = np.rint(dimers[dep_i]).astype(int)
+    dep[y + 3, x] = 0.3  # 0.15 nm from that dimer: within suspect_radius_nm 0.25
+    ang = np.full(len(dimers), angle_deg)
+    ter = np.zeros(len(dimers), int)
+    flag = suspect_dimers(dimers, ang, ter, img, dep, s, 0.2, 0.25, 3.0)
+    assert flag[split] and flag[dep_i]
+    # the clean lattice (with noise) stays clean away from the frame edge (the border margin covers the edge,
+    # where the synthetic image has no neighbouring rows)
+    inner = np.all((dimers > 12) & (dimers < np.array([shape[1], shape[0]]) - 13), axis=1)
+    assert (flag & inner).sum() <= 3
+    # each test alone: depression evidence off -> only the split dimer; image test off -> only dep_i
+    only_img = suspect_dimers(dimers, ang, ter, img, dep, s, -1.0, 0.25, 3.0)
+    assert only_img[split] and not only_img[dep_i]
+    only_dep = suspect_dimers(dimers, ang, ter, img, dep, s, 0.2, 0.25, -1.0)
+    assert only_dep[dep_i] and not only_dep[split]
+    # below the probability threshold, or farther than the radius: not flagged
+    assert not suspect_dimers(dimers, ang, ter, img, dep, s, 0.31, 0.25, -1.0)[dep_i]
+    assert not suspect_dimers(dimers, ang, ter, img, dep, s, 0.2, 0.1, -1.0)[dep_i]
+
+
+def test_suspect_dimers_many_dimers_same_as_in_parts() -> None:
+    """More dimers than cv2.remap takes in one map row (32767 / 9 sample points): same flags as in chunks."""
+    rng = np.random.default_rng(2)
+    s, shape = 0.05, (400, 400)
+    img = rng.normal(0, 1, shape).astype(np.float32)
+    dep = rng.random(shape).astype(np.float32) * 0.205  # a disk of 21 px reaches 0.2 on ~40 % of dimers
+    xy = rng.uniform(5, 395, (5000, 2))
+    ang = rng.uniform(0, 180, 5000)
+    ter = np.zeros(5000, int)
+    ter[2500:] = 1  # two terraces, so each half has its own reference
+    full = suspect_dimers(xy, ang, ter, img, dep, s, 0.2, 0.25, 2.0)
+    parts = np.concatenate(
+        [
+            suspect_dimers(xy[sl], ang[sl], ter[sl], img, dep, s, 0.2, 0.25, 2.0)
+            for sl in (slice(0, 2500), slice(2500, None))
+        ]
+    )
+    np.testing.assert_array_equal(full, parts)
+    assert 0 < full.sum() < len(full)
+
+
+def test_clearance_safe_equals_every_rule_thresholded() -> None:
+    """One distance transform per margin class gives the same safe mask as each rule on its own."""
+    rng = np.random.default_rng(3)
+    h, w, s = 90, 110, 0.1
+    ps = PlannerSettings()
+    labels = np.zeros((h, w), np.int32)
+    labels[:, 70:72] = -1
+    step = labels < 0
+    unres = np.zeros((h, w), bool)
+    unres[:12, :40] = True
+    avoid = {
+        0.8: rng.random((h, w)) > 0.998,
+        1.5: rng.random((h, w)) > 0.999,
+        0.6: rng.random((h, w)) > 0.999,
+    }
+    clear = clearance_maps(labels, step, unres, avoid, s, ps)
+    pad = ps.detection_pad_nm
+    expect = ~step & ~near_mask(step, ps.step_margin_nm + pad, s) & ~near_mask(unres, ps.unknown_margin_nm, s)
+    for margin, mask in avoid.items():
+        expect &= ~near_mask(mask, margin + pad, s)
+    yy, xx = np.mgrid[0:h, 0:w]
+    border = np.minimum(np.minimum(yy, h - 1 - yy), np.minimum(xx, w - 1 - xx)) * s >= ps.border_margin_nm
+    np.testing.assert_array_equal(clear.safe, expect & border)
+    raw, slack = clear.at(np.array([5, 50]), np.array([100, 20]))
+    assert raw.dtype == np.float32 and slack.dtype == np.float32
+
+
+def test_suspect_rule_in_pipeline_removes_sites_next_to_the_evidence() -> None:
+    """A depression probability below the blob threshold on one dimer: with the rule on, no site dimer
+    lies within suspect_margin_nm + detection_pad_nm of it; with it off, sites cover it."""
+    from stm_feedback.maps import NetworkMaps
+    from stm_feedback.pipeline import postprocess_maps
+    from stm_feedback.postprocess import PostprocessParams
+
+    s, shape = 0.1, (128, 128)
+    dimers = _grid_dimers(shape, s, 0.0)
+    atoms = np.concatenate([dimers + [0, 1.2], dimers - [0, 1.2]])
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(float)
+    atom_prob = np.zeros(shape, np.float32)
+    for x, y in atoms:
+        atom_prob = np.maximum(atom_prob, np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 0.5**2)))
+    image = _dimer_image(shape, s, dimers, 0.0, {})
+    dep = np.zeros(shape, np.float32)
+    target = dimers[int(np.argmin(np.hypot(*(dimers - 64).T)))]
+    dep[int(round(target[1])), int(round(target[0]))] = 0.3  # below the 0.5 blob threshold: no defect
+    zero = np.zeros(shape, np.float32)
+    maps = NetworkMaps(zero, atom_prob.astype(np.float32), zero, dep, image, s)
+
+    def near_target(settings: Settings) -> float:
+        an = postprocess_maps(image, maps, s, None, None, settings, PostprocessParams())
+        assert not an.defects and an.sites
+        pts = np.array([p for site in an.sites for p in site.dimers])
+        # pixel-centre to pixel-centre, as the planner measures margins
+        return float(np.hypot(*(np.rint(pts) - np.rint(target)).T).min() * s)
+
+    on = Settings(planner=PlannerSettings(max_sites=1000, suspect_centre_z=-1.0))
+    off = Settings(
+        planner=PlannerSettings(max_sites=1000, suspect_depression_prob=-1.0, suspect_centre_z=-1.0)
+    )
+    assert near_target(off) < 0.1
+    assert near_target(on) >= on.planner.suspect_margin_nm + on.planner.detection_pad_nm - 1e-6
 
 
 def test_fully_blocked_frame_has_no_sites() -> None:
@@ -264,3 +398,24 @@ if __name__ == "__main__":  # measurement for the docs
     ap.add_argument("--preset", default="realistic")
     a = ap.parse_args()
     print(run_frames(range(a.first_seed, a.first_seed + a.n), a.size_px, a.preset))
+
+
+@pytest.mark.parametrize("withhold", [True, False])
+def test_double_tip_frames_get_no_sites(withhold: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame whose quality check suspects a double tip proposes nothing and marks nothing safe (unless
+    planner.withhold_on_double_tip is off); the reason is in quality.notes."""
+    import stm_feedback.pipeline as pipeline_mod
+    from stm_feedback.schema import Quality
+
+    f = simulate(1_000_310, 192, 0.1, "clean")
+    maps = oracle_maps(f.image_nm, f.truth, f.bias_v)
+    settings = Settings(planner=PlannerSettings(withhold_on_double_tip=withhold))
+    normal = Pipeline(settings).analyze_maps(f.image_nm, maps, 0.1, f.bias_v)
+    assert normal.sites and normal.safe_mask.any() and not normal.quality.double_tip_suspected
+    monkeypatch.setattr(pipeline_mod, "assess", lambda *a, **k: Quality(double_tip_suspected=True))
+    a = Pipeline(settings).analyze_maps(f.image_nm, maps, 0.1, f.bias_v)
+    if withhold:
+        assert a.sites == [] and not a.safe_mask.any()
+        assert any("double tip" in n for n in a.quality.notes)
+    else:
+        assert len(a.sites) == len(normal.sites) and np.array_equal(a.safe_mask, normal.safe_mask)
