@@ -72,3 +72,27 @@ def test_assignment_copy_pickle_replace() -> None:
     assert b.json_rows("dimers") == a.json_rows("dimers") is not None
     with pytest.raises(AttributeError):
         _lazy().no_such_field  # noqa: B018
+
+
+def test_pipeline_output_reply_bytes_equal_with_built_objects() -> None:
+    """A real pipeline analysis (oracle maps of a simulated frame): the reply built from the columns is
+    byte-identical to the one built from the Atom / Dimer objects."""
+    from stm_feedback.config import Settings
+    from stm_feedback.pipeline import Pipeline
+    from stm_feedback.server import encode_reply
+    from tests.test_pipeline_oracle import oracle_maps, simulate
+
+    f = simulate(3, 128, 0.1)
+    a = Pipeline(Settings()).analyze_maps(
+        f.image_nm, oracle_maps(f.image_nm, f.truth, f.bias_v), 0.1, f.bias_v
+    )
+    assert a.json_rows("atoms") and a.json_rows("dimers")  # not built yet, and not empty
+    lazy_payload = {"analysis": analysis_json(a)}
+    built = copy.copy(a)
+    assert len(built.atoms) == len(lazy_payload["analysis"]["atoms"]) and built.json_rows("atoms") is None
+    built.dimers  # noqa: B018
+    built_payload = {"analysis": analysis_json(built)}
+    assert built_payload == lazy_payload == {"analysis": a.to_json_dict()}
+    lazy_frames = encode_reply(1, "analyze", lazy_payload, None, lambda: {"total": 1.0})
+    built_frames = encode_reply(1, "analyze", built_payload, None, lambda: {"total": 1.0})
+    assert [bytes(x) for x in lazy_frames] == [bytes(x) for x in built_frames]
