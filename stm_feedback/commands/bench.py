@@ -36,8 +36,11 @@ def register(app: typer.Typer) -> None:
             int, typer.Option(help="Simulate only this many distinct frames and cycle (0 = all distinct).")
         ] = 0,
         equivalence_frames: Annotated[
-            int, typer.Option(help="Frames per suite (realistic, hard) for the backend equivalence check.")
-        ] = 10,
+            int,
+            typer.Option(
+                help="Frames per suite (realistic, hard) for the backend equivalence check (30 = whole suites)."
+            ),
+        ] = 30,
         candidates: Annotated[
             bool, typer.Option(help="Also time candidate net widths/resolutions (random weights).")
         ] = False,
