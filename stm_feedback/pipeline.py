@@ -382,7 +382,10 @@ def postprocess_maps(
             m["protrusion_prob"], s, params.defect_threshold, params.min_defect_area_nm2
         ),
         "depression": pp.find_blobs(
-            m["depression_prob"], s, params.defect_threshold, params.min_defect_area_nm2
+            m["depression_prob"],
+            s,
+            params.defect_threshold if params.depression_threshold is None else params.depression_threshold,
+            params.min_defect_area_nm2,
         ),
     }
     kinds: list[str] = []

@@ -360,6 +360,7 @@ CALIB_SEED = 960_000  # calibration frames: training range, disjoint from caches
 CALIB_GRID: dict[str, tuple[float, ...]] = {
     "atom_threshold": (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5),
     "defect_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    "depression_threshold": (0.5, 0.6, 0.7, 0.8, 0.9),  # depressions alone (protrusions at defect_threshold)
     "step_threshold": (0.15, 0.2, 0.25, 0.3, 0.4, 0.5),
 }
 CALIB_PLATEAU = 0.01  # objective values this close to the best count as equally good
@@ -367,6 +368,7 @@ CALIB_PLATEAU = 0.01  # objective values this close to the best count as equally
 CALIB_OBJECTIVE: dict[str, tuple[str, ...]] = {
     "atom_threshold": ("atom_f1", "dimer_f1"),
     "defect_threshold": ("defect_f1",),
+    "depression_threshold": ("defect_f1",),
     "step_threshold": ("terrace_ari",),
 }
 
