@@ -54,11 +54,10 @@ class PostprocessParams:
     # recommends 0.8 (simulated objective 0.811 vs 0.805), but on the real tiles 0.8 drops 86 -> 65 defects
     # of tile 0007, visible bright protrusions among them (docs/real-data.md): missing a real adatom is worse
     defect_threshold: float = 0.7
-    # depressions alone (None = defect_threshold). `nets-calibrate` (training seeds, NN-2 s23): 0.805 / 0.811 /
-    # 0.825 at 0.7 / 0.8 / 0.9, but 0.9 drops realistic-suite defect F1 to 0.891 (dihydride recall 0.41);
-    # 0.8: realistic 0.916 -> 0.914, hard precision 0.735 -> 0.759 (baseline 0.745). Missed faint
-    # depressions still block sites through the planner's suspect-dimer rule (depression prob >= 0.2)
-    depression_threshold: float | None = 0.8
+    # depressions alone (None = defect_threshold). Measured with NN-2 s23 (session 3): 0.8 raises hard defect
+    # precision 0.735 -> 0.759 (baseline 0.745) but lowers defect F1 on every suite (clean 0.971 -> 0.954,
+    # realistic 0.916 -> 0.914, hard 0.699 -> 0.697), so it stays off; `nets-calibrate` sweeps it
+    depression_threshold: float | None = None
     min_defect_area_nm2: float = 0.05  # smaller blobs are noise
     feature_ring_nm: float = 1.2  # ring around a footprint for the local level (classify.defect_features)
     # local lattice fits (tiles of local_tile_nm, >= local_min_atoms atoms) validate the dimers of terraces
