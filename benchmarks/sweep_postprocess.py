@@ -1,0 +1,60 @@
+"""Score the networks on an evaluation suite for several values of one ``PostprocessParams`` field.
+
+    python benchmarks/sweep_postprocess.py SUITE N PARAM VALUE [VALUE ...]
+
+e.g. ``realistic 30 partner_min_prob -1 0.15 0.3`` or ``clean 20 drop_atoms_in_depressions false true``;
+weights from ``STM_FEEDBACK_MODELS__MODELS_DIR`` (default models/). Prints one JSON line of the suite metrics
+(atoms, dimers, defects, terraces, sites) per value. The suites are for reporting: choose defaults on
+training-range seeds (``stm-feedback nets-calibrate``) where possible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from stm_feedback import postprocess as pp
+from stm_feedback.config import load_settings
+from stm_feedback.evaluation import evaluate
+from stm_feedback.pipeline import Pipeline
+
+KEYS = ("atom_", "dimer_f1", "defect_", "terrace_ari", "site", "false_safe")
+
+
+def parse_value(field: dataclasses.Field, text: str) -> object:
+    """The command-line text as the field's type (bool: true/false; None: none)."""
+    if text.lower() == "none":
+        return None
+    if "bool" in str(field.type):
+        return text.lower() in ("1", "true", "yes", "on")
+    if "int" in str(field.type) and "float" not in str(field.type):
+        return int(text)
+    return float(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("suite")
+    ap.add_argument("n", type=int)
+    ap.add_argument("param")
+    ap.add_argument("values", nargs="+")
+    args = ap.parse_args()
+    fields = {f.name: f for f in dataclasses.fields(pp.PostprocessParams)}
+    if args.param not in fields:
+        ap.error(f"unknown PostprocessParams field {args.param!r}")
+    pipe = Pipeline(load_settings())
+
+    def analyze(image, pixel_size_nm, bias_v=None):  # noqa: ANN001, ANN202
+        return pipe.analyze(image, pixel_size_nm, bias_v=bias_v)
+
+    for text in args.values:
+        value = parse_value(fields[args.param], text)
+        pipe.params = pp.PostprocessParams(**{args.param: value})
+        m = evaluate(args.suite, analyze, "nets", args.n).metrics
+        row = {k: round(v, 4) for k, v in m.items() if k.startswith(KEYS)}
+        print(json.dumps({"suite": args.suite, args.param: value, **row}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
