@@ -36,6 +36,7 @@ from scipy.spatial import cKDTree
 from stm_feedback.config import PlannerSettings
 from stm_feedback.errors import InputError
 from stm_feedback.physics import DEFECT_CLASSES, ROW_SPACING_NM, SURFACE_LATTICE_NM
+from stm_feedback.preprocess import fast_median
 from stm_feedback.schema import Site
 
 HALF_PIXEL_DIAGONAL = math.sqrt(0.5)  # worst-case offset (px) of a point from its nearest pixel centre
@@ -365,8 +366,8 @@ def suspect_dimers(
             if sel.sum() < 10:  # too few dimers for a terrace reference
                 continue
             c = contrast[sel]
-            med = np.median(c)
-            mad = 1.4826 * np.median(np.abs(c - med))
+            med = c.dtype.type(fast_median(c))  # = np.median(c), bit for bit, at ~1/2 of its cost
+            mad = 1.4826 * c.dtype.type(fast_median(np.abs(c - med)))
             z[sel] = (med - c) / max(mad, 1e-6)
         flag = np.zeros(len(xy), bool)
         flag[np.flatnonzero(ok)] = z >= centre_z_min
@@ -471,7 +472,8 @@ def propose_sites(
         sub = xy_nm[idx]
         tree = cKDTree(sub)
         nxt = _neighbour(tree, sub, SURFACE_LATTICE_NM * u, settings.dimer_pitch_tol_nm)
-        acr = _neighbour(tree, sub, ROW_SPACING_NM * n, settings.dimer_pitch_tol_nm)
+        # the neighbours across the row only for patterns of several rows (the default 3x1 has one)
+        acr = _neighbour(tree, sub, ROW_SPACING_NM * n, settings.dimer_pitch_tol_nm) if r > 1 else None
         # chains: members[j] = local index of the j-th dimer along the row from each start
         chain = [np.arange(len(sub))]
         for _ in range(k - 1):

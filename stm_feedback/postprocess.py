@@ -17,6 +17,7 @@ from scipy.spatial import cKDTree
 from stm_feedback.classify import FEATURE_NAMES, row_aligned_patch
 from stm_feedback.errors import InputError
 from stm_feedback.physics import DIMER_ATOM_SEPARATION_NM, ROW_SPACING_NM, UNIT_CELL_AREA_NM2
+from stm_feedback.preprocess import fast_percentiles
 
 _CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.uint8)  # 4-neighbour structuring element
 
@@ -872,7 +873,7 @@ def blob_features(
             seg = _fallback_values(height_nm, main, blobs.slices[k], k + 1, ring_nm, s)
         level[k] = _median(seg)
         if not math.isfinite(atom_level[k]) or atom_level[k] - level[k] <= 1e-6:
-            atom_level[k] = float(np.percentile(seg, 90))
+            atom_level[k] = float(fast_percentiles(seg, (90.0,))[0])  # = np.percentile, ~5x cheaper
     corr = atom_level - level
     height_rel = np.where(corr > 1e-9, (z_centre - level) / np.where(corr > 1e-9, corr, 1.0), np.nan)
     # peak (signed by the footprint's mean) and fill relative to the level, as classify.defect_features
