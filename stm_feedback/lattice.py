@@ -58,20 +58,7 @@ def _row_coherence(angles_deg: np.ndarray, xy_nm: np.ndarray) -> np.ndarray:
     (``_grid_coherence``: ~1e-7 relative)."""
     a = np.deg2rad(np.asarray(angles_deg, float))
     n = np.stack([-np.sin(a), np.cos(a)], axis=1)  # (A, 2)
-    if len(a) <= _COHERENCE_BLOCK:
-        return _grid_coherence((xy_nm @ n.T) / ROW_SPACING_NM)
-    # the full search (360 angles x 300 atoms) in blocks of angles: each block's temporaries (~200 kB) stay
-    # in cache and in the malloc heap instead of fresh ~860 kB pages each (docs/performance.md, session 4);
-    # the values are identical, each angle's sums run down its own column
-    out = np.empty(len(a))
-    for b0 in range(0, len(a), _COHERENCE_BLOCK):
-        out[b0 : b0 + _COHERENCE_BLOCK] = _grid_coherence(
-            (xy_nm @ n[b0 : b0 + _COHERENCE_BLOCK].T) / ROW_SPACING_NM
-        )
-    return out
-
-
-_COHERENCE_BLOCK = 90  # angles per block in _row_coherence
+    return _grid_coherence((xy_nm @ n.T) / ROW_SPACING_NM)
 
 
 def _grid_coherence(cycles: np.ndarray, starts: np.ndarray | None = None) -> np.ndarray:
