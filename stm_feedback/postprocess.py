@@ -169,9 +169,13 @@ def close_step_gaps(
     piece that points into it.
     """
     s = pixel_size_nm
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(step.astype(np.uint8), connectivity=8)
-    diag_nm = np.hypot(stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]) * s
-    diag_nm[0] = 0.0  # background
+    # pieces and their bounding boxes: Wu labelling + find_objects (cv2.connectedComponentsWithStats spent
+    # ~0.55 of its ~0.8 ms per 256 x 256 frame on the statistics); the numbering does not matter below
+    lab, n = label_components(step, connectivity=8)
+    boxes = ndimage.find_objects(lab)
+    bw_px = np.array([0] + [sx.stop - sx.start for _, sx in boxes])
+    bh_px = np.array([0] + [sy.stop - sy.start for sy, _ in boxes])
+    diag_nm = np.hypot(bw_px, bh_px) * s  # [0] = background: 0
     cand = np.flatnonzero(diag_nm >= min_length_nm)
     if len(cand) == 0:
         return step
@@ -180,8 +184,9 @@ def close_step_gaps(
         tuple[int, np.ndarray, float, np.ndarray, np.ndarray]
     ] = []  # id, pixels (x, y), length, ends
     for k in cand.tolist():
-        x0, y0, bw, bh = (int(v) for v in stats[k, :4])
-        rr, cc = np.nonzero(lab[y0 : y0 + bh, x0 : x0 + bw] == k)
+        sy, sx = boxes[k - 1]
+        x0, y0 = sx.start, sy.start
+        rr, cc = np.nonzero(lab[sy, sx] == k)
         if len(rr) < 6:
             continue
         pts = np.stack([cc + x0, rr + y0], 1).astype(np.float64)
