@@ -82,7 +82,8 @@ class SimConfig:
 
     @staticmethod
     def preset(name: str) -> SimConfig:
-        """One of "clean", "realistic", "hard", "training", "defect_rich" (see docs/simulator.md)."""
+        """One of "clean", "realistic", "realistic_empty", "hard", "training", "defect_rich" (see
+        docs/simulator.md)."""
         if name not in PRESETS:
             raise InputError(f"unknown simulator preset {name!r}; choose one of {sorted(PRESETS)}")
         return replace(PRESETS[name], density_per_100nm2=dict(PRESETS[name].density_per_100nm2))
@@ -114,6 +115,9 @@ PRESETS: dict[str, SimConfig] = {
         p_unresolved=0.0,
     ),
     "realistic": SimConfig(name="realistic"),
+    # the realistic preset imaged in empty states only (positive bias: rows dark, defects keep their kind,
+    # charge halos flip): the real tiles in ../shared/data are empty-state frames
+    "realistic_empty": SimConfig(name="realistic_empty", p_empty_state=1.0),
     "hard": SimConfig(
         name="hard",
         n_steps=(2, 3),

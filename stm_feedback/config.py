@@ -59,6 +59,12 @@ class PlannerSettings(BaseModel):
     # frames whose quality check suspects a double tip get no sites and an empty safe mask (every feature is
     # imaged twice; hard suite: the last false-safe sites sat on such a frame, docs/analysis-schema.md)
     withhold_on_double_tip: bool = True
+    # empty-state frames (bias > 0, or polarity estimated "empty") get no sites and an empty safe mask: at
+    # positive bias a single dihydride is not resolved (hsi-physics.md: its empty-state contrast is unknown;
+    # in our simulator NN-2 finds 0 % of them and a row-aligned patch classifier ~40 % at 1 % false alarms),
+    # so a must-avoid defect cannot be ruled out (suite `empty`: 26 false-safe sites with this off,
+    # docs/analysis-schema.md); plan from a filled-state (negative bias) image
+    withhold_on_empty_state: bool = True
     # per-dimer evidence of a defect the nets did not report (planner.suspect_dimers): a detected dimer
     # with NN-2 depression probability >= suspect_depression_prob within suspect_radius_nm, or a dark row
     # centre line (robust z against its terrace's dimers >= suspect_centre_z), is must-avoid with

@@ -44,6 +44,9 @@ SUITES: dict[str, Suite] = {
     "clean": Suite("clean", "clean", 20, SUITE_SEED_BASE),
     "realistic": Suite("realistic", "realistic", 30, SUITE_SEED_BASE + 100_000),
     "hard": Suite("hard", "hard", 30, SUITE_SEED_BASE + 200_000),
+    # the realistic frames in empty states (issue 3 item 2: both polarities must work; the real tiles are
+    # empty-state): held to the realistic targets
+    "empty": Suite("empty", "realistic_empty", 30, SUITE_SEED_BASE + 300_000),
 }
 
 # issue 3 item 7: (metric key, comparison, threshold); angle target on the median error
@@ -67,6 +70,7 @@ TARGETS: dict[str, dict[str, tuple[str, float]]] = {
     },
     "clean": {"false_safe_sites": ("<=", 0.0)},
 }
+TARGETS["empty"] = dict(TARGETS["realistic"])
 
 # every metric shown in the table: key -> (label, higher is better)
 METRICS: dict[str, tuple[str, bool]] = {

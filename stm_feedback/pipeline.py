@@ -515,6 +515,12 @@ def postprocess_maps(
         # a double tip images every feature twice and writes unreliably: nothing on this frame is safe
         sites, safe_mask = [], np.zeros_like(safe_mask)
         quality.notes.append("double tip suspected: no sites proposed, safe mask empty (condition the tip)")
+    if ps.withhold_on_empty_state and maps.polarity == "empty" and (sites or safe_mask.any()):
+        sites, safe_mask = [], np.zeros_like(safe_mask)
+        quality.notes.append(
+            "empty-state frame: dihydrides are not resolved at positive bias, no sites proposed, safe mask "
+            "empty (plan from a filled-state image, or set planner.withhold_on_empty_state = false)"
+        )
     tm.lap("quality")
 
     # round in numpy, then build the dataclasses from flat lists of floats (Python round() per field cost

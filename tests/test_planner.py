@@ -449,3 +449,24 @@ def test_double_tip_frames_get_no_sites(withhold: bool, monkeypatch: pytest.Monk
         assert any("double tip" in n for n in a.quality.notes)
     else:
         assert len(a.sites) == len(normal.sites) and np.array_equal(a.safe_mask, normal.safe_mask)
+
+
+@pytest.mark.parametrize("withhold", [True, False])
+def test_empty_state_frames_get_no_sites(withhold: bool) -> None:
+    """Empty-state maps (bias > 0 or polarity estimated "empty") propose nothing and mark nothing safe unless
+    planner.withhold_on_empty_state is off: single dihydrides are not resolved at positive bias."""
+    from dataclasses import replace
+
+    f = simulate(1_000_310, 192, 0.1, "clean")
+    maps = oracle_maps(f.image_nm, f.truth, f.bias_v)
+    assert maps.polarity == "filled"
+    settings = Settings(planner=PlannerSettings(withhold_on_empty_state=withhold))
+    normal = Pipeline(settings).analyze_maps(f.image_nm, maps, 0.1, f.bias_v)
+    assert normal.sites and normal.safe_mask.any()
+    a = Pipeline(settings).analyze_maps(f.image_nm, replace(maps, polarity="empty"), 0.1, f.bias_v)
+    if withhold:
+        assert a.sites == [] and not a.safe_mask.any()
+        assert any("empty-state" in n for n in a.quality.notes)
+        assert len(a.atoms) == len(normal.atoms) and len(a.defects) == len(normal.defects)  # only the plan
+    else:
+        assert len(a.sites) == len(normal.sites) and np.array_equal(a.safe_mask, normal.safe_mask)

@@ -14,6 +14,7 @@ class SuiteName(str, Enum):
     clean = "clean"
     realistic = "realistic"
     hard = "hard"
+    empty = "empty"
 
 
 class MethodName(str, Enum):
@@ -29,7 +30,7 @@ def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     def evaluate_cmd(
         suite: Annotated[SuiteName, typer.Option(help="fixed seeded simulator suite")] = SuiteName.realistic,
-        n: Annotated[int, typer.Option(help="frames (0 = suite default: clean 20, realistic/hard 30)")] = 0,
+        n: Annotated[int, typer.Option(help="frames (0 = suite default: clean 20, others 30)")] = 0,
         method: Annotated[MethodName, typer.Option(help="what to score")] = MethodName.both,
         json_out: Annotated[
             Path | None, typer.Option("--json", help="write all metrics and per-frame scores here")
