@@ -17,6 +17,7 @@ from stm_feedback.errors import InputError, ModelError
 from stm_feedback.evaluation import (
     SUITE_SEED_BASE,
     SUITES,
+    TARGETS,
     EvalFrame,
     aggregate,
     evaluate_frames,
@@ -24,6 +25,7 @@ from stm_feedback.evaluation import (
     nets_analyzer,
     oracle_analysis,
     passes,
+    suite_frames,
 )
 from stm_feedback.metrics import score_frame
 from tests.synthetic_frames import render
@@ -44,6 +46,15 @@ def test_suites_use_unseen_seeds() -> None:
     assert all(s.first_seed >= SUITE_SEED_BASE >= 1_000_000 for s in SUITES.values())
     ranges = sorted((s.first_seed, s.first_seed + s.n_frames) for s in SUITES.values())
     assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:], strict=False))  # no overlapping seeds
+
+
+def test_empty_suite_is_the_realistic_preset_at_positive_bias() -> None:
+    """Suite "empty": the realistic frames imaged in empty states (rows dark); "realistic" is filled-state."""
+    empty = list(suite_frames("empty", 2))
+    real = list(suite_frames("realistic", 2))
+    assert all(f.bias_v > 0 and f.truth.params["preset"] == "realistic_empty" for f in empty)
+    assert all(f.bias_v < 0 and f.truth.params["preset"] == "realistic" for f in real)
+    assert TARGETS["empty"] == TARGETS["realistic"]
 
 
 def test_oracle_scores_one(frames) -> None:
