@@ -60,6 +60,10 @@ class TrainConfig:
     sim_presets: tuple[str, ...] = ("training",)  # frame i of the cache uses sim_presets[i % len]
     p_axis_rows: float = 0.0  # fraction of cache frames rotated: rows along x or y (make_sample)
     defect_class_weights: tuple[float, float, float] = DEFECT_CLASS_WEIGHTS  # defects: background/prot/depr
+    # knowledge distillation (issue 6: a cheaper net learning from the shipped one): the models dir of a
+    # teacher of the same net, and the weight of the loss against its outputs (added to the truth loss)
+    teacher_from: Path | None = None
+    teacher_weight: float = 1.0
 
 
 # Frame pixel sizes drawn for the cache. Atoms: the two atoms of a dimer (0.24 nm) are unresolvable in frames
@@ -216,6 +220,17 @@ def loss_fn(
     return F.binary_cross_entropy_with_logits(logits, target, weight=weight)
 
 
+def distill_loss(spec: NetSpec, logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Loss of the student's logits against a teacher's on the same batch: BCE against the teacher's
+    probabilities (terraces, atoms; weighted like ``loss_fn`` by 1 + 9 * p for atoms, whose peaks are a small
+    fraction of the pixels) or cross-entropy against its softmax (defects)."""
+    if spec.name == "defects":
+        return F.cross_entropy(logits, F.softmax(teacher_logits, dim=1))
+    p = torch.sigmoid(teacher_logits)
+    weight = 1.0 + (2.0 if spec.name == "terraces" else 9.0) * p
+    return F.binary_cross_entropy_with_logits(logits, p, weight=weight)
+
+
 def train(
     cfg: TrainConfig, out_dir: Path | None, cache: list[Sample] | None = None, progress: bool = True
 ) -> tuple[nn.Module, NetSpec, dict]:
@@ -244,6 +259,15 @@ def train(
         spec = replace(prev_spec, training={}, version="untrained")
         net = prev
     net = net.train().to(memory_format=torch.channels_last)  # ~2x faster convs on CPU
+    teacher = None
+    if cfg.teacher_from is not None:
+        teacher, t_spec = load_model(Path(cfg.teacher_from), cfg.net)
+        if (t_spec.pixel_size_nm, t_spec.highpass_sigma_nm) != (spec.pixel_size_nm, spec.highpass_sigma_nm):
+            raise InputError(
+                f"teacher {t_spec.version} sees its input at {t_spec.pixel_size_nm} nm/px, high-pass "
+                f"{t_spec.highpass_sigma_nm} nm; student {spec.pixel_size_nm}, {spec.highpass_sigma_nm}"
+            )
+        teacher = teacher.eval().to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     aug = AUGMENT[cfg.net]
@@ -251,9 +275,13 @@ def train(
     bar = tqdm(range(cfg.steps), desc=f"training {cfg.net}", disable=not progress)
     for _ in bar:
         x, y = make_batch(cache, spec, cfg, rng, aug)
-        loss = loss_fn(
-            spec, net(x.contiguous(memory_format=torch.channels_last)), y, cfg.defect_class_weights
-        )
+        x = x.contiguous(memory_format=torch.channels_last)
+        logits = net(x)
+        loss = loss_fn(spec, logits, y, cfg.defect_class_weights)
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(x)
+            loss = loss + cfg.teacher_weight * distill_loss(spec, logits, t_logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -272,6 +300,8 @@ def train(
         "lr": cfg.lr,
         "n_frames": cfg.n_frames,
         "init_from": None if cfg.init_from is None else str(cfg.init_from),
+        "teacher_from": None if cfg.teacher_from is None else str(cfg.teacher_from),
+        "teacher_weight": cfg.teacher_weight if cfg.teacher_from is not None else None,
         "frame_seeds": [seeds.start, seeds.stop],
         "simulator_preset": ",".join(cfg.sim_presets),
         "p_axis_rows": cfg.p_axis_rows,

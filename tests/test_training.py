@@ -132,3 +132,47 @@ def test_cache_frames_use_the_requested_pixel_size_range(monkeypatch: pytest.Mon
         TrainConfig("atoms", crop_px=32, n_frames=3, workers=1, pixel_size_range_nm=(0.12, 0.13)), spec
     )
     assert len(seen) == 3 and all(0.12 <= v <= 0.13 for v in seen)
+
+
+@pytest.mark.parametrize("net", ["atoms", "defects"])
+def test_distill_loss_is_stationary_at_the_teacher(net: str) -> None:
+    """Distillation pulls the student's logits to the teacher's: zero gradient there, not elsewhere."""
+    from stm_feedback.nets import spec_preset
+    from stm_feedback.training import distill_loss
+
+    spec = spec_preset(net)
+    gen = torch.Generator().manual_seed(0)
+    c = 3 if net == "defects" else 1
+    t = torch.randn(2, c, 8, 8, generator=gen)
+    at = t.clone().requires_grad_(True)
+    distill_loss(spec, at, t).backward()
+    assert float(at.grad.abs().max()) < 1e-6
+    off = (t + torch.randn(t.shape, generator=gen)).requires_grad_(True)  # not a constant: softmax ignores it
+    distill_loss(spec, off, t).backward()
+    assert float(off.grad.abs().max()) > 1e-3
+
+
+def test_training_with_a_teacher_smoke(tmp_path: Path) -> None:
+    """A narrower atom net distilled from a (tiny, just trained) teacher: runs, saves, records the teacher."""
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    train(
+        TrainConfig("atoms", steps=2, batch=2, crop_px=32, n_frames=2, workers=1, seed=4),
+        teacher_dir,
+        progress=False,
+    )
+    cfg = TrainConfig(
+        "atoms",
+        steps=2,
+        batch=2,
+        crop_px=32,
+        n_frames=2,
+        workers=1,
+        seed=5,
+        widths=(8, 16, 32, 32),
+        teacher_from=teacher_dir,
+        teacher_weight=0.5,
+    )
+    _, spec, summary = train(cfg, student_dir, progress=False)
+    assert np.isfinite(summary["final_loss"])
+    assert summary["teacher_from"] == str(teacher_dir) and summary["teacher_weight"] == 0.5
+    assert tuple(load_model(student_dir, "atoms")[1].widths) == (8, 16, 32, 32)

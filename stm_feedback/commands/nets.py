@@ -114,6 +114,11 @@ def register(app: typer.Typer) -> None:
             int, typer.Option(help="override the U-Net space-to-depth stem factor 1|2|4 (0 = preset)")
         ] = 0,
         init: Annotated[Path | None, typer.Option(help="start from the weights in this models dir")] = None,
+        teacher: Annotated[
+            Path | None,
+            typer.Option(help="distil from this models dir's net of the same name (e.g. a cheaper student)"),
+        ] = None,
+        teacher_weight: Annotated[float, typer.Option(help="weight of the loss against the teacher")] = 1.0,
         sim_presets: Annotated[
             str, typer.Option(help="simulator presets mixed in the cache, e.g. training,realistic")
         ] = "training",
@@ -125,9 +130,7 @@ def register(app: typer.Typer) -> None:
         ] = "1,4,8",
         frame_pixel_size: Annotated[
             str,
-            typer.Option(
-                help="pixel-size range 'LO,HI' (nm) of the cache frames ('' = the net's default)"
-            ),
+            typer.Option(help="pixel-size range 'LO,HI' (nm) of the cache frames ('' = the net's default)"),
         ] = "",
         check: Annotated[
             bool, typer.Option(help="atoms only: F1 self-check on held-out frames afterwards")
@@ -154,6 +157,8 @@ def register(app: typer.Typer) -> None:
             convs_per_level=convs or None,
             stem=stem or None,
             init_from=init,
+            teacher_from=teacher,
+            teacher_weight=teacher_weight,
             sim_presets=tuple(p.strip() for p in sim_presets.split(",") if p.strip()),
             p_axis_rows=p_axis_rows,
             defect_class_weights=_class_weights(class_weights),
