@@ -7,7 +7,8 @@ analysing thread is the steadier number for A/B comparisons of the post-processi
    run the networks once and pickle the maps (the nets are not part of what is compared).
 2. ``run``: ``Pipeline.analyze_maps`` on every cached frame, ``--repeats`` times after the heap is frozen
    (as the bench and the daemon do), with the pipeline's stage timer counting this thread's CPU time;
-   prints p50 / p95 / p99 per stage and of the post-processing without the planner, and pickles the stage
+   prints p50 / p95 / p99 per stage and of the post-processing without the planner (``--clock wall``: wall
+   time instead, which includes OpenCV's worker threads and any wait for a core), and pickles the stage
    samples and the first repeat's outputs (JSON dict without timings, terrace labels, safe mask, features).
 3. ``compare A B``: the largest difference between the outputs of two ``run`` pickles.
 
@@ -45,8 +46,9 @@ def make(maps_path: str, n: int) -> None:
         pickle.dump(frames, fh)
 
 
-def run(maps_path: str, out_path: str, repeats: int, preset: str | None) -> None:
-    time.perf_counter = time.thread_time  # the pipeline's stage timer now counts this thread's CPU time
+def run(maps_path: str, out_path: str, repeats: int, preset: str | None, clock: str = "thread") -> None:
+    if clock == "thread":  # the pipeline's stage timer now counts this thread's CPU time
+        time.perf_counter = time.thread_time  # (OpenCV's worker threads, e.g. of distanceTransform, not)
     from stm_feedback.maps import NetworkMaps
     from stm_feedback.pipeline import Pipeline
     from stm_feedback.server import freeze_heap
@@ -75,9 +77,10 @@ def run(maps_path: str, out_path: str, repeats: int, preset: str | None) -> None
     stages["total-planner"] = list(np.subtract(stages["total"], stages["planner"]))
     with open(out_path, "wb") as fh:
         pickle.dump({"stages": stages, "outputs": outputs}, fh)
+    unit = "CPU" if clock == "thread" else "wall"
     for k, v in stages.items():
         p50, p95, p99 = np.percentile(v, [50, 95, 99])
-        print(f"{k:14s} p50 {p50:7.2f}  p95 {p95:7.2f}  p99 {p99:7.2f} ms CPU")
+        print(f"{k:14s} p50 {p50:7.2f}  p95 {p95:7.2f}  p99 {p99:7.2f} ms {unit}")
 
 
 def compare(a_path: str, b_path: str) -> None:
@@ -134,6 +137,9 @@ def main() -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--repeats", type=int, default=2)
     r.add_argument("--preset", default="realistic", help="realistic | hard | '' for all")
+    r.add_argument(
+        "--clock", default="thread", choices=["thread", "wall"], help="stage timer: thread CPU or wall"
+    )
     c = sub.add_parser("compare")
     c.add_argument("a")
     c.add_argument("b")
@@ -141,7 +147,7 @@ def main() -> None:
     if args.cmd == "make":
         make(args.maps, args.frames)
     elif args.cmd == "run":
-        run(args.maps, args.out, args.repeats, args.preset or None)
+        run(args.maps, args.out, args.repeats, args.preset or None, args.clock)
     else:
         compare(args.a, args.b)
 

@@ -36,6 +36,7 @@ from scipy.spatial import cKDTree
 from stm_feedback.config import PlannerSettings
 from stm_feedback.errors import InputError
 from stm_feedback.physics import DEFECT_CLASSES, ROW_SPACING_NM, SURFACE_LATTICE_NM
+from stm_feedback.preprocess import fast_median
 from stm_feedback.schema import Site
 
 HALF_PIXEL_DIAGONAL = math.sqrt(0.5)  # worst-case offset (px) of a point from its nearest pixel centre
@@ -327,13 +328,14 @@ def suspect_dimers(
     rows = np.clip(np.rint(xy[:, 1]).astype(np.int64), 0, h - 1)
     if depression_prob_min >= 0:
         r = max(0, int(math.floor(radius_nm / pixel_size_nm)))
-        dy, dx = np.nonzero(cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
-        # max over the disk's pixels around each dimer's pixel (clipped to the frame): a dilation, at the
-        # dimers only
-        rr = np.clip(rows[:, None] + (dy - r)[None, :], 0, h - 1)
-        cc = np.clip(cols[:, None] + (dx - r)[None, :], 0, w - 1)
-        vals = np.take(np.ascontiguousarray(depression_prob).reshape(-1), rr * w + cc)  # flat: ~5x faster
-        out |= vals.max(axis=1) >= depression_prob_min
+        disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+        # max over the disk's pixels around each dimer's pixel (in the frame): one dilation of the map, read
+        # at the dimers (cheaper than gathering the disk at ~1000 dimers; max is exact either way)
+        dep = np.ascontiguousarray(depression_prob)
+        if dep.dtype not in (np.float32, np.float64):  # dtypes cv2.dilate takes; ints stay exact in float64
+            dep = dep.astype(np.float64)
+        grown = cv2.dilate(dep, disk)
+        out |= grown[rows, cols] >= depression_prob_min
     ang = np.asarray(dimer_angle_deg, float).reshape(-1)
     ter = np.asarray(dimer_terrace, np.int64).reshape(-1)
     ok = np.isfinite(ang)
@@ -365,8 +367,8 @@ def suspect_dimers(
             if sel.sum() < 10:  # too few dimers for a terrace reference
                 continue
             c = contrast[sel]
-            med = np.median(c)
-            mad = 1.4826 * np.median(np.abs(c - med))
+            med = c.dtype.type(fast_median(c))  # = np.median(c), bit for bit, at ~1/2 of its cost
+            mad = 1.4826 * c.dtype.type(fast_median(np.abs(c - med)))
             z[sel] = (med - c) / max(mad, 1e-6)
         flag = np.zeros(len(xy), bool)
         flag[np.flatnonzero(ok)] = z >= centre_z_min
@@ -401,7 +403,9 @@ def orientation_band(
     if not other.any() or other.all():
         return out
     s = pixel_size_nm
-    d, _ = cKDTree(xy[other] * s).query(xy[~other] * s, k=1, distance_upper_bound=2.0 * reach_nm)
+    # only whether any pair is that close counts, so the cheaper unbalanced tree build (same distances)
+    tree = cKDTree(xy[other] * s, balanced_tree=False, compact_nodes=False)
+    d, _ = tree.query(xy[~other] * s, k=1, distance_upper_bound=2.0 * reach_nm)
     if not np.isfinite(d).any():  # no two dimers of different orientation within 2 reach: no band
         return out
     # on a grid coarsened by f (block max), widened by the block's half diagonal: a superset of the exact
@@ -471,7 +475,8 @@ def propose_sites(
         sub = xy_nm[idx]
         tree = cKDTree(sub)
         nxt = _neighbour(tree, sub, SURFACE_LATTICE_NM * u, settings.dimer_pitch_tol_nm)
-        acr = _neighbour(tree, sub, ROW_SPACING_NM * n, settings.dimer_pitch_tol_nm)
+        # the neighbours across the row only for patterns of several rows (the default 3x1 has one)
+        acr = _neighbour(tree, sub, ROW_SPACING_NM * n, settings.dimer_pitch_tol_nm) if r > 1 else None
         # chains: members[j] = local index of the j-th dimer along the row from each start
         chain = [np.arange(len(sub))]
         for _ in range(k - 1):

@@ -17,6 +17,7 @@ from scipy.spatial import cKDTree
 from stm_feedback.classify import FEATURE_NAMES, row_aligned_patch
 from stm_feedback.errors import InputError
 from stm_feedback.physics import DIMER_ATOM_SEPARATION_NM, ROW_SPACING_NM, UNIT_CELL_AREA_NM2
+from stm_feedback.preprocess import fast_percentiles
 
 _CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.uint8)  # 4-neighbour structuring element
 
@@ -168,9 +169,13 @@ def close_step_gaps(
     piece that points into it.
     """
     s = pixel_size_nm
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(step.astype(np.uint8), connectivity=8)
-    diag_nm = np.hypot(stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]) * s
-    diag_nm[0] = 0.0  # background
+    # pieces and their bounding boxes: Wu labelling + find_objects (cv2.connectedComponentsWithStats spent
+    # ~0.55 of its ~0.8 ms per 256 x 256 frame on the statistics); the numbering does not matter below
+    lab, n = label_components(step, connectivity=8)
+    boxes = ndimage.find_objects(lab)
+    bw_px = np.array([0] + [sx.stop - sx.start for _, sx in boxes])
+    bh_px = np.array([0] + [sy.stop - sy.start for sy, _ in boxes])
+    diag_nm = np.hypot(bw_px, bh_px) * s  # [0] = background: 0
     cand = np.flatnonzero(diag_nm >= min_length_nm)
     if len(cand) == 0:
         return step
@@ -179,8 +184,9 @@ def close_step_gaps(
         tuple[int, np.ndarray, float, np.ndarray, np.ndarray]
     ] = []  # id, pixels (x, y), length, ends
     for k in cand.tolist():
-        x0, y0, bw, bh = (int(v) for v in stats[k, :4])
-        rr, cc = np.nonzero(lab[y0 : y0 + bh, x0 : x0 + bw] == k)
+        sy, sx = boxes[k - 1]
+        x0, y0 = sx.start, sy.start
+        rr, cc = np.nonzero(lab[sy, sx] == k)
         if len(rr) < 6:
             continue
         pts = np.stack([cc + x0, rr + y0], 1).astype(np.float64)
@@ -872,7 +878,7 @@ def blob_features(
             seg = _fallback_values(height_nm, main, blobs.slices[k], k + 1, ring_nm, s)
         level[k] = _median(seg)
         if not math.isfinite(atom_level[k]) or atom_level[k] - level[k] <= 1e-6:
-            atom_level[k] = float(np.percentile(seg, 90))
+            atom_level[k] = float(fast_percentiles(seg, (90.0,))[0])  # = np.percentile, ~5x cheaper
     corr = atom_level - level
     height_rel = np.where(corr > 1e-9, (z_centre - level) / np.where(corr > 1e-9, corr, 1.0), np.nan)
     # peak (signed by the footprint's mean) and fill relative to the level, as classify.defect_features

@@ -6,6 +6,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from stm_feedback.errors import InputError
+from stm_feedback.preprocess import fast_median
 from stm_feedback.schema import Quality
 
 RESOLVED_MIN_FRACTION = 0.5  # atomically resolved when at least this fraction of the terrace area has atoms
@@ -32,10 +33,16 @@ def _row_median(a: np.ndarray) -> np.ndarray:
     return np.partition(a, k, axis=1)[:, k]
 
 
+def _median(v: np.ndarray) -> np.generic:
+    """np.median of a finite 1-D array, bit for bit and as a scalar of the array's dtype (so float32
+    arithmetic after it stays float32), at ~1/2 of its per-call cost on these few hundred values."""
+    return v.dtype.type(fast_median(v))
+
+
 def _robust_z(v: np.ndarray) -> np.ndarray:
     """(v - median) / (1.4826 MAD) of a 1-D array."""
-    c = np.median(v)
-    return (v - c) / (1.4826 * np.median(np.abs(v - c)) + 1e-12)
+    c = _median(v)
+    return (v - c) / (1.4826 * _median(np.abs(v - c)) + 1e-12)
 
 
 def _line_scores(
@@ -56,7 +63,7 @@ def _line_scores(
     streak[1:-1] = _robust_z(_row_median(np.abs(r)))  # typical wander of line i about its neighbours
     # level profile m from robust line-to-line offsets
     dm = _row_median(zb[1:] - zb[:-1]).astype(np.float64)
-    m = np.concatenate([[0.0], np.cumsum(dm - np.median(dm))])
+    m = np.concatenate([[0.0], np.cumsum(dm - _median(dm))])
     ww = max(2, int(round(window_nm / pixel_size_nm)))
     jump = np.zeros(h)
     i = np.arange(ww, h - _JUMP_GAP - ww + 1)
@@ -65,8 +72,8 @@ def _line_scores(
         jump[i] = med[i + _JUMP_GAP] - med[i - ww]  # after the transition lines minus before the line
         core = jump[i]
         dd = np.diff(m)
-        line_sigma = 1.4826 * np.median(np.abs(dd - np.median(dd)))
-        sigma = max(1.4826 * np.median(np.abs(core - np.median(core))), 1.77 * line_sigma / np.sqrt(ww))
+        line_sigma = 1.4826 * _median(np.abs(dd - _median(dd)))
+        sigma = max(1.4826 * _median(np.abs(core - _median(core))), 1.77 * line_sigma / np.sqrt(ww))
         jump /= sigma + 1e-12
     return streak, jump, ww
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+import cv2
 import numpy as np
 import pytest
 
@@ -192,6 +193,35 @@ def test_suspect_dimers_many_dimers_same_as_in_parts() -> None:
     )
     np.testing.assert_array_equal(full, parts)
     assert 0 < full.sum() < len(full)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_suspect_depression_evidence_is_the_disk_max_at_each_dimer(dtype: type) -> None:
+    """The depression test (one dilation of the map, read at the dimers) flags exactly the dimers whose
+    disk (OpenCV's ellipse of radius floor(radius_nm / s) px) around their nearest pixel (clipped to the
+    frame) reaches the threshold somewhere in the frame, computed here by brute force; dimers on and beyond
+    the frame edge included."""
+    rng = np.random.default_rng(5)
+    s, h, w = 0.1, 60, 80
+    dep = (rng.random((h, w)) ** 6).astype(dtype)
+    xy = np.concatenate([rng.uniform(-3, w + 2, (400, 2)) * [1, h / w], [[0, 0], [w - 1, h - 1], [-2, 30]]])
+    ang = np.full(len(xy), np.nan)  # no row angle: only the depression test runs
+    ter = np.zeros(len(xy), int)
+    r = int(np.floor(0.25 / s))
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)).astype(bool)
+    for thr in (0.3, 0.6, 0.9):
+        got = suspect_dimers(xy, ang, ter, np.zeros((h, w), np.float32), dep, s, thr, 0.25, -1.0)
+        cols = np.clip(np.rint(xy[:, 0]).astype(int), 0, w - 1)
+        rows = np.clip(np.rint(xy[:, 1]).astype(int), 0, h - 1)
+        expect = np.zeros(len(xy), bool)
+        for i, (cy, cx) in enumerate(zip(rows, cols, strict=True)):
+            for dy in range(-r, r + 1):
+                for dx in range(-r, r + 1):
+                    inside = 0 <= cy + dy < h and 0 <= cx + dx < w
+                    if inside and disk[dy + r, dx + r] and dep[cy + dy, cx + dx] >= thr:
+                        expect[i] = True
+        np.testing.assert_array_equal(got, expect)
+        assert 0 < got.sum() < len(got)
 
 
 def test_clearance_safe_equals_every_rule_thresholded() -> None:

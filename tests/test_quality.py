@@ -165,3 +165,18 @@ if __name__ == "__main__":  # measurement for docs/analysis-schema.md
         res["double_true_pos"] += double and q.double_tip_suspected
         res["double_false_pos"] += (not double) and q.double_tip_suspected
     print(res)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_median_helper_is_np_median_with_its_dtype(dtype: type) -> None:
+    """quality._median (fast_median) gives np.median's value and scalar type, so the float32 robust
+    z-scores after it are computed in float32 exactly as before; sizes odd and even, ties included."""
+    from stm_feedback.quality import _median
+
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 3, 10, 253, 254, 5000):
+        for v in (rng.normal(size=n), rng.integers(0, 3, n) * 0.5):
+            v = v.astype(dtype)
+            got, want = _median(v), np.median(v)
+            assert got == want and type(got) is type(want)
+            assert type(1.4826 * got) is type(1.4826 * want)
