@@ -342,6 +342,7 @@ class Server:
         self._inproc = f"inproc://stm-feedback-replies-{next(_ids)}"
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._inflight = 0  # touched by the I/O thread only
+        self._replies_since_gc = 0  # worker replies forwarded since the last collection (I/O thread only)
         self._instruments: dict[str, InstrumentState] = {}
         self._state_lock = threading.Lock()
         self._models = describe_models(analyzer)
@@ -509,7 +510,24 @@ class Server:
         self._send(
             router, frames[1 : 1 + n_env], frames[1 + n_env :], meta.get("code"), meta.get("timings", {})
         )
+        del frames  # sent (ZeroMQ holds its own reference to the buffers): collectable below
+        self._collect_after_reply()
         return True
+
+    def _collect_after_reply(self) -> None:
+        """The garbage-collection policy (``gc_every_frames`` > 0): one full collection after a worker's
+        reply has been handed to the ROUTER socket, when no analysis is queued or running, or at the latest
+        every ``gc_every_frames`` replies. Runs on the I/O thread, after the send: a collection holds the
+        GIL, so in the worker (before) it delayed the forwarding of the reply it followed. With the heap
+        frozen after warm-up a full collection is the objects of the last frames only (speed4 section of
+        docs/performance.md)."""
+        every = self.settings.gc_every_frames
+        if every <= 0:
+            return
+        self._replies_since_gc += 1
+        if self._replies_since_gc >= every or self._inflight == 0:
+            gc.collect()
+            self._replies_since_gc = 0
 
     def _send(
         self,
@@ -638,8 +656,6 @@ class Server:
         push = self._ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 1000)
         push.connect(self._inproc)
-        every = self.settings.gc_every_frames
-        since_gc = 0
         try:
             while True:
                 job = self._jobs.get()
@@ -648,13 +664,9 @@ class Server:
                 body, code, timings = self._run_job(job)
                 meta = packb({"n_env": len(job.envelope), "code": code, "timings": timings})
                 push.send_multipart([meta, *job.envelope, *body], copy=False)
-                del job, body  # the reply is sent: let the collection below free it
-                since_gc += 1
-                if every > 0 and (since_gc >= every or self._jobs.empty()):
-                    # after the reply, not during an analysis: with the heap frozen after warm-up a full
-                    # collection is the objects of the last frames only (docs/performance.md, speed4)
-                    gc.collect()
-                    since_gc = 0
+                # no collection here: it holds the GIL, and the I/O thread needs the GIL to forward this
+                # reply (the collection was on the round trip, ~2 ms; the I/O thread collects after sending)
+                del job, body
         finally:
             push.close()
 

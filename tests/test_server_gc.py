@@ -4,6 +4,7 @@ collection after a reply when idle or every ``gc_every_frames`` frames, restored
 from __future__ import annotations
 
 import gc
+import threading
 
 import numpy as np
 from test_server_doubles import DeterministicTestAnalyzer
@@ -72,3 +73,37 @@ def test_two_servers_restore_only_after_the_last_stops() -> None:
     assert not gc.isenabled()
     b.stop()
     assert gc.isenabled()
+
+
+def test_collections_run_after_the_reply_is_sent_on_the_io_thread() -> None:
+    """The collection holds the GIL: in the worker it delayed the I/O thread's forwarding of the reply it
+    followed. It now runs on the I/O thread, after the ROUTER send (stats count the reply before it)."""
+    srv = Server(
+        DeterministicTestAnalyzer(), ServerSettings(warmup_px=0, gc_every_frames=1), bind="tcp://127.0.0.1:*"
+    ).start()
+    seen: list[tuple[str, int]] = []  # (thread, replies counted) at the start of each collection
+
+    def cb(phase: str, info: dict) -> None:
+        if phase == "start":
+            seen.append((threading.current_thread().name, srv.stats.replies))
+
+    try:
+        img = np.zeros((32, 32), np.float32)
+        with Client(srv.endpoint, timeout_ms=5000, retries=0) as c:
+            c.analyze(img, 0.1, bias_v=-2.0)
+            gc.callbacks.append(cb)
+            try:
+                replies = [srv.stats.replies]
+                for _ in range(4):
+                    c.analyze(img, 0.1, bias_v=-2.0)
+                    replies.append(srv.stats.replies)
+                c.health()  # the I/O thread answers this after it finished the last collection
+            finally:
+                gc.callbacks.remove(cb)
+    finally:
+        srv.stop()
+    assert len(seen) >= 4  # gc_every_frames=1: one after each analyze reply
+    assert {name for name, _ in seen} == {"stm-feedback-io"}
+    # each collection starts after the reply it follows was counted (and sent): never between two frames'
+    # reply counts from the worker side, i.e. every recorded count is one the client saw after a reply
+    assert {n for _, n in seen} <= set(replies)
