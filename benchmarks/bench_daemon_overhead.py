@@ -4,14 +4,14 @@ Two parts, both on 256 x 256 realistic simulator frames (seeds 2 000 000+), with
 PYTHONPATH:
 
 ``pieces``: the reply path's pieces timed in this process on real analyses (the shipped models run once per
-frame): ``analysis_json`` (JSON-compatible payload), ``encode_reply`` (msgpack of the header), the client's
-``parse_reply`` (msgpack decode + array specs) and ``client._analysis`` (the ``Analysis`` the caller gets),
-and the cost of reading ``.atoms`` / ``.dimers`` afterwards. Median and min over ``--repeats`` per frame,
-then the median over frames (ms), and the reply size.
+frame): the reply payload (``analysis_json`` on main, ``pack_analysis`` where it exists), ``encode_reply``
+(msgpack of the header), the client's ``parse_reply`` (msgpack decode + array specs) and
+``client._analysis`` (the ``Analysis`` the caller gets), and the cost of reading ``.atoms`` / ``.dimers``
+afterwards. Median and min over ``--repeats`` per frame, then the median over frames (ms); reply size.
 
-``roundtrip``: ``stm-feedback serve`` as a subprocess on 127.0.0.1 (as ``stm_feedback.benchmark.bench_daemon``)
-and a client loop that times, per request: building the request, ``send_multipart``, waiting for the reply
-(send done -> poll returns), ``recv_multipart``, ``parse_reply``, ``client._analysis``; the server's own
+``roundtrip``: ``stm-feedback serve`` as a subprocess on 127.0.0.1 (as ``benchmark.bench_daemon``) and a
+client loop that times, per request: building the request, ``send_multipart``, waiting for the reply (send
+done -> poll returns), ``recv_multipart``, ``parse_reply``, ``client._analysis``; the server's own
 ``timings_ms`` come with the reply. ``gap`` = (send start -> poll returns) - server ``total``: transport, the
 I/O thread's hand-offs and whatever holds the server's GIL between the worker's push and the ROUTER send.
 Also the plain ``Client.analyze`` wall time (what ``stm-feedback bench`` reports), alternating with the
@@ -50,14 +50,45 @@ def _timed(fn: Any, repeats: int) -> tuple[float, float, Any]:
     return statistics.median(ms), min(ms), out
 
 
+def _frame_pieces(analysis: Any, bias_v: float, repeats: int) -> tuple[dict[str, tuple], int]:
+    """The reply-path pieces of one analysis: {name: (median ms, min ms, last result)}, header bytes."""
+    import stm_feedback.client as client_mod
+    import stm_feedback.server as server_mod
+    from stm_feedback.protocol import parse_reply
+
+    # the tree's own reply payload: pack_analysis (msgpack bytes, this branch) or analysis_json (main)
+    payload_analysis = getattr(server_mod, "pack_analysis", server_mod.analysis_json)
+    meta = {"pixel_size_nm": 0.1, "scan_angle_deg": 0.0, "bias_v": bias_v, "setpoint_pa": None}
+    drift = {"frames": 1, "drift_px": None}
+
+    def encode() -> list[Any]:
+        payload = {"analysis": payload_analysis(analysis), "instrument_id": "s", "request_meta": meta}
+        payload["drift"] = drift
+        return server_mod.encode_reply("id-1", "analyze", payload, None, lambda: {"total": 1.0})
+
+    res = {
+        "server payload (analysis_json | pack_analysis)": _timed(lambda: payload_analysis(analysis), repeats),
+        "server payload + encode_reply": _timed(encode, repeats),
+    }
+    body = [bytes(b) for b in res["server payload + encode_reply"][2]]
+    res["client parse_reply"] = _timed(lambda: parse_reply(body), repeats)
+    header = res["client parse_reply"][2][0]
+    res["client _analysis"] = _timed(lambda: client_mod._analysis(header, {}), repeats)
+
+    def decode_and_read() -> Any:
+        a = client_mod._analysis(parse_reply(body)[0], {})
+        return len(a.atoms) + len(a.dimers)
+
+    res["client decode + read .atoms/.dimers"] = _timed(decode_and_read, repeats)
+    return res, len(body[0])
+
+
 def pieces(args: argparse.Namespace) -> dict[str, Any]:
     import gc
 
-    import stm_feedback.client as client_mod
     from stm_feedback.benchmark import simulated_frames
     from stm_feedback.config import Settings
-    from stm_feedback.protocol import parse_reply
-    from stm_feedback.server import analysis_json, encode_reply, freeze_heap, load_analyzer
+    from stm_feedback.server import freeze_heap, load_analyzer
 
     analyzer = load_analyzer(Settings())
     frames = simulated_frames(args.frames, 256, 2_000_000, preset="realistic")
@@ -67,40 +98,18 @@ def pieces(args: argparse.Namespace) -> dict[str, Any]:
     sizes = []
     for f in frames:
         analysis = analyzer.analyze(f.image_nm, f.pixel_size_nm, bias_v=f.bias_v, frame_id="x")
-        meta = {"pixel_size_nm": 0.1, "scan_angle_deg": 0.0, "bias_v": f.bias_v, "setpoint_pa": None}
-        drift = {"frames": 1, "drift_px": None}
-
-        def payload(a: Any = analysis) -> dict[str, Any]:
-            return {"analysis": analysis_json(a), "instrument_id": "s", "request_meta": meta, "drift": drift}
-
-        def encode(a: Any = analysis) -> list[Any]:
-            return encode_reply("id-1", "analyze", payload(a), None, lambda: {"total": 1.0})
-
         gc.collect()
         gc.disable()  # the daemon runs without automatic collection (collects between frames)
         try:
-            res = {
-                "server analysis_json": _timed(lambda: analysis_json(analysis), args.repeats),
-                "server analysis_json + encode_reply": _timed(encode, args.repeats),
-            }
-            body = [bytes(b) for b in res["server analysis_json + encode_reply"][2]]
-            sizes.append(len(body[0]))
-            res["client parse_reply"] = _timed(lambda: parse_reply(body), args.repeats)
-            header = res["client parse_reply"][2][0]
-            res["client _analysis"] = _timed(lambda: client_mod._analysis(header, {}), args.repeats)
-
-            def decode_and_read() -> Any:
-                a = client_mod._analysis(parse_reply(body)[0], {})
-                return len(a.atoms) + len(a.dimers)
-
-            res["client decode + read .atoms/.dimers"] = _timed(decode_and_read, args.repeats)
+            res, size = _frame_pieces(analysis, f.bias_v, args.repeats)
         finally:
             gc.enable()
+        sizes.append(size)
         for k, (med, mn, _) in res.items():
             rows.setdefault(k, []).append((med, mn))
         counts = (len(analysis.atoms), len(analysis.dimers), len(analysis.defects), len(analysis.sites))
-        print(f"frame: atoms/dimers/defects/sites {counts}, reply header {sizes[-1]} B", file=sys.stderr)
-    out = {
+        print(f"frame: atoms/dimers/defects/sites {counts}, reply header {size} B", file=sys.stderr)
+    out: dict[str, Any] = {
         k: {
             "median_ms": round(statistics.median(m for m, _ in v), 3),
             "min_ms": round(min(x for _, x in v), 3),

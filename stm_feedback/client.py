@@ -13,13 +13,14 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 import numpy as np
 import zmq
 
 from stm_feedback.errors import ServerError, ServerUnavailable
-from stm_feedback.protocol import build_request, parse_reply
+from stm_feedback.protocol import Rows, build_request, parse_reply
 from stm_feedback.schema import Analysis, Site
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
@@ -241,9 +242,23 @@ def _payload(header: dict[str, Any]) -> dict[str, Any]:
 
 
 def _analysis(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Analysis:
+    """The ``Analysis`` of a reply. When ``parse_reply`` read the atoms and dimers as columns (``Rows``),
+    their ``Atom`` / ``Dimer`` objects are built on first access (``Analysis.with_lazy_rows``, as the
+    in-process pipeline's): equal to ``Analysis.from_json_dict`` in every respect."""
     maps: dict[str, np.ndarray] = {}
     if "terrace_labels" in arrays:
         maps["terrace_labels"] = arrays["terrace_labels"].astype(np.int32, copy=False)
     if "safe_mask" in arrays:
         maps["safe_mask"] = arrays["safe_mask"].astype(bool)
-    return Analysis.from_json_dict(header["analysis"], maps)
+    d = header["analysis"]
+    atoms, dimers = d.get("atoms"), d.get("dimers")
+    if not (isinstance(atoms, Rows) and isinstance(dimers, Rows)):
+        d = {k: (v.as_list() if isinstance(v, Rows) else v) for k, v in d.items()}
+        return Analysis.from_json_dict(d, maps)
+    eager = Analysis.from_json_dict({**d, "atoms": [], "dimers": []}, maps)
+    rest = {
+        f.name: getattr(eager, f.name)
+        for f in dataclass_fields(Analysis)
+        if f.name not in ("atoms", "dimers")
+    }
+    return Analysis.with_lazy_rows(atoms=tuple(atoms.columns), dimers=tuple(dimers.columns), **rest)

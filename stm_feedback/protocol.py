@@ -8,9 +8,10 @@ Decoding is zero-copy (``numpy.frombuffer`` on the received frame); sizes are ch
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgpack
@@ -338,10 +339,12 @@ def build_error(
 
 
 def parse_reply(frames: Sequence[Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Client side: the reply header and its arrays (``safe_mask`` arrives as u1 0/1)."""
+    """Client side: the reply header and its arrays (``safe_mask`` arrives as u1 0/1). The header equals
+    ``msgpack.unpackb`` of the header frame; ``analysis.atoms`` / ``analysis.dimers`` may come back as
+    ``Rows`` (a read-only sequence equal to the list of row maps, see ``unpack_reply_header``)."""
     if not frames:
         raise ProtocolError("malformed_msgpack", "empty reply")
-    header = msgpack.unpackb(_buffer(frames[0]), raw=False, strict_map_key=False)
+    header = unpack_reply_header(_buffer(frames[0]))
     if not isinstance(header, dict):
         raise ProtocolError("malformed_msgpack", "reply header is not a map")
     arrays: dict[str, np.ndarray] = {}
@@ -351,3 +354,216 @@ def parse_reply(frames: Sequence[Any]) -> tuple[dict[str, Any], dict[str, np.nda
             raise ProtocolError("bad_array", f"reply array {spec.name!r} frame missing")
         arrays[spec.name] = decode_array(spec, frames[1 + spec.frame], max_px=2**62)
     return header, arrays
+
+
+# ------------------------------------------------------------------------------- rows of scalars, in bulk
+# A reply carries ~4000 atoms and ~2000 dimers, each a msgpack map of 4 scalars. Packing and unpacking
+# them one dict at a time was ~2-3 ms on each side of the socket (docs/performance.md, "Session 4 daemon
+# overhead"). When every row has the same msgpack layout (the keys in the same order, floats as float64,
+# integers in the one-byte fixint range -32..127) the rows are a fixed-size record, so numpy can write
+# and read all of them at once. The bytes are exactly those ``packb`` writes for the list of dicts
+# (msgpack uses the shortest encoding of each value, and Python floats are float64), so this is not a
+# change of the wire format: any msgpack decoder reads them, and any other layout falls back to the
+# one-by-one path.
+
+ROW_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {  # key, kind ("f" float64, "i" fixint)
+    "atoms": (("x_px", "f"), ("y_px", "f"), ("terrace", "i"), ("score", "f")),
+    "dimers": (("x_px", "f"), ("y_px", "f"), ("terrace", "i"), ("row", "i")),
+}
+_FIXINT_MIN, _FIXINT_MAX = -32, 127  # msgpack's one-byte integers: negative and positive fixint
+
+
+class Packed(bytes):
+    """msgpack bytes of one value, to be inserted as they are by ``pack_map`` (not packed as binary)."""
+
+
+def pack_map(d: dict[str, Any]) -> bytes:
+    """``packb(d)`` for a map whose values may be ``Packed`` (already msgpack bytes, inserted as-is)."""
+    parts = [msgpack.Packer().pack_map_header(len(d))]
+    for k, v in d.items():
+        parts.append(packb(k))
+        parts.append(v if isinstance(v, Packed) else packb(v))
+    return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=8)
+def _row_layout(fields: tuple[tuple[str, str], ...]) -> tuple[np.dtype, np.ndarray, tuple[str, ...]]:
+    """The record dtype of one msgpack row map with ``fields``, a 0-d template holding its constant bytes
+    (map header, keys, float type tags), and the names of those constant fields."""
+    names, formats, consts = ["map"], ["u1"], {"map": 0x80 | len(fields)}
+    for i, (key, kind) in enumerate(fields):
+        kb = key.encode()
+        if len(kb) > 31 or len(fields) > 15 or kind not in "fi":
+            raise ValueError(f"no fixed row layout for {fields}")
+        names.append(f"k{i}")
+        formats.append(f"S{len(kb) + 1}")
+        consts[f"k{i}"] = bytes([0xA0 | len(kb)]) + kb  # fixstr
+        if kind == "f":
+            names.append(f"t{i}")
+            formats.append("u1")
+            consts[f"t{i}"] = 0xCB  # float 64, big-endian
+            names.append(f"v{i}")
+            formats.append(">f8")
+        else:
+            names.append(f"v{i}")
+            formats.append("i1")  # fixint: the byte is the value as int8
+    dtype = np.dtype({"names": names, "formats": formats})  # no padding: itemsize = the map's bytes
+    template = np.zeros((), dtype)
+    for name, value in consts.items():
+        template[name] = value
+    return dtype, template, tuple(consts)
+
+
+def pack_rows(fields: tuple[tuple[str, str], ...], columns: Sequence[Sequence[Any]]) -> Packed | None:
+    """``packb([dict(zip(keys, row)) for row in zip(*columns)])``, byte for byte, written in one numpy
+    pass; None unless every "f" column holds only Python floats and every "i" column only Python ints in
+    -32..127 (then the caller packs the rows one by one)."""
+    if len(columns) != len(fields):
+        return None
+    n = len(columns[0]) if columns else 0
+    if any(len(c) != n for c in columns):
+        return None
+    if n == 0:
+        return Packed(packb([]))
+    dtype, template, _ = _row_layout(tuple(fields))
+    # n copies of the template row (constant bytes in place), then the values written column by column
+    out = np.frombuffer(bytearray(template.tobytes() * n), dtype)
+    for i, ((_key, kind), col) in enumerate(zip(fields, columns, strict=True)):
+        if set(map(type, col)) != ({float} if kind == "f" else {int}):  # bool, numpy scalars: no
+            return None
+        if kind == "f":
+            out[f"v{i}"] = np.array(col, np.float64)
+        else:
+            try:
+                a = np.array(col, np.int64)
+            except OverflowError:
+                return None
+            if a.min() < _FIXINT_MIN or a.max() > _FIXINT_MAX:
+                return None
+            out[f"v{i}"] = a
+    return Packed(msgpack.Packer().pack_array_header(n) + out.tobytes())
+
+
+def unpack_rows(buf: Any, offset: int, n: int, fields: tuple[tuple[str, str], ...]) -> list[list[Any]] | None:
+    """The columns (lists of Python floats / ints, in ``fields`` order) of ``n`` row maps that start at
+    byte ``offset`` of ``buf`` in the fixed layout ``pack_rows`` writes; None when the bytes are not in
+    that layout (the caller then unpacks them one by one)."""
+    dtype, template, consts = _row_layout(tuple(fields))
+    if n < 0 or offset + n * dtype.itemsize > _nbytes(buf):
+        return None
+    a = np.frombuffer(buf, dtype, count=n, offset=offset)
+    for name in consts:
+        if not (a[name] == template[name]).all():
+            return None
+    cols: list[list[Any]] = []
+    for i, (_key, kind) in enumerate(fields):
+        v = a[f"v{i}"]
+        if kind == "i":
+            if n and v.min() < _FIXINT_MIN:  # bytes 0x80-0xdf are other msgpack types, not fixints
+                return None
+            cols.append(v.tolist())
+        else:
+            cols.append(v.astype(np.float64).tolist())
+    return cols
+
+
+class Rows(Sequence):
+    """Row maps kept as columns: a read-only sequence equal to ``[dict(zip(keys, r)) for r in
+    zip(*columns)]`` (the list ``msgpack.unpackb`` gives); the dicts are built on first use."""
+
+    __slots__ = ("keys", "columns", "_list")
+
+    def __init__(self, keys: tuple[str, ...], columns: list[list[Any]]) -> None:
+        self.keys = keys
+        self.columns = columns
+        self._list: list[dict[str, Any]] | None = None
+
+    def as_list(self) -> list[dict[str, Any]]:
+        if self._list is None:
+            self._list = [dict(zip(self.keys, r, strict=True)) for r in zip(*self.columns, strict=True)]
+        return self._list
+
+    def __len__(self) -> int:
+        return len(self.columns[0]) if self.columns else 0
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.as_list()[i]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.as_list())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Rows):
+            return self.keys == other.keys and self.columns == other.columns
+        if isinstance(other, list):
+            return self.as_list() == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Rows({len(self)} x {self.keys})"
+
+
+class _Reader:
+    """A msgpack stream over one buffer that can jump forward (``seek``) past bytes read another way."""
+
+    def __init__(self, buf: Any) -> None:
+        self.buf = memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf
+        self.seek(0)
+
+    def seek(self, pos: int) -> None:
+        self.base = pos
+        self.up = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(1, len(self.buf)))
+        self.up.feed(self.buf[pos:])
+
+    def pos(self) -> int:
+        return self.base + self.up.tell()
+
+    def peek(self) -> int:
+        return self.buf[self.pos()]
+
+
+def _is_array_header(b: int) -> bool:
+    return 0x90 <= b <= 0x9F or b in (0xDC, 0xDD)
+
+
+def _is_map_header(b: int) -> bool:
+    return 0x80 <= b <= 0x8F or b in (0xDE, 0xDF)
+
+
+def unpack_reply_header(buf: Any) -> Any:
+    """``msgpack.unpackb(buf, raw=False, strict_map_key=False)`` of a reply header, except that
+    ``analysis.atoms`` / ``analysis.dimers`` in the fixed row layout of ``pack_rows`` come back as ``Rows``
+    (equal to the lists of dicts) read in one numpy pass. Anything else is unpacked as usual."""
+    try:
+        r = _Reader(buf)
+        if _nbytes(r.buf) == 0 or not _is_map_header(r.peek()):
+            raise ValueError
+        out: dict[Any, Any] = {}
+        for _ in range(r.up.read_map_header()):
+            key = r.up.unpack()
+            if key == "analysis" and _is_map_header(r.peek()):
+                analysis: dict[Any, Any] = {}
+                for _ in range(r.up.read_map_header()):
+                    k = r.up.unpack()
+                    fields = ROW_FIELDS.get(k) if isinstance(k, str) else None
+                    if fields is not None and _is_array_header(r.peek()):
+                        n = r.up.read_array_header()
+                        start = r.pos()
+                        cols = unpack_rows(r.buf, start, n, fields)
+                        if cols is not None:
+                            analysis[k] = Rows(tuple(f for f, _ in fields), cols)
+                            r.seek(start + n * _row_layout(fields)[0].itemsize)
+                        else:
+                            analysis[k] = [r.up.unpack() for _ in range(n)]
+                    else:
+                        analysis[k] = r.up.unpack()
+                out[key] = analysis
+            else:
+                out[key] = r.up.unpack()
+        if r.pos() != _nbytes(r.buf):
+            raise ValueError("extra bytes")
+        return out
+    except Exception:  # not a map, truncated, extra data...: exactly what unpackb does (and raises)
+        return msgpack.unpackb(buf, raw=False, strict_map_key=False)

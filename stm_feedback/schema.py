@@ -136,6 +136,14 @@ class Analysis:
         self.__dict__["_lazy_rows"] = {k: v for k, v in lazy.items() if k != name}
         return objs
 
+    def lazy_columns(self, name: str) -> tuple[list, list, list, list] | None:
+        """The columns (x_px, y_px, terrace, score / row) of "atoms" / "dimers" while their objects are
+        not built yet, else None. The lists are shared: read them, do not change them."""
+        lazy = self.__dict__.get("_lazy_rows")
+        if lazy is None or name not in lazy or name in self.__dict__:
+            return None
+        return lazy[name][1]
+
     def json_rows(self, name: str) -> list[dict[str, Any]] | None:
         """``[asdict(o) for o in getattr(self, name)]`` for "atoms" / "dimers" while they are still
         columns (without building the objects), else None."""

@@ -33,15 +33,19 @@ from stm_feedback.errors import InputError, ModelError, ProtocolError
 from stm_feedback.protocol import (
     PROTOCOL_VERSION,
     QUEUED_TYPES,
+    ROW_FIELDS,
     AnalyzeLinesRequest,
     AnalyzeRequest,
     Limits,
+    Packed,
     QuerySitesRequest,
     Request,
     build_error,
     build_reply,
     encode_arrays,
     image_float32,
+    pack_map,
+    pack_rows,
     packb,
     parse_request,
 )
@@ -150,15 +154,30 @@ def _flat_rows(objs: list[Any]) -> list[dict[str, Any]]:
     return out
 
 
-def analysis_json(analysis: Analysis) -> dict[str, Any]:
+def analysis_json(analysis: Analysis, packed_rows: bool = False) -> dict[str, Any]:
     """``analysis.to_json_dict()`` (equal dict, same key order) for the reply: the large per-object lists
     (atoms, dimers, defects, terraces) are built by ``_flat_rows``, everything else by ``to_json_dict``
-    itself, so keys added to the schema later still arrive. ~2 ms instead of ~45 ms for 6500 objects."""
+    itself, so keys added to the schema later still arrive. ~2 ms instead of ~45 ms for 6500 objects.
+    ``packed_rows``: atoms / dimers still held as columns come as ``protocol.Packed`` msgpack bytes of
+    their rows (``protocol.pack_rows``, no dicts) where their values allow it; see ``pack_analysis``."""
     d = replace(analysis, **{k: [] for k in _FLAT_LISTS}).to_json_dict()
     for k in _FLAT_LISTS:
+        if packed_rows and k in ROW_FIELDS:
+            cols = analysis.lazy_columns(k)
+            packed = pack_rows(ROW_FIELDS[k], cols) if cols is not None else None
+            if packed is not None:
+                d[k] = packed
+                continue
         rows = analysis.json_rows(k) if k in ("atoms", "dimers") else None  # still columns: no objects
         d[k] = rows if rows is not None else _flat_rows(getattr(analysis, k))
     return d
+
+
+def pack_analysis(analysis: Analysis) -> Packed:
+    """``packb(analysis.to_json_dict())``, byte for byte, for the reply: the atoms' and dimers' rows are
+    written from the pipeline's columns in one numpy pass (``protocol.pack_rows``) instead of ~6500 dicts
+    packed one by one (docs/performance.md, "Session 4 daemon overhead")."""
+    return Packed(pack_map(analysis_json(analysis, packed_rows=True)))
 
 
 # ------------------------------------------------------------------------------------------ drift estimate
@@ -774,7 +793,7 @@ class Server:
                 state.update(binned, analysis, meta, shift)
             drift = state.drift_dict()
         payload: dict[str, Any] = {
-            "analysis": analysis_json(analysis),
+            "analysis": pack_analysis(analysis),  # msgpack bytes: encode_reply inserts them as they are
             "instrument_id": h.instrument_id,
             "request_meta": meta,
             "drift": drift,
@@ -807,7 +826,12 @@ def encode_reply(
     if arrays:
         specs, frames = encode_arrays(arrays)
         header["arrays"] = specs
-    parts = {k: packb(k) + packb(v) for k, v in header.items() if k != "timings_ms"}
+    # values already packed (``protocol.Packed``, e.g. the analysis from ``pack_analysis``) go in as-is
+    parts = {
+        k: packb(k) + (v if isinstance(v, Packed) else packb(v))
+        for k, v in header.items()
+        if k != "timings_ms"
+    }
     parts["timings_ms"] = packb("timings_ms") + packb(final_timings())
     head = msgpack.Packer().pack_map_header(len(header)) + b"".join(parts[k] for k in header)
     return [head, *frames]
