@@ -159,9 +159,12 @@ def analysis_json(analysis: Analysis, packed_rows: bool = False) -> dict[str, An
     (atoms, dimers, defects, terraces) are built by ``_flat_rows``, everything else by ``to_json_dict``
     itself, so keys added to the schema later still arrive. ~2 ms instead of ~45 ms for 6500 objects.
     ``packed_rows``: atoms / dimers still held as columns come as ``protocol.Packed`` msgpack bytes of
-    their rows (``protocol.pack_rows``, no dicts) where their values allow it; see ``pack_analysis``."""
-    d = replace(analysis, **{k: [] for k in _FLAT_LISTS}).to_json_dict()
-    for k in _FLAT_LISTS:
+    their rows (``protocol.pack_rows``, no dicts) where their values allow it, and the sites' rows share
+    their ``dimers`` lists with the analysis (not deep copies as ``asdict`` makes: ~0.7 ms for 50 sites):
+    such a dict is for packing at once, see ``pack_analysis``."""
+    lists = (*_FLAT_LISTS, "sites") if packed_rows else _FLAT_LISTS
+    d = replace(analysis, **{k: [] for k in lists}).to_json_dict()
+    for k in lists:
         if packed_rows and k in ROW_FIELDS:
             cols = analysis.lazy_columns(k)
             packed = pack_rows(ROW_FIELDS[k], cols) if cols is not None else None

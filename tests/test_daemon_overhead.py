@@ -196,3 +196,20 @@ def test_client_over_the_socket_gets_mains_analysis() -> None:
             # last_reply keeps the msgpack content: rows compare equal to the lists of dicts
             assert c.last_reply["analysis"]["atoms"] == want["atoms"]
             assert len(c.last_reply["analysis"]["dimers"]) == len(want["dimers"])
+
+
+def test_state_is_recorded_before_the_reply_leaves() -> None:
+    """Ordering guarantee (docs/protocol.md): the instrument state and drift of a frame are updated before
+    its reply is sent, so any request sent after the reply arrived (query_sites, stats) sees that frame and
+    the same drift as the reply. The collection between frames runs after the send and changes nothing."""
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(96, 96)).astype(np.float32)
+    with Server(DeterministicTestAnalyzer(), ServerSettings(warmup_px=0), bind="tcp://127.0.0.1:*") as srv:
+        with Client(srv.endpoint, timeout_ms=10_000, retries=0) as c:
+            for i in range(4):
+                c.analyze(np.roll(base, i, axis=1), 0.1, instrument_id="stm1", frame_id=f"f{i}")
+                drift = c.last_reply["drift"]
+                assert drift["frames"] == i + 1
+                c.query_sites("stm1")
+                assert c.last_reply["frame_id"] == f"f{i}" and c.last_reply["drift"] == drift
+                assert c.stats()["instruments"]["stm1"] == drift
