@@ -38,7 +38,7 @@ def parse_value(field: dataclasses.Field, text: str) -> object:
 
 
 def preset_frames(preset: str, first_seed: int, n: int):  # noqa: ANN201
-    """Frames of a simulator preset at seeds first_seed.. (256 px, pixel size and bias drawn by the preset)."""
+    """Frames of a simulator preset at seeds first_seed.. (256 px; pixel size and bias drawn by it)."""
     from simulator.frame import SimConfig, simulate_frame
 
     cfg = SimConfig.preset(preset)
