@@ -1,6 +1,10 @@
 """Score the networks on an evaluation suite for several values of one ``PostprocessParams`` field.
 
     python benchmarks/sweep_postprocess.py SUITE N PARAM VALUE [VALUE ...]
+    python benchmarks/sweep_postprocess.py SUITE N PARAM VALUE ... --preset P --first-seed S
+
+(the second form scores simulator preset P at seeds S.. instead of the suite's frames, with SUITE's targets:
+training-range seeds < 1_000_000 are the ones to choose defaults on)
 
 e.g. ``realistic 30 partner_min_prob -1 0.15 0.3`` or ``clean 20 drop_atoms_in_depressions false true``;
 weights from ``STM_FEEDBACK_MODELS__MODELS_DIR`` (default models/). Prints one JSON line of the suite metrics
@@ -16,7 +20,7 @@ import json
 
 from stm_feedback import postprocess as pp
 from stm_feedback.config import load_settings
-from stm_feedback.evaluation import evaluate
+from stm_feedback.evaluation import EvalFrame, evaluate, evaluate_frames
 from stm_feedback.pipeline import Pipeline
 
 KEYS = ("atom_", "dimer_f1", "defect_", "terrace_ari", "site", "false_safe")
@@ -33,12 +37,24 @@ def parse_value(field: dataclasses.Field, text: str) -> object:
     return float(text)
 
 
+def preset_frames(preset: str, first_seed: int, n: int):  # noqa: ANN201
+    """Frames of a simulator preset at seeds first_seed.. (256 px; pixel size and bias drawn by it)."""
+    from simulator.frame import SimConfig, simulate_frame
+
+    cfg = SimConfig.preset(preset)
+    for seed in range(first_seed, first_seed + n):
+        f = simulate_frame(seed, size_px=256, pixel_size_nm=None, config=cfg)
+        yield EvalFrame(seed, f.image_nm, float(f.truth.pixel_size_nm), float(f.bias_v), f.truth)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("suite")
     ap.add_argument("n", type=int)
     ap.add_argument("param")
     ap.add_argument("values", nargs="+")
+    ap.add_argument("--preset", help="simulator preset instead of the suite's frames")
+    ap.add_argument("--first-seed", type=int, default=700_000, help="first seed with --preset")
     args = ap.parse_args()
     fields = {f.name: f for f in dataclasses.fields(pp.PostprocessParams)}
     if args.param not in fields:
@@ -51,9 +67,18 @@ def main() -> None:
     for text in args.values:
         value = parse_value(fields[args.param], text)
         pipe.params = pp.PostprocessParams(**{args.param: value})
-        m = evaluate(args.suite, analyze, "nets", args.n).metrics
+        if args.preset:
+            m = evaluate_frames(
+                preset_frames(args.preset, args.first_seed, args.n),
+                lambda f: analyze(f.image_nm, f.pixel_size_nm, f.bias_v),
+                args.suite,
+                "nets",
+            ).metrics
+        else:
+            m = evaluate(args.suite, analyze, "nets", args.n).metrics
         row = {k: round(v, 4) for k, v in m.items() if k.startswith(KEYS)}
-        print(json.dumps({"suite": args.suite, args.param: value, **row}), flush=True)
+        src = {"preset": args.preset, "first_seed": args.first_seed} if args.preset else {"suite": args.suite}
+        print(json.dumps({**src, args.param: value, **row}), flush=True)
 
 
 if __name__ == "__main__":
