@@ -542,11 +542,11 @@ def postprocess_maps(
         keep = blobs["depression"].labels[r, c] == 0
         out_xy, out_score, out_ter = out_xy[keep], out_score[keep], out_ter[keep]
     # ``Atom`` / ``Dimer`` objects are built on first access (Analysis.with_lazy_rows): the daemon's reply
-    # needs only their JSON rows
+    # needs only their JSON rows, which it packs straight from these numpy columns (protocol.pack_rows)
     axy = np.round(out_xy, 3)
-    atoms = (axy[:, 0].tolist(), axy[:, 1].tolist(), out_ter.tolist(), np.round(out_score, 4).tolist())
+    atoms = (axy[:, 0], axy[:, 1], np.asarray(out_ter), np.round(out_score, 4))
     dxy = np.round(dim_xy, 3).reshape(-1, 2)
-    dimers = (dxy[:, 0].tolist(), dxy[:, 1].tolist(), dim_ter.tolist(), dim_row.tolist())
+    dimers = (dxy[:, 0], dxy[:, 1], np.asarray(dim_ter), np.asarray(dim_row))
     tm.lap("objects")
     tm.ms["total"] = round(sum(tm.ms.values()), 3)
     return Analysis.with_lazy_rows(

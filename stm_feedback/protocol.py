@@ -414,10 +414,11 @@ def _row_layout(fields: tuple[tuple[str, str], ...]) -> tuple[np.dtype, np.ndarr
     return dtype, template, tuple(consts)
 
 
-def pack_rows(fields: tuple[tuple[str, str], ...], columns: Sequence[Sequence[Any]]) -> Packed | None:
+def pack_rows(fields: tuple[tuple[str, str], ...], columns: Sequence[Any]) -> Packed | None:
     """``packb([dict(zip(keys, row)) for row in zip(*columns)])``, byte for byte, written in one numpy
-    pass; None unless every "f" column holds only Python floats and every "i" column only Python ints in
-    -32..127 (then the caller packs the rows one by one)."""
+    pass, for columns given as lists or 1-D numpy arrays (then the rows are those of ``tolist()``); None
+    unless every "f" column holds only Python floats (or is a float array) and every "i" column only
+    Python ints (or is an integer array) in -32..127 (then the caller packs the rows one by one)."""
     if len(columns) != len(fields):
         return None
     n = len(columns[0]) if columns else 0
@@ -429,6 +430,13 @@ def pack_rows(fields: tuple[tuple[str, str], ...], columns: Sequence[Sequence[An
     # n copies of the template row (constant bytes in place), then the values written column by column
     out = np.frombuffer(bytearray(template.tobytes() * n), dtype)
     for i, ((_key, kind), col) in enumerate(zip(fields, columns, strict=True)):
+        if isinstance(col, np.ndarray):  # tolist() of these gives Python floats / ints: no type check
+            if col.ndim != 1 or col.dtype.kind not in ("f" if kind == "f" else "iu"):
+                return None
+            if kind == "i" and (col.min() < _FIXINT_MIN or col.max() > _FIXINT_MAX):
+                return None
+            out[f"v{i}"] = col  # float16/32 -> float64 and the integers -> int8 are exact here
+            continue
         if set(map(type, col)) != ({float} if kind == "f" else {int}):  # bool, numpy scalars: no
             return None
         if kind == "f":

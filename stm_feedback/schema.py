@@ -114,11 +114,13 @@ class Analysis:
 
     @classmethod
     def with_lazy_rows(
-        cls, atoms: tuple[list, list, list, list], dimers: tuple[list, list, list, list], **kwargs: Any
+        cls, atoms: tuple[Any, Any, Any, Any], dimers: tuple[Any, Any, Any, Any], **kwargs: Any
     ) -> Analysis:
-        """An Analysis whose ``atoms`` / ``dimers`` are given as columns (lists of Python scalars in field
-        order: x_px, y_px, terrace, score / row) and become ``Atom`` / ``Dimer`` lists on first access;
-        equal to ``Analysis(atoms=[Atom(*r) for r in zip(*atoms)], ...)`` in every respect."""
+        """An Analysis whose ``atoms`` / ``dimers`` are given as columns in field order (x_px, y_px,
+        terrace, score / row), each a list of Python scalars or a 1-D numpy array (float columns of a float
+        dtype, int columns of an integer dtype: ``tolist()`` gives the Python values), and become ``Atom`` /
+        ``Dimer`` lists on first access; equal to ``Analysis(atoms=[Atom(*r) for r in
+        zip(*[list(c) for c in atoms])], ...)`` with Python scalars, in every respect."""
         a = cls(**kwargs)
         del a.atoms, a.dimers
         a.__dict__["_lazy_rows"] = {"atoms": (Atom, atoms), "dimers": (Dimer, dimers)}
@@ -130,15 +132,16 @@ class Analysis:
         if lazy is None or name not in lazy:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         row_cls, cols = lazy[name]
-        objs = list(map(row_cls, *cols))
+        objs = list(map(row_cls, *_python_columns(cols)))
         self.__dict__[name] = objs
         # a new dict, not ``pop``: a shallow copy of this Analysis shares the old one
         self.__dict__["_lazy_rows"] = {k: v for k, v in lazy.items() if k != name}
         return objs
 
-    def lazy_columns(self, name: str) -> tuple[list, list, list, list] | None:
-        """The columns (x_px, y_px, terrace, score / row) of "atoms" / "dimers" while their objects are
-        not built yet, else None. The lists are shared: read them, do not change them."""
+    def lazy_columns(self, name: str) -> tuple[Any, Any, Any, Any] | None:
+        """The columns (x_px, y_px, terrace, score / row) of "atoms" / "dimers" as given to
+        ``with_lazy_rows`` (lists or numpy arrays) while their objects are not built yet, else None. They
+        are shared: read them, do not change them."""
         lazy = self.__dict__.get("_lazy_rows")
         if lazy is None or name not in lazy or name in self.__dict__:
             return None
@@ -150,7 +153,8 @@ class Analysis:
         lazy = self.__dict__.get("_lazy_rows")
         if lazy is None or name not in lazy or name in self.__dict__:
             return None
-        row_cls, (xs, ys, ts, vs) = lazy[name]
+        row_cls, cols = lazy[name]
+        xs, ys, ts, vs = _python_columns(cols)
         if row_cls is Atom:
             return [
                 {"x_px": x, "y_px": y, "terrace": t, "score": v}
@@ -203,3 +207,8 @@ class Analysis:
             timings_ms=dict(d.get("timings_ms", {})),
             models=dict(d.get("models", {})),
         )
+
+
+def _python_columns(cols: tuple[Any, ...]) -> list[Any]:
+    """Lazy-row columns as lists of Python scalars (numpy arrays through ``tolist``)."""
+    return [c.tolist() if isinstance(c, np.ndarray) else c for c in cols]

@@ -25,7 +25,7 @@ from stm_feedback.protocol import (
     unpack_reply_header,
     unpack_rows,
 )
-from stm_feedback.schema import Analysis
+from stm_feedback.schema import Analysis, ImageInfo
 from stm_feedback.server import Server, encode_reply, pack_analysis
 
 
@@ -213,3 +213,31 @@ def test_state_is_recorded_before_the_reply_leaves() -> None:
                 c.query_sites("stm1")
                 assert c.last_reply["frame_id"] == f"f{i}" and c.last_reply["drift"] == drift
                 assert c.stats()["instruments"]["stm1"] == drift
+
+
+def test_numpy_columns_equal_list_columns_everywhere() -> None:
+    """The pipeline hands its columns over as numpy arrays (float32 / float64, int32 / int64): objects,
+    JSON rows and packed bytes are those of the lists ``tolist()`` gives."""
+    rng = np.random.default_rng(9)
+    n = 300
+    arrays = (
+        np.round(rng.random(n) * 256, 3),
+        np.round(rng.random(n) * 256, 3).astype(np.float32),
+        rng.integers(-1, 6, n).astype(np.int32),
+        np.round(rng.random(n), 4).astype(np.float32),
+    )
+    dim_arrays = (arrays[0][:50], arrays[1][:50], rng.integers(-1, 6, 50), rng.integers(-1, 40, 50))
+    lists = tuple(a.tolist() for a in arrays)
+    dim_lists = tuple(a.tolist() for a in dim_arrays)
+    info = {"image": ImageInfo(64, 64, 0.1)}
+    from_np = Analysis.with_lazy_rows(atoms=arrays, dimers=dim_arrays, **info)
+    from_lists = Analysis.with_lazy_rows(atoms=lists, dimers=dim_lists, **info)
+    assert from_np.json_rows("atoms") == from_lists.json_rows("atoms") is not None
+    assert from_np.json_rows("dimers") == from_lists.json_rows("dimers") is not None
+    assert pack_analysis(from_np) == pack_analysis(from_lists) == packb(copy.copy(from_lists).to_json_dict())
+    assert from_np.atoms == from_lists.atoms and type(from_np.atoms[0].score) is float
+    assert type(from_np.atoms[0].terrace) is int and from_np.dimers == from_lists.dimers
+    # arrays the fixed layout cannot hold fall back to the dicts, with the same bytes
+    wide = Analysis.with_lazy_rows(atoms=arrays, dimers=(*dim_arrays[:3], dim_arrays[3] + 200), **info)
+    assert pack_analysis(wide) == packb(copy.copy(wide).to_json_dict())
+    assert pack_rows(ROW_FIELDS["atoms"], (*arrays[:3], arrays[3] > 0.5)) is None  # bool: not a number
