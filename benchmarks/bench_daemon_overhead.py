@@ -167,7 +167,7 @@ def roundtrip(args: argparse.Namespace) -> dict[str, Any]:
                 with_maps=False,
             )
             t1 = time.perf_counter()
-            sock.send_multipart([b"", *req], copy=False)
+            sock.send_multipart([b"", *req], copy=args.copy_request)
             t2 = time.perf_counter()
             sock.poll(60_000, zmq.POLLIN)
             t3 = time.perf_counter()
@@ -227,6 +227,11 @@ def main() -> None:
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--pause-ms", type=float, default=20.0, help="idle time after each reply")
     b.add_argument("--env", action="append", default=[], help="STM_FEEDBACK_...=value for the daemon")
+    b.add_argument(
+        "--copy-request",
+        action="store_true",
+        help="instrumented loop: send the request frames with copy=True (Client uses copy=False)",
+    )
     for p in (a, b):
         p.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args()
