@@ -246,9 +246,25 @@ def image_candidates(
 def significant_count(chance: float, trials: int = 1, alpha: float = 1e-3) -> int:
     """Smallest count of coincidences (at least ``MIN_PAIRS``) that chance, Poisson with mean ``chance`` per
     trial, exceeds with probability below ``alpha`` in the best of ``trials`` independent tries."""
-    from scipy.stats import poisson
+    return max(MIN_PAIRS, int(poisson_isf(alpha / max(1, trials), chance)) + 1)
 
-    return max(MIN_PAIRS, int(poisson.isf(alpha / max(1, trials), chance)) + 1)
+
+def poisson_isf(q: float, mu: float) -> float:
+    """``scipy.stats.poisson.isf(q, mu)`` for 0 < q < 1 and mu >= 0, computed as scipy computes it there
+    (``isf(q) = _ppf(1 - q)`` with Poisson's ``_ppf``: ``pdtrik``, then one ``pdtr`` step down) without
+    the distribution class's argument handling, most of its time on the daemon's reply path
+    (docs/performance.md, "Session 4 daemon overhead"; equal over a grid: tests/test_daemon_overhead.py)."""
+    from scipy import special
+
+    if not (0.0 < q < 1.0 and mu >= 0.0):
+        from scipy.stats import poisson
+
+        return float(poisson.isf(q, mu))
+    p = np.float64(1.0) - np.float64(q)
+    mu64 = np.float64(mu)
+    vals = np.ceil(special.pdtrik(p, mu64))
+    vals1 = np.maximum(vals - 1, 0)
+    return float(np.where(special.pdtr(vals1, mu64) >= p, vals1, vals))
 
 
 def defect_vote(

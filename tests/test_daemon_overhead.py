@@ -241,3 +241,25 @@ def test_numpy_columns_equal_list_columns_everywhere() -> None:
     wide = Analysis.with_lazy_rows(atoms=arrays, dimers=(*dim_arrays[:3], dim_arrays[3] + 200), **info)
     assert pack_analysis(wide) == packb(copy.copy(wide).to_json_dict())
     assert pack_rows(ROW_FIELDS["atoms"], (*arrays[:3], arrays[3] > 0.5)) is None  # bool: not a number
+
+
+def test_poisson_isf_is_scipys() -> None:
+    """``drift.poisson_isf`` (the defect pairing's significance threshold, on the reply path) equals
+    ``scipy.stats.poisson.isf`` over the q and mu the daemon uses, and at the edges."""
+    from scipy.stats import poisson
+
+    from stm_feedback.drift import MIN_PAIRS, poisson_isf, significant_count
+
+    qs = [1e-3 / t for t in (1, 2, 3, 10, 57, 400, 10_000, 250_000)] + [0.5, 1e-12, 0.999999]
+    mus = [0.0, 1e-12, 1e-6, 1e-3, 0.05, 0.5, 1.0, 2.5, 7.0, 33.3, 150.0, 1e4]
+    mus += np.random.default_rng(4).uniform(0, 60, 200).tolist()
+    for q in qs:
+        for mu in mus:
+            want = poisson.isf(q, mu)
+            got = poisson_isf(q, mu)
+            assert got == want or (np.isnan(got) and np.isnan(want)), (q, mu, got, want)
+    for q, mu in ((0.0, 1.0), (1.0, 1.0), (0.5, -1.0)):  # outside: scipy itself answers
+        assert np.array_equal(poisson_isf(q, mu), poisson.isf(q, mu), equal_nan=True)
+    for chance, trials in ((0.0, 1), (0.2, 1), (12.5, 300), (40.0, 5000)):
+        want = max(MIN_PAIRS, int(poisson.isf(1e-3 / trials, chance)) + 1)  # main's formula
+        assert significant_count(chance, trials) == want
