@@ -459,46 +459,55 @@ def postprocess_maps(
     atom_px[a_rows, a_cols] = True
     resolved = near_mask(atom_px, ps.resolved_radius_nm, s, inclusive=True)
     unresolved = (labels >= 0) & ~resolved & ~any_defect
-    if ps.hole_margin_nm >= 0 and len(dim_xy):  # missing dimers next to detected ones: undetected defects
-        holes = lattice_holes(dim_xy, dim_angle, dim_ter, labels, s, HOLE_TOL_NM)
-        if holes.any():
-            avoid[ps.hole_margin_nm] = avoid.get(ps.hole_margin_nm, np.zeros((h, w), bool)) | holes
-    if ps.anomaly_margin_nm >= 0 and len(atoms_xy):  # unpaired atoms, stretched dimers: dihydride-like
-        ter_angle = np.full(n_ter + 1, np.nan)  # [t] = fitted row angle of terrace t, [-1] (no terrace) NaN
-        for t, f in fits.items():
-            ter_angle[t] = f.row_angle_deg
-        atom_angle = ter_angle[atom_ter]
-        odd = lattice_anomalies(atoms_xy, pairs, (h, w), s, ps.anomaly_max_bond_nm, atom_angle_deg=atom_angle)
-        odd &= (labels >= 0) & ~any_defect
-        if odd.any():
-            avoid[ps.anomaly_margin_nm] = avoid.get(ps.anomaly_margin_nm, np.zeros((h, w), bool)) | odd
-    if (ps.suspect_depression_prob >= 0 or ps.suspect_centre_z >= 0) and len(dim_xy):
-        # dimers over a defect the nets did not report (sub-threshold depression, dark centre line)
-        sus = suspect_dimers(
-            dim_xy,
-            dim_angle,
-            dim_ter,
-            maps.image_norm,
-            m["depression_prob"],
-            s,
-            ps.suspect_depression_prob,
-            ps.suspect_radius_nm,
-            ps.suspect_centre_z,
-        )
-        if sus.any():
-            mk = avoid.setdefault(ps.suspect_margin_nm, np.zeros((h, w), bool))
-            mk[
-                np.clip(np.rint(dim_xy[sus, 1]).astype(int), 0, h - 1),
-                np.clip(np.rint(dim_xy[sus, 0]).astype(int), 0, w - 1),
-            ] = True
-    step_plan = step
-    if ps.step_prob_plan >= 0:  # faint step evidence the segmentation threshold drops
-        step_plan = step | (m["step_prob"] >= ps.step_prob_plan)
-    if ps.orientation_reach_nm > 0 and len(dim_xy):  # two row orientations meet: a step, maybe undetected
-        step_plan = step_plan | orientation_band(dim_xy, dim_angle, (h, w), s, ps.orientation_reach_nm)
-    clear = clearance_maps(labels, step_plan, unresolved, avoid, s, ps)
-    angles = {t: f.row_angle_deg for t, f in fits.items()}
-    sites = propose_sites(dim_xy, dim_ter, angles, clear, s, ps, dimer_angle_deg=dim_angle)
+    # an empty-state frame gets no plan (PlannerSettings.withhold_on_empty_state): skip the planner's work
+    withhold_empty = ps.withhold_on_empty_state and maps.polarity == "empty"
+    if withhold_empty:
+        sites, safe_mask = [], np.zeros((h, w), bool)
+    else:
+        if ps.hole_margin_nm >= 0 and len(dim_xy):  # missing dimers next to detected ones: undetected defects
+            holes = lattice_holes(dim_xy, dim_angle, dim_ter, labels, s, HOLE_TOL_NM)
+            if holes.any():
+                avoid[ps.hole_margin_nm] = avoid.get(ps.hole_margin_nm, np.zeros((h, w), bool)) | holes
+        if ps.anomaly_margin_nm >= 0 and len(atoms_xy):  # unpaired atoms, stretched dimers: dihydride-like
+            # [t] = fitted row angle of terrace t, [-1] (no terrace) NaN
+            ter_angle = np.full(n_ter + 1, np.nan)
+            for t, f in fits.items():
+                ter_angle[t] = f.row_angle_deg
+            atom_angle = ter_angle[atom_ter]
+            odd = lattice_anomalies(
+                atoms_xy, pairs, (h, w), s, ps.anomaly_max_bond_nm, atom_angle_deg=atom_angle
+            )
+            odd &= (labels >= 0) & ~any_defect
+            if odd.any():
+                avoid[ps.anomaly_margin_nm] = avoid.get(ps.anomaly_margin_nm, np.zeros((h, w), bool)) | odd
+        if (ps.suspect_depression_prob >= 0 or ps.suspect_centre_z >= 0) and len(dim_xy):
+            # dimers over a defect the nets did not report (sub-threshold depression, dark centre line)
+            sus = suspect_dimers(
+                dim_xy,
+                dim_angle,
+                dim_ter,
+                maps.image_norm,
+                m["depression_prob"],
+                s,
+                ps.suspect_depression_prob,
+                ps.suspect_radius_nm,
+                ps.suspect_centre_z,
+            )
+            if sus.any():
+                mk = avoid.setdefault(ps.suspect_margin_nm, np.zeros((h, w), bool))
+                mk[
+                    np.clip(np.rint(dim_xy[sus, 1]).astype(int), 0, h - 1),
+                    np.clip(np.rint(dim_xy[sus, 0]).astype(int), 0, w - 1),
+                ] = True
+        step_plan = step
+        if ps.step_prob_plan >= 0:  # faint step evidence the segmentation threshold drops
+            step_plan = step | (m["step_prob"] >= ps.step_prob_plan)
+        if ps.orientation_reach_nm > 0 and len(dim_xy):  # two row orientations meet: a step, maybe undetected
+            step_plan = step_plan | orientation_band(dim_xy, dim_angle, (h, w), s, ps.orientation_reach_nm)
+        clear = clearance_maps(labels, step_plan, unresolved, avoid, s, ps)
+        angles = {t: f.row_angle_deg for t, f in fits.items()}
+        sites = propose_sites(dim_xy, dim_ter, angles, clear, s, ps, dimer_angle_deg=dim_angle)
+        safe_mask = clear.safe
     tm.lap("planner")
 
     quality = assess(
@@ -510,13 +519,11 @@ def postprocess_maps(
         kinds,
         s,
     )
-    safe_mask = clear.safe
     if ps.withhold_on_double_tip and quality.double_tip_suspected and (sites or safe_mask.any()):
         # a double tip images every feature twice and writes unreliably: nothing on this frame is safe
         sites, safe_mask = [], np.zeros_like(safe_mask)
         quality.notes.append("double tip suspected: no sites proposed, safe mask empty (condition the tip)")
-    if ps.withhold_on_empty_state and maps.polarity == "empty" and (sites or safe_mask.any()):
-        sites, safe_mask = [], np.zeros_like(safe_mask)
+    if withhold_empty:
         quality.notes.append(
             "empty-state frame: dihydrides are not resolved at positive bias, no sites proposed, safe mask "
             "empty (plan from a filled-state image, or set planner.withhold_on_empty_state = false)"
