@@ -124,7 +124,13 @@ def roundtrip(args: argparse.Namespace) -> dict[str, Any]:
     import zmq
 
     import stm_feedback.client as client_mod
-    from stm_feedback.benchmark import _wait_ready, free_tcp_port, load_average, simulated_frames
+    from stm_feedback.benchmark import (
+        _wait_ready,
+        free_tcp_port,
+        load_average,
+        simulated_frames,
+        stop_daemon,
+    )
     from stm_feedback.client import Client
     from stm_feedback.protocol import build_request, parse_reply
 
@@ -205,14 +211,7 @@ def roundtrip(args: argparse.Namespace) -> dict[str, Any]:
             "stages_ms": {k: _p(v) for k, v in samples.items()},
         }
     finally:
-        client.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop_daemon(proc, client, log)
 
 
 def main() -> None:

@@ -310,14 +310,19 @@ def bench_daemon(
             out["server_stages"] = {k: summarize_ms(v) for k, v in stages.items()}
         return out
     finally:
-        client.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop_daemon(proc, client, log)
+
+
+def stop_daemon(proc: subprocess.Popen, client: Any, log: Any) -> None:
+    """Close the client, terminate the ``serve`` subprocess (kill it after 30 s) and close its log file."""
+    client.close()
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
 
 
 def _wait_ready(proc: subprocess.Popen, client: Any, t_spawn: float, timeout_s: float, log: Path) -> float:
