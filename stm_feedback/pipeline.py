@@ -214,6 +214,16 @@ def _with_partners(
     )
 
 
+def _atom_terraces(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray, reach_px: float) -> np.ndarray:
+    """Terrace id of each atom pixel: its own label, or for atoms in the step band (label -1) the nearest
+    terrace within ``reach_px`` (pp.nearest_label), else -1."""
+    ter = labels[rows, cols]
+    off = ter < 0
+    if off.any():
+        ter[off] = pp.nearest_label(labels, rows[off], cols[off], reach_px)
+    return ter
+
+
 def postprocess_maps(
     img: np.ndarray,
     maps: NetworkMaps,
@@ -239,12 +249,20 @@ def postprocess_maps(
     tm.lap("terraces")
 
     # 2. atoms, restricted to terraces (the paper's per-terrace sub-images)
+    on_terrace = labels >= 0
+    valid = on_terrace
+    if params.atom_step_max_prob is not None:  # the step band is wider than the edge: atoms sit in it too
+        valid = on_terrace | (step & (m["step_prob"] < params.atom_step_max_prob))
     atoms_xy, atoms_score = pp.find_atoms(
-        m["atom_prob"], s, labels >= 0, params.atom_threshold, params.atom_peak_radius_nm
+        m["atom_prob"], s, valid, params.atom_threshold, params.atom_peak_radius_nm
     )
     a_cols = np.clip(np.rint(atoms_xy[:, 0]).astype(int), 0, w - 1)
     a_rows = np.clip(np.rint(atoms_xy[:, 1]).astype(int), 0, h - 1)
-    atom_ter = labels[a_rows, a_cols] if len(atoms_xy) else np.empty(0, np.int32)
+    atom_ter = _atom_terraces(labels, a_rows, a_cols, params.atom_step_terrace_nm / s)
+    # atoms in the step band (pp.PostprocessParams.atom_step_max_prob) are reported but kept out of the
+    # lattice fits: the edge distorts them and some belong to the other terrace (a hard frame's row angle
+    # moved by 4.8 deg with them in)
+    in_band = ~on_terrace[a_rows, a_cols]
     tm.lap("atoms")
 
     # 3. lattice per terrace (the dimer pairs' bonds, computed once here, give the fit its search prior)
@@ -263,8 +281,11 @@ def postprocess_maps(
         )
         if new_labels is not labels:
             labels = new_labels
-            atom_ter = labels[a_rows, a_cols]
-    pair_ter = np.where(atom_ter[pairs[:, 0]] == atom_ter[pairs[:, 1]], atom_ter[pairs[:, 0]], -1)
+            atom_ter = _atom_terraces(labels, a_rows, a_cols, params.atom_step_terrace_nm / s)
+    fit_pair = (
+        (atom_ter[pairs[:, 0]] == atom_ter[pairs[:, 1]]) & ~in_band[pairs[:, 0]] & ~in_band[pairs[:, 1]]
+    )
+    pair_ter = np.where(fit_pair, atom_ter[pairs[:, 0]], -1)
     bonds = atoms_nm[pairs[:, 1]] - atoms_nm[pairs[:, 0]]
     n_ter = int(labels.max()) + 1 if labels.size else 0
     fits: dict[int, LatticeFit] = {}
@@ -275,6 +296,7 @@ def postprocess_maps(
     bounds = np.searchsorted(atom_ter[order], np.arange(n_ter + 1))
     for t in range(n_ter):
         sel = order[bounds[t] : bounds[t + 1]]  # atom indices of terrace t, ascending
+        sel = sel[~in_band[sel]]
         fit = fit_row_lattice(atoms_nm[sel], prior_deg=bond_prior_deg(bonds[pair_ter == t]))
         area_nm2 = float(area_px[t]) * s * s
         fft_deg = None
@@ -326,6 +348,7 @@ def postprocess_maps(
     dim_ter = np.empty(0, int)
     dim_row = np.empty(0, int)
     dim_angle = np.empty(0)
+    dim_band = np.zeros(0, bool)
     if len(atoms_nm):
         a_angle = np.full(len(atoms_nm), np.nan)
         a_phase = np.full(len(atoms_nm), np.nan)
@@ -374,6 +397,7 @@ def postprocess_maps(
                 rows_idx[sel] = r - r.min()
         dim_xy = centre_nm / s
         dim_ter, dim_row, dim_angle = pt, rows_idx, a_angle[dpairs[:, 0]]
+        dim_band = in_band[dpairs[:, 0]] | ((dpairs[:, 1] >= 0) & in_band[np.maximum(dpairs[:, 1], 0)])
     tm.lap("dimers")
 
     # 5. defects: blobs per kind, features, rules
@@ -454,9 +478,24 @@ def postprocess_maps(
             mk = avoid.setdefault(max(margin, 0.0), np.zeros((h, w), bool))
             mk |= (margin_of[kind] == margin)[bl.labels]
 
-    # 7. planner: resolved = near a detected atom; unresolved terrace pixels outside defects are unknown
+    # 7. planner: resolved = near a detected atom; unresolved terrace pixels outside defects are unknown.
+    # It reads the detections off the step band only: the band keeps step_margin_nm anyway, and its atoms
+    # and dimers (two row orientations side by side, unpaired atoms at the edge) would widen the
+    # orientation band and the anomaly marks beyond it
+    if in_band.any():
+        plan_atoms = np.flatnonzero(~in_band)
+        remap = np.full(len(atoms_xy), -1, np.int64)
+        remap[plan_atoms] = np.arange(len(plan_atoms))
+        p_pairs = remap[pairs]
+        p_pairs = p_pairs[(p_pairs >= 0).all(axis=1)]
+        p_atoms_xy, p_atom_ter = atoms_xy[plan_atoms], atom_ter[plan_atoms]
+        p_dim = ~dim_band
+        p_dim_xy, p_dim_ter, p_dim_angle = dim_xy[p_dim], dim_ter[p_dim], dim_angle[p_dim]
+    else:
+        p_pairs, p_atoms_xy, p_atom_ter = pairs, atoms_xy, atom_ter
+        p_dim_xy, p_dim_ter, p_dim_angle = dim_xy, dim_ter, dim_angle
     atom_px = np.zeros((h, w), bool)
-    atom_px[a_rows, a_cols] = True
+    atom_px[a_rows[~in_band], a_cols[~in_band]] = True
     resolved = near_mask(atom_px, ps.resolved_radius_nm, s, inclusive=True)
     unresolved = (labels >= 0) & ~resolved & ~any_defect
     # an empty-state frame gets no plan (PlannerSettings.withhold_on_empty_state): skip the planner's work
@@ -464,28 +503,30 @@ def postprocess_maps(
     if withhold_empty:
         sites, safe_mask = [], np.zeros((h, w), bool)
     else:
-        if ps.hole_margin_nm >= 0 and len(dim_xy):  # missing dimers next to detected ones: undetected defects
-            holes = lattice_holes(dim_xy, dim_angle, dim_ter, labels, s, HOLE_TOL_NM)
+        if ps.hole_margin_nm >= 0 and len(
+            p_dim_xy
+        ):  # missing dimers next to detected ones: undetected defects
+            holes = lattice_holes(p_dim_xy, p_dim_angle, p_dim_ter, labels, s, HOLE_TOL_NM)
             if holes.any():
                 avoid[ps.hole_margin_nm] = avoid.get(ps.hole_margin_nm, np.zeros((h, w), bool)) | holes
-        if ps.anomaly_margin_nm >= 0 and len(atoms_xy):  # unpaired atoms, stretched dimers: dihydride-like
+        if ps.anomaly_margin_nm >= 0 and len(p_atoms_xy):  # unpaired atoms, stretched dimers: dihydride-like
             # [t] = fitted row angle of terrace t, [-1] (no terrace) NaN
             ter_angle = np.full(n_ter + 1, np.nan)
             for t, f in fits.items():
                 ter_angle[t] = f.row_angle_deg
-            atom_angle = ter_angle[atom_ter]
+            atom_angle = ter_angle[p_atom_ter]
             odd = lattice_anomalies(
-                atoms_xy, pairs, (h, w), s, ps.anomaly_max_bond_nm, atom_angle_deg=atom_angle
+                p_atoms_xy, p_pairs, (h, w), s, ps.anomaly_max_bond_nm, atom_angle_deg=atom_angle
             )
             odd &= (labels >= 0) & ~any_defect
             if odd.any():
                 avoid[ps.anomaly_margin_nm] = avoid.get(ps.anomaly_margin_nm, np.zeros((h, w), bool)) | odd
-        if (ps.suspect_depression_prob >= 0 or ps.suspect_centre_z >= 0) and len(dim_xy):
+        if (ps.suspect_depression_prob >= 0 or ps.suspect_centre_z >= 0) and len(p_dim_xy):
             # dimers over a defect the nets did not report (sub-threshold depression, dark centre line)
             sus = suspect_dimers(
-                dim_xy,
-                dim_angle,
-                dim_ter,
+                p_dim_xy,
+                p_dim_angle,
+                p_dim_ter,
                 maps.image_norm,
                 m["depression_prob"],
                 s,
@@ -496,17 +537,21 @@ def postprocess_maps(
             if sus.any():
                 mk = avoid.setdefault(ps.suspect_margin_nm, np.zeros((h, w), bool))
                 mk[
-                    np.clip(np.rint(dim_xy[sus, 1]).astype(int), 0, h - 1),
-                    np.clip(np.rint(dim_xy[sus, 0]).astype(int), 0, w - 1),
+                    np.clip(np.rint(p_dim_xy[sus, 1]).astype(int), 0, h - 1),
+                    np.clip(np.rint(p_dim_xy[sus, 0]).astype(int), 0, w - 1),
                 ] = True
         step_plan = step
         if ps.step_prob_plan >= 0:  # faint step evidence the segmentation threshold drops
             step_plan = step | (m["step_prob"] >= ps.step_prob_plan)
-        if ps.orientation_reach_nm > 0 and len(dim_xy):  # two row orientations meet: a step, maybe undetected
-            step_plan = step_plan | orientation_band(dim_xy, dim_angle, (h, w), s, ps.orientation_reach_nm)
+        if ps.orientation_reach_nm > 0 and len(
+            p_dim_xy
+        ):  # two row orientations meet: a step, maybe undetected
+            step_plan = step_plan | orientation_band(
+                p_dim_xy, p_dim_angle, (h, w), s, ps.orientation_reach_nm
+            )
         clear = clearance_maps(labels, step_plan, unresolved, avoid, s, ps)
         angles = {t: f.row_angle_deg for t, f in fits.items()}
-        sites = propose_sites(dim_xy, dim_ter, angles, clear, s, ps, dimer_angle_deg=dim_angle)
+        sites = propose_sites(p_dim_xy, p_dim_ter, angles, clear, s, ps, dimer_angle_deg=p_dim_angle)
         safe_mask = clear.safe
     tm.lap("planner")
 

@@ -295,3 +295,51 @@ def test_atoms_inside_a_detected_depression_are_not_reported() -> None:
     assert len(inside(a_keep)) > 20 and inside(a_drop) == []
     assert len(a_keep.atoms) - len(a_drop.atoms) >= len(inside(a_keep))
     assert len(a_drop.atoms) > 0.6 * len(a_keep.atoms)
+
+
+def test_nearest_label_reaches_the_closest_terrace_pixel() -> None:
+    """Step-band pixels (-1) get the label of the nearest labelled pixel within the radius, else -1."""
+    labels = np.full((20, 30), -1, np.int32)
+    labels[:, :10] = 0
+    labels[:, 16:] = 1  # a 6 px band of -1 at columns 10..15
+    rows = np.array([5, 5, 5, 5, 5])
+    cols = np.array([3, 10, 12, 15, 20])
+    np.testing.assert_array_equal(pp.nearest_label(labels, rows, cols, 3.0), [0, 0, 0, 1, 1])
+    assert pp.nearest_label(labels, np.array([5]), np.array([13]), 2.0)[0] == -1  # 3 px from both
+    assert pp.nearest_label(labels, np.array([5]), np.array([13]), 3.0)[0] in (0, 1)
+    assert len(pp.nearest_label(labels, np.array([], int), np.array([], int), 3.0)) == 0
+
+
+def test_atoms_in_a_wide_step_band_are_reported_but_not_planned_on() -> None:
+    """The segmented step band is wider than the edge: atoms in it are reported (on their nearest terrace)
+    when atom_step_max_prob allows, and the lattice fits and the planner see only terrace atoms."""
+    from dataclasses import replace as dc_replace
+
+    from stm_feedback.config import Settings
+    from stm_feedback.pipeline import Pipeline
+
+    f = simulate(1_000_412, 192, 0.1, "clean", n_steps=(1, 1))
+    maps = oracle_maps(f.image_nm, f.truth, f.bias_v)
+    band = cv2.dilate(f.truth.step_mask.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0  # +-3 px
+    maps = dc_replace(maps, step_prob=np.where(band, 0.6, 0.0).astype(np.float32))
+    off = Pipeline(Settings(), params=pp.PostprocessParams(atom_step_max_prob=None))
+    on = Pipeline(Settings(), params=pp.PostprocessParams(atom_step_max_prob=1.0))
+    a_off = off.analyze_maps(f.image_nm, maps, 0.1, f.bias_v)
+    a_on = on.analyze_maps(f.image_nm, maps, 0.1, f.bias_v)
+
+    core = cv2.erode(band.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0  # 1 px inside the band's edge
+
+    def in_band(a):  # noqa: ANN001, ANN202
+        return [p for p in a.atoms if core[min(round(p.y_px), 191), min(round(p.x_px), 191)]]
+
+    assert in_band(a_off) == []
+    assert len(in_band(a_on)) > 10
+    assert all(p.terrace >= 0 for p in in_band(a_on))
+    assert len(a_on.dimers) > len(a_off.dimers)
+    # the fits and the plan are those of the terrace atoms alone
+    assert [(t.row_angle_deg, t.row_phase_nm) for t in a_on.terraces] == [
+        (t.row_angle_deg, t.row_phase_nm) for t in a_off.terraces
+    ]
+    assert [s.dimers for s in a_on.sites] == [s.dimers for s in a_off.sites]
+    np.testing.assert_array_equal(a_on.safe_mask, a_off.safe_mask)
+    assert a_on.safe_mask.any()
