@@ -41,7 +41,7 @@ from stm_feedback.planner import (
     propose_sites,
     suspect_dimers,
 )
-from stm_feedback.quality import assess
+from stm_feedback.quality import assess, double_tip_pairs, ghost_copies
 from stm_feedback.schema import Analysis, Defect, ImageInfo, Terrace
 
 FEATURE_NAMES_USED = ("height_rel", "area_cells", "circularity")
@@ -555,15 +555,20 @@ def postprocess_maps(
         safe_mask = clear.safe
     tm.lap("planner")
 
-    quality = assess(
-        img,
-        labels,
-        resolved,
-        any_defect,
-        np.array([[d.x_px, d.y_px] for d in defects]).reshape(-1, 2),
-        kinds,
-        s,
-    )
+    defect_xy = np.array([[d.x_px, d.y_px] for d in defects]).reshape(-1, 2)
+    dt_pairs = double_tip_pairs(defect_xy, kinds, s)
+    quality = assess(img, labels, resolved, any_defect, dt_pairs, s)
+    if params.drop_double_tip_ghosts and dt_pairs is not None:
+        # the second apex's copies are not defects (they stay in the must-avoid masks above: conservative)
+        hrel = features[:, FEATURE_NAMES.index("height_rel")]
+        ghosts = ghost_copies(dt_pairs, hrel)
+        keep = np.ones(len(defects), bool)
+        keep[ghosts] = False
+        defects = [d for d, k in zip(defects, keep.tolist(), strict=True) if k]
+        features = features[keep]
+        quality.notes.append(
+            f"{len(ghosts)} ghost copies of protrusions at the double-tip offset not reported"
+        )
     if ps.withhold_on_double_tip and quality.double_tip_suspected and (sites or safe_mask.any()):
         # a double tip images every feature twice and writes unreliably: nothing on this frame is safe
         sites, safe_mask = [], np.zeros_like(safe_mask)

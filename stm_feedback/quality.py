@@ -124,6 +124,58 @@ DOUBLE_TIP_KINDS: tuple[str, ...] = ("protrusion",)
 DOUBLE_TIP_MIN_OFFSET_NM = 0.8
 
 
+def double_tip_pairs(
+    defect_xy_px: np.ndarray,
+    kinds: list[str],
+    pixel_size_nm: float,
+    min_offset_nm: float = DOUBLE_TIP_MIN_OFFSET_NM,
+    max_offset_nm: float = 3.0,
+    tol_nm: float = 0.2,
+    min_pairs: int = 3,
+    min_fraction: float = 0.3,
+    copied_kinds: tuple[str, ...] = DOUBLE_TIP_KINDS,
+) -> np.ndarray | None:
+    """The defect pairs (P, 2) int (indices into ``defect_xy_px``) that repeat at one common offset vector,
+    oriented so that xy[j] - xy[i] is that offset for every row (i, j), when they make the frame a double-tip
+    frame; else None. A double tip images every raised feature twice. Only defects of ``copied_kinds``
+    count: under constant current the tip follows whichever apex is closer, z = max(z(p), z(p + offset) -
+    dz), so protrusions get a ghost copy and depressions are filled in, not copied. Offsets between
+    ``min_offset_nm`` and ``max_offset_nm`` (nm) of same-kind defects are compared; a common offset (within
+    ``tol_nm``) shared by >= ``min_pairs`` pairs and by at least ``min_fraction`` of the counted defects
+    triggers. ``min_offset_nm`` is 0.8 nm because a ghost closer than a protrusion's footprint (FWHM 0.8-1.2
+    nm) merges with it into one blob, while multi-dimer islands detected as several blobs give many pairs at
+    the 0.38 / 0.77 nm lattice vectors by chance (28 of 100 clean frames were flagged with 0.3 nm and every
+    kind)."""
+    xy = np.asarray(defect_xy_px, float).reshape(-1, 2) * pixel_size_nm
+    kinds_a = np.asarray(kinds, dtype=object).reshape(-1)
+    if len(kinds_a) != len(xy):
+        raise InputError(f"{len(xy)} defect positions but {len(kinds_a)} kinds")
+    counted = np.flatnonzero(np.isin(kinds_a, list(copied_kinds)))
+    xy, kinds_a = xy[counted], kinds_a[counted]
+    if len(xy) < 2 * min_pairs:
+        return None
+    tree = cKDTree(xy)
+    pairs = tree.query_pairs(max_offset_nm, output_type="ndarray")
+    if len(pairs) < min_pairs:
+        return None
+    pairs = pairs[kinds_a[pairs[:, 0]] == kinds_a[pairs[:, 1]]]
+    d = xy[pairs[:, 1]] - xy[pairs[:, 0]]
+    # orient each offset into one half-plane so (a, b) and (b, a) agree
+    flip = (d[:, 1] < 0) | ((d[:, 1] == 0) & (d[:, 0] < 0))
+    d[flip] *= -1
+    pairs[flip] = pairs[flip][:, ::-1]
+    far = np.hypot(d[:, 0], d[:, 1]) >= min_offset_nm
+    d, pairs = d[far], pairs[far]
+    if len(d) < min_pairs:
+        return None
+    near = cKDTree(d).query_ball_point(d, tol_nm)
+    counts = np.array([len(x) for x in near])
+    best = int(counts.argmax())
+    if not (counts[best] >= min_pairs and counts[best] * 2 >= min_fraction * len(xy)):
+        return None
+    return counted[pairs[np.asarray(near[best], np.int64)]]
+
+
 def double_tip_suspected(
     defect_xy_px: np.ndarray,
     kinds: list[str],
@@ -135,38 +187,37 @@ def double_tip_suspected(
     min_fraction: float = 0.3,
     copied_kinds: tuple[str, ...] = DOUBLE_TIP_KINDS,
 ) -> bool:
-    """True when many defects come in pairs of the same kind at one common offset vector (a double tip images
-    every raised feature twice). Only defects of ``copied_kinds`` count: under constant current the tip
-    follows whichever apex is closer, z = max(z(p), z(p + offset) - dz), so protrusions get a ghost copy and
-    depressions are filled in, not copied. Offsets between ``min_offset_nm`` and ``max_offset_nm`` (nm) of
-    same-kind defects are compared; a common offset (within ``tol_nm``) shared by >= ``min_pairs`` pairs
-    and by at least ``min_fraction`` of the counted defects triggers. ``min_offset_nm`` is 0.8 nm because a
-    ghost closer than a protrusion's footprint (FWHM 0.8-1.2 nm) merges with it into one blob, while
-    multi-dimer islands detected as several blobs give many pairs at the 0.38 / 0.77 nm lattice vectors
-    by chance (28 of 100 clean frames were flagged with 0.3 nm and every kind)."""
-    xy = np.asarray(defect_xy_px, float).reshape(-1, 2) * pixel_size_nm
-    kinds_a = np.asarray(kinds, dtype=object).reshape(-1)
-    if len(kinds_a) != len(xy):
-        raise InputError(f"{len(xy)} defect positions but {len(kinds_a)} kinds")
-    keep = np.isin(kinds_a, list(copied_kinds))
-    xy, kinds_a = xy[keep], kinds_a[keep]
-    if len(xy) < 2 * min_pairs:
-        return False
-    tree = cKDTree(xy)
-    pairs = tree.query_pairs(max_offset_nm, output_type="ndarray")
-    if len(pairs) < min_pairs:
-        return False
-    pairs = pairs[kinds_a[pairs[:, 0]] == kinds_a[pairs[:, 1]]]
-    d = xy[pairs[:, 1]] - xy[pairs[:, 0]]
-    # orient each offset into one half-plane so (a, b) and (b, a) agree
-    flip = (d[:, 1] < 0) | ((d[:, 1] == 0) & (d[:, 0] < 0))
-    d[flip] *= -1
-    d = d[np.hypot(d[:, 0], d[:, 1]) >= min_offset_nm]
-    if len(d) < min_pairs:
-        return False
-    counts = np.array([len(x) for x in cKDTree(d).query_ball_point(d, tol_nm)])
-    best = int(counts.max())
-    return best >= min_pairs and best * 2 >= min_fraction * len(xy)
+    """True when many defects come in pairs of the same kind at one common offset vector
+    (``double_tip_pairs``, same parameters)."""
+    return (
+        double_tip_pairs(
+            defect_xy_px,
+            kinds,
+            pixel_size_nm,
+            min_offset_nm,
+            max_offset_nm,
+            tol_nm,
+            min_pairs,
+            min_fraction,
+            copied_kinds,
+        )
+        is not None
+    )
+
+
+def ghost_copies(pairs: np.ndarray, strength: np.ndarray) -> np.ndarray:
+    """Indices of the ghost copies among double-tip ``pairs`` (``double_tip_pairs``: xy[j] - xy[i] = the
+    common offset for each row (i, j)). The second apex images every feature once more, shifted by the same
+    vector and fainter, so the ghosts are all on one side of the pairs: the side that is the weaker one
+    (lower ``strength``, e.g. height_rel; NaN never counts as weaker) in most pairs; ties: the second."""
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    if not len(pairs):
+        return np.empty(0, np.int64)
+    st = np.asarray(strength, float)
+    second_weaker = np.count_nonzero(st[pairs[:, 1]] < st[pairs[:, 0]])
+    first_weaker = np.count_nonzero(st[pairs[:, 0]] < st[pairs[:, 1]])
+    side = 1 if second_weaker >= first_weaker else 0
+    return np.unique(pairs[:, side])
 
 
 def assess(
@@ -174,14 +225,14 @@ def assess(
     terrace_labels: np.ndarray,
     resolved: np.ndarray,
     defect_mask: np.ndarray,
-    defect_xy_px: np.ndarray,
-    kinds: list[str],
+    double_pairs: np.ndarray | None,
     pixel_size_nm: float,
 ) -> Quality:
-    """The frame's Quality record (see each helper for the definition)."""
+    """The frame's Quality record (see each helper for the definition); ``double_pairs``: the defects'
+    ``double_tip_pairs`` (None: no double tip)."""
     frac = resolved_fraction(resolved, terrace_labels, defect_mask)
     lines = tip_change_lines(height, terrace_labels, pixel_size_nm)
-    double = double_tip_suspected(defect_xy_px, kinds, pixel_size_nm)
+    double = double_pairs is not None
     notes: list[str] = []
     if frac < RESOLVED_MIN_FRACTION:
         notes.append(f"atoms resolved on {frac:.0%} of the terrace area")

@@ -14,7 +14,7 @@ from stm_feedback.config import Settings
 from stm_feedback.errors import InputError
 from stm_feedback.maps import NetworkMaps
 from stm_feedback.pipeline import Pipeline
-from stm_feedback.quality import double_tip_suspected, tip_change_lines
+from stm_feedback.quality import double_tip_pairs, double_tip_suspected, ghost_copies, tip_change_lines
 from tests.test_pipeline_oracle import oracle_maps, simulate
 
 TIP_CHANGE = {"p_tip_change": 1.0, "tip_change_dz_nm": (0.04, 0.1)}
@@ -180,3 +180,52 @@ def test_median_helper_is_np_median_with_its_dtype(dtype: type) -> None:
             got, want = _median(v), np.median(v)
             assert got == want and type(got) is type(want)
             assert type(1.4826 * got) is type(1.4826 * want)
+
+
+def test_double_tip_pairs_are_oriented_along_the_common_offset() -> None:
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(0, 200, (8, 2))
+    twice = np.concatenate([xy, xy - [10.0, 5.0]])  # the copies sit at -offset
+    pairs = double_tip_pairs(twice, ["protrusion"] * 16, 0.1)
+    assert pairs is not None and len(pairs) == 8
+    d = twice[pairs[:, 1]] - twice[pairs[:, 0]]
+    np.testing.assert_allclose(d, np.tile(d[:1], (8, 1)))  # one orientation for every pair
+    np.testing.assert_allclose(np.abs(d[0]), [10.0, 5.0])
+    assert double_tip_pairs(xy, ["protrusion"] * 8, 0.1) is None
+
+
+def test_ghost_copies_are_the_weaker_side() -> None:
+    pairs = np.array([[0, 1], [2, 3], [4, 5], [6, 7]])
+    strength = np.array([1.0, 0.5, 2.0, 0.4, 1.5, np.nan, 0.2, 0.9])  # 2nd weaker in 2 pairs, 1st in 1
+    np.testing.assert_array_equal(ghost_copies(pairs, strength), [1, 3, 5, 7])
+    np.testing.assert_array_equal(ghost_copies(pairs[:, ::-1], strength), [1, 3, 5, 7])
+    assert len(ghost_copies(np.empty((0, 2), int), strength)) == 0
+
+
+def test_double_tip_ghosts_are_not_reported() -> None:
+    """On a double-tip frame the faint copies (no height in the image) are dropped from the defect list and
+    the real protrusions stay; with drop_double_tip_ghosts off every copy is reported."""
+    from stm_feedback import postprocess as pp
+    from stm_feedback.config import Settings
+
+    f = simulate(1_000_310, 256, 0.1, "realistic", p_double=0.0, p_tip_change=0.0)
+    maps = _ghost_maps(f, np.array([18.0, 9.0]))
+    on = Pipeline(Settings(), params=pp.PostprocessParams(drop_double_tip_ghosts=True))
+    off = Pipeline(Settings(), params=pp.PostprocessParams(drop_double_tip_ghosts=False))
+    a_on = on.analyze_maps(f.image_nm, maps, 0.1, f.bias_v)
+    a_off = off.analyze_maps(f.image_nm, maps, 0.1, f.bias_v)
+    assert a_on.quality.double_tip_suspected and a_off.quality.double_tip_suspected
+    truth = np.array([[d.x_px, d.y_px] for d in f.truth.defects if d.kind == "protrusion"])
+
+    def prot(a):  # noqa: ANN001, ANN202
+        return np.array([[d.x_px, d.y_px] for d in a.defects if d.kind == "protrusion"])
+
+    def near_truth(xy):  # noqa: ANN001, ANN202
+        return np.min(np.hypot(*(xy[:, None, :] - truth[None, :, :]).transpose(2, 0, 1)), axis=1) < 4.0
+
+    p_on, p_off = prot(a_on), prot(a_off)
+    assert len(p_on) < len(p_off)
+    assert near_truth(p_on).sum() == near_truth(p_off).sum()  # no real protrusion lost
+    assert (~near_truth(p_on)).sum() < (~near_truth(p_off)).sum()
+    assert any("ghost" in n for n in a_on.quality.notes)
+    assert len(a_on.defect_features) == len(a_on.defects)
