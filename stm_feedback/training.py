@@ -104,12 +104,15 @@ class Sample:
 
 
 def frame_seeds(cfg: TrainConfig) -> range:
-    """Simulator seeds of the cache (all < 1_000_000, disjoint per net, shifted by the run seed)."""
+    """Simulator seeds of the cache: from the net's SEED_BASE, shifted by 20 000 per run seed, all < 1_000_000
+    (the nets' ranges meet from run seed 10 on: atoms seed 10 starts at defects seed 0)."""
     start = SEED_BASE[cfg.net] + 20_000 * cfg.seed
     stop = start + cfg.n_frames
     if stop > MAX_TRAINING_SEED or cfg.seed < 0 or cfg.n_frames > 20_000:
+        max_seed = (MAX_TRAINING_SEED - SEED_BASE[cfg.net] - cfg.n_frames) // 20_000
         raise InputError(
-            f"training seeds must stay < {MAX_TRAINING_SEED} (seed {cfg.seed}, {cfg.n_frames} frames)"
+            f"training seeds must stay < {MAX_TRAINING_SEED} (seed {cfg.seed}, {cfg.n_frames} frames): "
+            f"--seed 0..{max_seed} for the {cfg.net} net, at most 20000 frames"
         )
     return range(start, stop)
 

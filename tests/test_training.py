@@ -32,8 +32,9 @@ def test_training_seeds_stay_below_evaluation_range() -> None:
     for net in ("terraces", "atoms", "defects"):
         r = frame_seeds(TrainConfig(net, seed=10, n_frames=1000))
         assert r.stop <= 1_000_000
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=r"--seed 0\.\.24 for the defects net"):
         frame_seeds(TrainConfig("defects", seed=30, n_frames=1000))
+    assert frame_seeds(TrainConfig("defects", seed=24, n_frames=1000)).stop <= 1_000_000
     with pytest.raises(InputError):
         train(TrainConfig("nope", steps=1), None, progress=False)
 
