@@ -482,18 +482,13 @@ def postprocess_maps(
     # It reads the detections off the step band only: the band keeps step_margin_nm anyway, and its atoms
     # and dimers (two row orientations side by side, unpaired atoms at the edge) would widen the
     # orientation band and the anomaly marks beyond it
-    if in_band.any():
-        plan_atoms = np.flatnonzero(~in_band)
-        remap = np.full(len(atoms_xy), -1, np.int64)
-        remap[plan_atoms] = np.arange(len(plan_atoms))
-        p_pairs = remap[pairs]
-        p_pairs = p_pairs[(p_pairs >= 0).all(axis=1)]
-        p_atoms_xy, p_atom_ter = atoms_xy[plan_atoms], atom_ter[plan_atoms]
-        p_dim = ~dim_band
-        p_dim_xy, p_dim_ter, p_dim_angle = dim_xy[p_dim], dim_ter[p_dim], dim_angle[p_dim]
-    else:
-        p_pairs, p_atoms_xy, p_atom_ter = pairs, atoms_xy, atom_ter
-        p_dim_xy, p_dim_ter, p_dim_angle = dim_xy, dim_ter, dim_angle
+    plan_atoms = np.flatnonzero(~in_band)
+    remap = np.full(len(atoms_xy), -1, np.int64)
+    remap[plan_atoms] = np.arange(len(plan_atoms))
+    p_pairs = remap[pairs]
+    p_pairs = p_pairs[(p_pairs >= 0).all(axis=1)]
+    p_atoms_xy, p_atom_ter = atoms_xy[plan_atoms], atom_ter[plan_atoms]
+    p_dim_xy, p_dim_ter, p_dim_angle = dim_xy[~dim_band], dim_ter[~dim_band], dim_angle[~dim_band]
     atom_px = np.zeros((h, w), bool)
     atom_px[a_rows[~in_band], a_cols[~in_band]] = True
     resolved = near_mask(atom_px, ps.resolved_radius_nm, s, inclusive=True)
@@ -503,9 +498,8 @@ def postprocess_maps(
     if withhold_empty:
         sites, safe_mask = [], np.zeros((h, w), bool)
     else:
-        if ps.hole_margin_nm >= 0 and len(
-            p_dim_xy
-        ):  # missing dimers next to detected ones: undetected defects
+        # missing dimers next to detected ones: undetected defects
+        if ps.hole_margin_nm >= 0 and len(p_dim_xy):
             holes = lattice_holes(p_dim_xy, p_dim_angle, p_dim_ter, labels, s, HOLE_TOL_NM)
             if holes.any():
                 avoid[ps.hole_margin_nm] = avoid.get(ps.hole_margin_nm, np.zeros((h, w), bool)) | holes
