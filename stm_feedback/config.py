@@ -35,7 +35,10 @@ class PlannerSettings(BaseModel):
     unknown_margin_nm: float = 1.0
     charged_margin_along_nm: float = 0.0  # optional charged-defect exclusion (SiDB logic uses ~10 nm)
     max_sites: int = 50
-    border_margin_nm: float = 1.0  # beyond the frame is unknown: dimers keep this distance from the border
+    # beyond the frame is unknown: dimers keep this distance from the border. It equals step_margin_nm: a step
+    # or an adatom cluster just outside the frame is invisible (2 of 3 false-safe sites on 100 realistic frames
+    # at 0.05-0.2 nm/px were such; session 5, models/MODEL_CARD.md)
+    border_margin_nm: float = 2.0
     resolved_radius_nm: float = 0.6  # terrace pixels farther than this from any detected atom are unresolved
     # unlabelled protrusions at most this large AND this high are writable (DB-like); the defaults make none
     # writable: on network detections adatoms/clusters and single DBs overlap in (area, height) (docs/

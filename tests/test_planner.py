@@ -105,7 +105,8 @@ def test_depression_margin_respected() -> None:
 
 
 def test_step_margin_and_step_split() -> None:
-    s, ps = 0.1, PlannerSettings(max_sites=1000)
+    # a 10 nm frame: with the default 2 nm border no 3-dimer site fits beside a central step
+    s, ps = 0.1, PlannerSettings(max_sites=1000, border_margin_nm=1.0)
     step = np.zeros((100, 100), bool)
     step[:, 48:51] = True
     _, sites = _plan({}, step=step, settings=ps)
@@ -113,8 +114,9 @@ def test_step_margin_and_step_split() -> None:
     assert _min_dist_nm(sites, step, s) >= ps.step_margin_nm
 
 
-def test_unresolved_region_and_border_margin() -> None:
-    s, ps = 0.1, PlannerSettings(max_sites=1000)
+@pytest.mark.parametrize("border_nm", [1.0, 2.0])
+def test_unresolved_region_and_border_margin(border_nm: float) -> None:
+    s, ps = 0.1, PlannerSettings(max_sites=1000, border_margin_nm=border_nm)
     unres = np.zeros((100, 100), bool)
     unres[:50] = True
     clear, sites = _plan({}, unres=unres, settings=ps)
@@ -123,7 +125,9 @@ def test_unresolved_region_and_border_margin() -> None:
     pts = np.array([p for site in sites for p in site.dimers])
     assert pts.min() * s >= ps.border_margin_nm - 1e-9
     assert (99 - pts.max()) * s >= ps.border_margin_nm - 1e-9
-    assert not clear.safe[:59].any() and clear.safe[59:90, 20:80].all()
+    b = round(border_nm / s)  # px
+    assert not clear.safe[:59].any() and clear.safe[59 : 100 - b, b : 100 - b].all()
+    assert not clear.safe[:, : b].any() and not clear.safe[100 - b :].any()
 
 
 def _dimer_image(
