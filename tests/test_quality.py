@@ -129,44 +129,6 @@ def test_double_tip_rule_rejects_mismatched_kinds() -> None:
         double_tip_suspected(np.zeros((4, 2)), ["protrusion"] * 3, 0.1)
 
 
-if __name__ == "__main__":  # measurement for docs/analysis-schema.md
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="hard")
-    ap.add_argument("--n", type=int, default=40)
-    ap.add_argument("--first-seed", type=int, default=1_000_000)
-    ap.add_argument("--force-tip-change", action="store_true", help="override p_tip_change=1, dz 0.04-0.1 nm")
-    ap.add_argument(
-        "--maps",
-        choices=("oracle", "nets"),
-        default="oracle",
-        help="defects and atoms from the truth (oracle) or from the trained networks (nets: needs models/)",
-    )
-    args = ap.parse_args()
-    pipe_ = Pipeline(Settings())
-    keys = ("frames", "tip_change_frames", "found", "false_lines", "double_truth", "double_flagged")
-    res = dict.fromkeys((*keys, "double_true_pos", "double_false_pos"), 0)
-    for seed in range(args.first_seed, args.first_seed + args.n):
-        f = simulate(seed, 256, None, args.preset, **(TIP_CHANGE if args.force_tip_change else {}))
-        if args.maps == "nets":
-            q = pipe_.analyze(f.image_nm, f.pixel_size_nm, f.bias_v).quality
-        else:
-            q = _analyze(pipe_, f).quality
-        first = f.truth.tip_change_lines[0] if f.truth.tip_change_lines else None
-        hit = [k for k in q.tip_change_lines if first is not None and abs(k - first) <= 3]
-        res["frames"] += 1
-        res["tip_change_frames"] += first is not None
-        res["found"] += bool(hit)
-        res["false_lines"] += len(q.tip_change_lines) - len(hit)
-        double = bool(f.truth.params.get("double_tip"))
-        res["double_truth"] += double
-        res["double_flagged"] += q.double_tip_suspected
-        res["double_true_pos"] += double and q.double_tip_suspected
-        res["double_false_pos"] += (not double) and q.double_tip_suspected
-    print(res)
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_median_helper_is_np_median_with_its_dtype(dtype: type) -> None:
     """quality._median (fast_median) gives np.median's value and scalar type, so the float32 robust
@@ -229,3 +191,41 @@ def test_double_tip_ghosts_are_not_reported() -> None:
     assert (~near_truth(p_on)).sum() < (~near_truth(p_off)).sum()
     assert any("ghost" in n for n in a_on.quality.notes)
     assert len(a_on.defect_features) == len(a_on.defects)
+
+
+if __name__ == "__main__":  # measurement for docs/analysis-schema.md
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="hard")
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--first-seed", type=int, default=1_000_000)
+    ap.add_argument("--force-tip-change", action="store_true", help="override p_tip_change=1, dz 0.04-0.1 nm")
+    ap.add_argument(
+        "--maps",
+        choices=("oracle", "nets"),
+        default="oracle",
+        help="defects and atoms from the truth (oracle) or from the trained networks (nets: needs models/)",
+    )
+    args = ap.parse_args()
+    pipe_ = Pipeline(Settings())
+    keys = ("frames", "tip_change_frames", "found", "false_lines", "double_truth", "double_flagged")
+    res = dict.fromkeys((*keys, "double_true_pos", "double_false_pos"), 0)
+    for seed in range(args.first_seed, args.first_seed + args.n):
+        f = simulate(seed, 256, None, args.preset, **(TIP_CHANGE if args.force_tip_change else {}))
+        if args.maps == "nets":
+            q = pipe_.analyze(f.image_nm, f.pixel_size_nm, f.bias_v).quality
+        else:
+            q = _analyze(pipe_, f).quality
+        first = f.truth.tip_change_lines[0] if f.truth.tip_change_lines else None
+        hit = [k for k in q.tip_change_lines if first is not None and abs(k - first) <= 3]
+        res["frames"] += 1
+        res["tip_change_frames"] += first is not None
+        res["found"] += bool(hit)
+        res["false_lines"] += len(q.tip_change_lines) - len(hit)
+        double = bool(f.truth.params.get("double_tip"))
+        res["double_truth"] += double
+        res["double_flagged"] += q.double_tip_suspected
+        res["double_true_pos"] += double and q.double_tip_suspected
+        res["double_false_pos"] += (not double) and q.double_tip_suspected
+    print(res)
