@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy.spatial import cKDTree
 
@@ -177,32 +179,11 @@ def double_tip_pairs(
 
 
 def double_tip_suspected(
-    defect_xy_px: np.ndarray,
-    kinds: list[str],
-    pixel_size_nm: float,
-    min_offset_nm: float = DOUBLE_TIP_MIN_OFFSET_NM,
-    max_offset_nm: float = 3.0,
-    tol_nm: float = 0.2,
-    min_pairs: int = 3,
-    min_fraction: float = 0.3,
-    copied_kinds: tuple[str, ...] = DOUBLE_TIP_KINDS,
+    defect_xy_px: np.ndarray, kinds: list[str], pixel_size_nm: float, **rule: Any
 ) -> bool:
     """True when many defects come in pairs of the same kind at one common offset vector
-    (``double_tip_pairs``, same parameters)."""
-    return (
-        double_tip_pairs(
-            defect_xy_px,
-            kinds,
-            pixel_size_nm,
-            min_offset_nm,
-            max_offset_nm,
-            tol_nm,
-            min_pairs,
-            min_fraction,
-            copied_kinds,
-        )
-        is not None
-    )
+    (``double_tip_pairs``; ``rule``: its keyword parameters)."""
+    return double_tip_pairs(defect_xy_px, kinds, pixel_size_nm, **rule) is not None
 
 
 def ghost_copies(pairs: np.ndarray, strength: np.ndarray) -> np.ndarray:
