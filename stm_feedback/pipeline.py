@@ -537,9 +537,8 @@ def postprocess_maps(
         step_plan = step
         if ps.step_prob_plan >= 0:  # faint step evidence the segmentation threshold drops
             step_plan = step | (m["step_prob"] >= ps.step_prob_plan)
-        if ps.orientation_reach_nm > 0 and len(
-            p_dim_xy
-        ):  # two row orientations meet: a step, maybe undetected
+        # two row orientations meet: a step, maybe undetected
+        if ps.orientation_reach_nm > 0 and len(p_dim_xy):
             step_plan = step_plan | orientation_band(
                 p_dim_xy, p_dim_angle, (h, w), s, ps.orientation_reach_nm
             )

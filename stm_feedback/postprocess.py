@@ -61,8 +61,9 @@ class PostprocessParams:
     # (session 3): atom precision clean 0.991 -> 0.995, realistic 0.972 -> 0.978, hard 0.545 -> 0.554
     drop_atoms_in_depressions: bool = True
     # on a double-tip frame (quality.double_tip_pairs) the fainter copy of each protrusion pair at the common
-    # offset is the second apex's ghost, not a defect: not reported (it stays must-avoid). Hard suite, 30
-    # frames: defect F1 0.669 -> 0.682, 40 false detections removed, 1 true one lost (session 5)
+    # offset is the second apex's ghost, not a defect: not reported (it stays must-avoid). Hard suite
+    # (benchmarks/sweep_postprocess.py hard N drop_double_tip_ghosts false true, session 5): defect F1 0.676 ->
+    # 0.690 on 30 frames, 0.614 -> 0.620 on 100
     drop_double_tip_ghosts: bool = True
     # protrusion/depression prob above this is defect footprint. `nets-calibrate --frames 6` on NN-2 s23
     # recommends 0.8 (simulated objective 0.811 vs 0.805), but on the real tiles 0.8 drops 86 -> 65 defects
@@ -440,7 +441,7 @@ def nearest_label(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray, radius
         return out
     h, w = labels.shape
     off = _disk_offsets(max(0, int(radius_px)))
-    # rings of growing radius: most points find a label within 2-3 px, so few ever see the full disk (the
+    # rings of growing radius: most points find a label within 2-4 px, so few ever see the full disk (the
     # offsets are sorted by distance, so this is the same first hit as one pass over the disk)
     todo = np.arange(len(rows))
     r2 = (off**2).sum(axis=1)
