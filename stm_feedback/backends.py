@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,23 +82,42 @@ class WithActivation(nn.Module):
         return torch.softmax(y, 1) if self.softmax else torch.sigmoid(y)
 
 
-class _ShapeCache:
-    """Compiled artefacts per input shape, built once under a lock (engines may be shared by threads)."""
+# compiled artefacts kept per engine, counted in input pixels: each input shape (i.e. each frame pixel size)
+# compiles its own model, ~40 ms per net with OpenVINO and memory growing with the shape's area (~29 MiB per
+# pixel size for the three nets at 256 px frames). Unbounded, 24 pixel sizes took a runner from 356 to 1045
+# MiB; beyond this budget the least recently used shapes are dropped (session 5, docs/performance.md)
+MAX_COMPILED_PIXELS_PER_ENGINE = 24 * 256 * 256
 
-    def __init__(self, build: Callable[[tuple[int, int]], object]) -> None:
+
+class _ShapeCache:
+    """Compiled artefacts per input shape, built once under a lock (engines may be shared by threads). The
+    cached shapes' areas (h * w) add up to at most ``max_pixels``, the least recently used dropped first (the
+    newest is always kept; a dropped shape is compiled again when it returns)."""
+
+    def __init__(
+        self, build: Callable[[tuple[int, int]], object], max_pixels: int = MAX_COMPILED_PIXELS_PER_ENGINE
+    ) -> None:
+        if max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
         self._build = build
-        self._items: dict[tuple[int, int], object] = {}
+        self._max = max_pixels
+        self._items: OrderedDict[tuple[int, int], object] = OrderedDict()
+        self._pixels = 0
         self._lock = threading.Lock()
 
     def get(self, shape: tuple[int, int]) -> object:
-        item = self._items.get(shape)
-        if item is None:
-            with self._lock:
-                item = self._items.get(shape)
-                if item is None:
-                    item = self._build(shape)
-                    self._items[shape] = item
-        return item
+        with self._lock:
+            item = self._items.get(shape)
+            if item is not None:
+                self._items.move_to_end(shape)
+                return item
+            item = self._build(shape)
+            self._items[shape] = item
+            self._pixels += shape[0] * shape[1]
+            while self._pixels > self._max and len(self._items) > 1:
+                old, _ = self._items.popitem(last=False)
+                self._pixels -= old[0] * old[1]
+            return item
 
     def __len__(self) -> int:
         return len(self._items)

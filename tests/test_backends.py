@@ -210,6 +210,29 @@ def test_engine_caches_per_shape_and_checks_input(kind: str) -> None:
         engine(np.zeros((1, 8, 8), np.float32))
 
 
+def test_shape_cache_keeps_the_most_recently_used_shapes() -> None:
+    """Each frame pixel size compiles its own model: the cache is bounded in input pixels (memory), least
+    recently used first out, and a dropped shape is built again when it returns."""
+    from stm_feedback.backends import MAX_COMPILED_PIXELS_PER_ENGINE, _ShapeCache
+
+    built: list[tuple[int, int]] = []
+    cache = _ShapeCache(lambda shape: built.append(shape) or shape, max_pixels=3 * 64)
+    for shape in [(8, 8), (8, 8), (4, 16), (2, 32), (8, 8), (1, 64)]:  # (8, 8) used again: (4, 16) goes
+        assert cache.get(shape) == shape
+    assert len(cache) == 3
+    assert built == [(8, 8), (4, 16), (2, 32), (1, 64)]
+    cache.get((8, 8))
+    cache.get((2, 32))
+    assert len(built) == 4  # still cached
+    cache.get((4, 16))
+    assert built[-1] == (4, 16) and len(cache) == 3
+    cache.get((16, 16))  # larger than the whole budget: kept alone
+    assert len(cache) == 1
+    assert MAX_COMPILED_PIXELS_PER_ENGINE >= 8 * 256 * 256  # a session's few pixel sizes stay compiled
+    with pytest.raises(ValueError):
+        _ShapeCache(lambda shape: shape, max_pixels=0)
+
+
 @pytest.mark.skipif(not HAVE_OPENVINO, reason="openvino not installed")
 def test_openvino_ir_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STM_FEEDBACK_CACHE_DIR", str(tmp_path))
