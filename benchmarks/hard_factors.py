@@ -1,0 +1,72 @@
+"""The hard preset with one artefact group reset to realistic values at a time: atom / dimer / defect F1,
+terrace ARI, site-found and false-safe sites of the networks (models/MODEL_CARD.md, session 5).
+
+    python benchmarks/hard_factors.py N [VARIANT ...]     # 30 frames at seeds 800000+ in the card
+"""
+
+import dataclasses
+import json
+import sys
+
+from simulator.frame import SimConfig, simulate_frame
+from stm_feedback.config import load_settings
+from stm_feedback.evaluation import EvalFrame, evaluate_frames
+from stm_feedback.pipeline import Pipeline
+
+pipe = Pipeline(load_settings())
+VARIANTS = {
+    "hard": {},
+    "no_jitter": dict(p_jitter=0.0),
+    "no_double": dict(p_double=0.0),
+    "gain_ok": dict(feedback_gain=(0.9, 1.0)),
+    "no_drift": dict(drift_nm_per_min=(0.0, 0.1), creep_nm=(0.0, 0.05)),
+    "noise_real": dict(
+        white_noise_nm=(0.002, 0.006),
+        pink_noise_nm=(0.0, 0.005),
+        spike_fraction=(0.0, 0.001),
+        line_offset_nm=(0.0, 0.01),
+    ),
+    "no_unres": dict(p_unresolved=0.0, p_blunt=0.0),
+    "no_tipchange": dict(p_tip_change=0.0),
+    "filled": dict(p_empty_state=0.0),
+    "only_listed": dict(
+        p_jitter=0.0,
+        feedback_gain=(0.9, 1.0),
+        drift_nm_per_min=(0.0, 0.5),
+        creep_nm=(0.0, 0.3),
+        tilt_deg=(0.0, 0.5),
+        hump_nm=(0.0, 0.05),
+    ),
+}
+n = int(sys.argv[1])
+names = sys.argv[2:] or list(VARIANTS)
+for name in names:
+    cfg = dataclasses.replace(SimConfig.preset("hard"), **VARIANTS[name])
+
+    def frames(cfg=cfg):  # noqa: ANN001, ANN202
+        for seed in range(800000, 800000 + n):
+            f = simulate_frame(seed, size_px=256, pixel_size_nm=None, config=cfg)
+            yield EvalFrame(seed, f.image_nm, float(f.truth.pixel_size_nm), float(f.bias_v), f.truth)
+
+    m = evaluate_frames(
+        frames(), lambda f: pipe.analyze(f.image_nm, f.pixel_size_nm, bias_v=f.bias_v), "hard", "nets"
+    ).metrics
+    print(
+        json.dumps(
+            {
+                "variant": name,
+                **{
+                    k: round(m[k], 4)
+                    for k in (
+                        "atom_f1",
+                        "dimer_f1",
+                        "defect_f1",
+                        "terrace_ari",
+                        "site_found_rate",
+                        "false_safe_sites",
+                    )
+                },
+            }
+        ),
+        flush=True,
+    )
