@@ -551,17 +551,20 @@ def postprocess_maps(
     defect_xy = np.array([[d.x_px, d.y_px] for d in defects]).reshape(-1, 2)
     dt_pairs = double_tip_pairs(defect_xy, kinds, s)
     quality = assess(img, labels, resolved, any_defect, dt_pairs, s)
-    if params.drop_double_tip_ghosts and dt_pairs is not None:
-        # the second apex's copies are not defects (they stay in the must-avoid masks above: conservative)
-        hrel = features[:, FEATURE_NAMES.index("height_rel")]
-        ghosts = ghost_copies(dt_pairs, hrel)
-        keep = np.ones(len(defects), bool)
+    # detections not reported as defects; they stay in the must-avoid masks above (conservative)
+    keep = np.ones(len(defects), bool)
+    if params.depression_report_min_score > 0:  # faint depressions: mostly false (PostprocessParams)
+        faint = [d.kind == "depression" and d.score < params.depression_report_min_score for d in defects]
+        keep &= ~np.array(faint, bool).reshape(-1)
+    if params.drop_double_tip_ghosts and dt_pairs is not None:  # the second apex's copies are not defects
+        ghosts = ghost_copies(dt_pairs, features[:, FEATURE_NAMES.index("height_rel")])
         keep[ghosts] = False
-        defects = [d for d, k in zip(defects, keep.tolist(), strict=True) if k]
-        features = features[keep]
         quality.notes.append(
             f"{len(ghosts)} ghost copies of protrusions at the double-tip offset not reported"
         )
+    if not keep.all():
+        defects = [d for d, k in zip(defects, keep.tolist(), strict=True) if k]
+        features = features[keep]
     if ps.withhold_on_double_tip and quality.double_tip_suspected and (sites or safe_mask.any()):
         # a double tip images every feature twice and writes unreliably: nothing on this frame is safe
         sites, safe_mask = [], np.zeros_like(safe_mask)

@@ -343,3 +343,31 @@ def test_atoms_in_a_wide_step_band_are_reported_but_not_planned_on() -> None:
     assert [s.dimers for s in a_on.sites] == [s.dimers for s in a_off.sites]
     np.testing.assert_array_equal(a_on.safe_mask, a_off.safe_mask)
     assert a_on.safe_mask.any()
+
+
+def test_faint_depressions_are_not_reported_but_stay_must_avoid() -> None:
+    """A depression blob whose peak probability is below depression_report_min_score is not in the defect
+    list, but the safe mask keeps clear of it exactly as when it is reported."""
+    from dataclasses import replace as dc_replace
+
+    from stm_feedback.config import Settings
+    from stm_feedback.pipeline import Pipeline
+
+    f = simulate(1_000_311, 160, 0.1, "clean")
+    maps = oracle_maps(f.image_nm, f.truth, f.bias_v)
+    dep = np.zeros_like(maps.depression_prob)
+    dep[70:76, 70:76] = 0.8  # a faint "vacancy" on the lattice
+    maps = dc_replace(maps, depression_prob=np.maximum(maps.depression_prob, dep))
+    shown = Pipeline(Settings(), params=pp.PostprocessParams(depression_report_min_score=0.0))
+    hidden = Pipeline(Settings(), params=pp.PostprocessParams(depression_report_min_score=0.85))
+    a_shown = shown.analyze_maps(f.image_nm, maps, 0.1, f.bias_v)
+    a_hidden = hidden.analyze_maps(f.image_nm, maps, 0.1, f.bias_v)
+
+    def at_patch(a):  # noqa: ANN001, ANN202
+        return [d for d in a.defects if 68 <= d.y_px <= 78 and 68 <= d.x_px <= 78]
+
+    assert len(at_patch(a_shown)) == 1 and at_patch(a_hidden) == []
+    assert len(a_hidden.defects) == len(a_shown.defects) - 1
+    assert len(a_hidden.defect_features) == len(a_hidden.defects)
+    np.testing.assert_array_equal(a_hidden.safe_mask, a_shown.safe_mask)
+    assert not a_hidden.safe_mask[70:76, 70:76].any()
