@@ -8,9 +8,9 @@ import dataclasses
 import json
 import sys
 
-from simulator.frame import SimConfig, simulate_frame
+from simulator.frame import SimConfig
 from stm_feedback.config import load_settings
-from stm_feedback.evaluation import EvalFrame, evaluate_frames
+from stm_feedback.evaluation import evaluate_frames, simulated_frames
 from stm_feedback.pipeline import Pipeline
 
 pipe = Pipeline(load_settings())
@@ -38,35 +38,14 @@ VARIANTS = {
         hump_nm=(0.0, 0.05),
     ),
 }
+KEYS = ("atom_f1", "dimer_f1", "defect_f1", "terrace_ari", "site_found_rate", "false_safe_sites")
 n = int(sys.argv[1])
-names = sys.argv[2:] or list(VARIANTS)
-for name in names:
+for name in sys.argv[2:] or list(VARIANTS):
     cfg = dataclasses.replace(SimConfig.preset("hard"), **VARIANTS[name])
-
-    def frames(cfg=cfg):  # noqa: ANN001, ANN202
-        for seed in range(800000, 800000 + n):
-            f = simulate_frame(seed, size_px=256, pixel_size_nm=None, config=cfg)
-            yield EvalFrame(seed, f.image_nm, float(f.truth.pixel_size_nm), float(f.bias_v), f.truth)
-
     m = evaluate_frames(
-        frames(), lambda f: pipe.analyze(f.image_nm, f.pixel_size_nm, bias_v=f.bias_v), "hard", "nets"
+        simulated_frames(cfg, 800_000, n),
+        lambda f: pipe.analyze(f.image_nm, f.pixel_size_nm, bias_v=f.bias_v),
+        "hard",
+        "nets",
     ).metrics
-    print(
-        json.dumps(
-            {
-                "variant": name,
-                **{
-                    k: round(m[k], 4)
-                    for k in (
-                        "atom_f1",
-                        "dimer_f1",
-                        "defect_f1",
-                        "terrace_ari",
-                        "site_found_rate",
-                        "false_safe_sites",
-                    )
-                },
-            }
-        ),
-        flush=True,
-    )
+    print(json.dumps({"variant": name, **{k: round(m[k], 4) for k in KEYS}}), flush=True)

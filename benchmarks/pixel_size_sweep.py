@@ -9,9 +9,9 @@ import dataclasses
 import json
 import sys
 
-from simulator.frame import SimConfig, simulate_frame
+from simulator.frame import SimConfig
 from stm_feedback.config import load_settings
-from stm_feedback.evaluation import EvalFrame, evaluate_frames
+from stm_feedback.evaluation import evaluate_frames, simulated_frames
 from stm_feedback.pipeline import Pipeline
 
 pipe = Pipeline(load_settings())
@@ -23,33 +23,23 @@ cfg = dataclasses.replace(
 first, n = int(sys.argv[1]), int(sys.argv[2])
 
 
-def frames():
-    for seed in range(first, first + n):
-        f = simulate_frame(seed, size_px=256, pixel_size_nm=None, config=cfg)
-        yield EvalFrame(seed, f.image_nm, float(f.truth.pixel_size_nm), float(f.bias_v), f.truth)
-
-
+KEYS = (
+    "atom_f1",
+    "dimer_f1",
+    "defect_f1",
+    "terrace_ari",
+    "angle_err_median_deg",
+    "site_found_rate",
+    "false_safe_sites",
+    "false_safe_frames",
+)
 res = evaluate_frames(
-    frames(), lambda f: pipe.analyze(f.image_nm, f.pixel_size_nm, bias_v=f.bias_v), "realistic", "nets"
+    simulated_frames(cfg, first, n),
+    lambda f: pipe.analyze(f.image_nm, f.pixel_size_nm, bias_v=f.bias_v),
+    "realistic",
+    "nets",
 )
-m = res.metrics
-print(
-    json.dumps(
-        {
-            k: round(m[k], 4)
-            for k in (
-                "atom_f1",
-                "dimer_f1",
-                "defect_f1",
-                "terrace_ari",
-                "angle_err_median_deg",
-                "site_found_rate",
-                "false_safe_sites",
-                "false_safe_frames",
-            )
-        }
-    )
-)
+print(json.dumps({k: round(res.metrics[k], 4) for k in KEYS}))
 for fr in res.frames:
     if fr["planner"]["false_safe"]:
         print(fr["seed"], fr["pixel_size_nm"], fr["tip_state"], fr["planner"])

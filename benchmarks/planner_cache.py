@@ -20,18 +20,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from stm_feedback.config import load_settings
-from stm_feedback.evaluation import SUITES, EvalFrame, suite_frames
+from stm_feedback.evaluation import SUITES, simulated_frames, suite_frames
 from stm_feedback.pipeline import Pipeline
-
-
-def preset_frames(preset: str, first_seed: int, n: int, size_px: int = 256):
-    """Frames of simulator preset ``preset`` at seeds first_seed .. first_seed + n - 1 (drawn pixel size)."""
-    from simulator.frame import SimConfig, simulate_frame
-
-    cfg = SimConfig.preset(preset)
-    for seed in range(first_seed, first_seed + n):
-        f = simulate_frame(seed, size_px=size_px, pixel_size_nm=None, config=cfg)
-        yield EvalFrame(seed, f.image_nm, float(f.truth.pixel_size_nm), float(f.bias_v), f.truth)
 
 
 def main() -> None:
@@ -48,7 +38,7 @@ def main() -> None:
     frames = (
         suite_frames(args.suite, args.n)
         if args.suite
-        else preset_frames(args.preset, args.first_seed, args.n)
+        else simulated_frames(args.preset, args.first_seed, args.n)
     )
     pipe = Pipeline(load_settings())
     runner = pipe.runner

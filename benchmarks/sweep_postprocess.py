@@ -20,7 +20,7 @@ import json
 
 from stm_feedback import postprocess as pp
 from stm_feedback.config import load_settings
-from stm_feedback.evaluation import EvalFrame, evaluate, evaluate_frames
+from stm_feedback.evaluation import evaluate, evaluate_frames, simulated_frames
 from stm_feedback.pipeline import Pipeline
 
 KEYS = ("atom_", "dimer_f1", "defect_", "terrace_ari", "site", "false_safe")
@@ -35,16 +35,6 @@ def parse_value(field: dataclasses.Field, text: str) -> object:
     if "int" in str(field.type) and "float" not in str(field.type):
         return int(text)
     return float(text)
-
-
-def preset_frames(preset: str, first_seed: int, n: int):  # noqa: ANN201
-    """Frames of a simulator preset at seeds first_seed.. (256 px; pixel size and bias drawn by it)."""
-    from simulator.frame import SimConfig, simulate_frame
-
-    cfg = SimConfig.preset(preset)
-    for seed in range(first_seed, first_seed + n):
-        f = simulate_frame(seed, size_px=256, pixel_size_nm=None, config=cfg)
-        yield EvalFrame(seed, f.image_nm, float(f.truth.pixel_size_nm), float(f.bias_v), f.truth)
 
 
 def main() -> None:
@@ -69,7 +59,7 @@ def main() -> None:
         pipe.params = pp.PostprocessParams(**{args.param: value})
         if args.preset:
             m = evaluate_frames(
-                preset_frames(args.preset, args.first_seed, args.n),
+                simulated_frames(args.preset, args.first_seed, args.n),
                 lambda f: analyze(f.image_nm, f.pixel_size_nm, f.bias_v),
                 args.suite,
                 "nets",

@@ -103,6 +103,17 @@ class EvalFrame:
     truth: GroundTruth
 
 
+def simulated_frames(config: Any, first_seed: int, n: int, size_px: int = 256) -> Iterator[EvalFrame]:
+    """Frames of simulator configuration ``config`` (a ``SimConfig`` or a preset name) at seeds first_seed ..
+    first_seed + n - 1, size_px^2, pixel size and bias drawn by the configuration (lazily, one at a time)."""
+    from simulator.frame import SimConfig, simulate_frame
+
+    cfg = SimConfig.preset(config) if isinstance(config, str) else config
+    for seed in range(first_seed, first_seed + n):
+        f = simulate_frame(seed, size_px=size_px, pixel_size_nm=None, config=cfg)
+        yield EvalFrame(seed, f.image_nm, float(f.truth.pixel_size_nm), float(f.bias_v), f.truth)
+
+
 def suite_frames(suite: str, n: int | None = None) -> Iterator[EvalFrame]:
     """The suite's frames, generated deterministically from their seeds (lazily, one at a time)."""
     if suite not in SUITES:
@@ -111,13 +122,7 @@ def suite_frames(suite: str, n: int | None = None) -> Iterator[EvalFrame]:
     n = s.n_frames if n is None else n
     if n < 1:
         raise InputError(f"number of frames must be >= 1; got {n}")
-    from simulator.frame import SimConfig, simulate_frame
-
-    cfg = SimConfig.preset(s.preset)
-    for i in range(n):
-        seed = s.first_seed + i
-        f = simulate_frame(seed, size_px=s.size_px, pixel_size_nm=None, config=cfg)
-        yield EvalFrame(seed, f.image_nm, float(f.truth.pixel_size_nm), float(f.bias_v), f.truth)
+    return simulated_frames(s.preset, s.first_seed, n, s.size_px)
 
 
 # ------------------------------------------------------------------------------------------------------------
