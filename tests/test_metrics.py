@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
@@ -210,3 +212,24 @@ def test_score_frame_missing_terraces_and_wrong_kinds() -> None:
     bad.image = ImageInfo(32, 32, 0.1)
     with pytest.raises(InputError):
         score_frame(truth, bad)
+
+
+def test_dihydrides_in_unresolved_regions_are_not_scored() -> None:
+    """A dihydride's signature is atomic-scale (blurred away in an unresolved patch): missing it there is
+    not a false negative and a prediction on it is not a false positive; other classes there still count."""
+    truth = _synthetic_truth()
+    truth.defects += [
+        DefectTruth(3, "dihydride", "depression", True, 5.0, 5.0, 0, 1),  # in the unresolved corner
+        DefectTruth(4, "dv1", "depression", True, 9.0, 8.0, 0, 1),  # in the corner too, still scored
+        DefectTruth(5, "dihydride", "depression", True, 25.0, 50.0, 0, 1),  # resolved: scored
+    ]
+    full = _analysis_from(truth)
+    s = score_frame(truth, full)
+    assert (s.defects.tp, s.defects.fp, s.defects.fn) == (4, 0, 0)
+    assert s.defect_class_found["dihydride"] == [1, 1]
+    keep = [d for d in full.defects if (d.x_px, d.y_px) != (5.0, 5.0)]
+    s = score_frame(truth, dataclasses.replace(full, defects=keep))
+    assert (s.defects.tp, s.defects.fp, s.defects.fn) == (4, 0, 0)  # the unresolved dihydride is not missed
+    keep = [d for d in full.defects if (d.x_px, d.y_px) not in ((9.0, 8.0), (25.0, 50.0))]
+    s = score_frame(truth, dataclasses.replace(full, defects=keep))
+    assert (s.defects.tp, s.defects.fn) == (2, 2)  # unresolved dv1 and resolved dihydride are
