@@ -2,7 +2,8 @@
 
 A backend turns a prepared ``nn.Module`` (eval, BatchNorm folded) into an *engine*: a callable mapping one
 padded network input (h, w) float32 to its output probabilities (C, h, w) float32 (softmax over channels
-when C > 1, else sigmoid). Engines cache one compiled graph per input shape.
+when C > 1, else sigmoid). OpenVINO engines compile once with dynamic (h, w); traced PyTorch engines cache one
+trace per input shape.
 
 Fallback chain for ``backend="auto"`` (order chosen by measurement, docs/performance.md):
   CPU:  OpenVINO (bf16 inference precision when the CPU has native bf16 — AMX or AVX512-bf16 — else fp32)
@@ -82,10 +83,10 @@ class WithActivation(nn.Module):
         return torch.softmax(y, 1) if self.softmax else torch.sigmoid(y)
 
 
-# compiled artefacts kept per engine, counted in input pixels: each input shape (i.e. each frame pixel size)
-# compiles its own model, ~40 ms per net with OpenVINO and memory growing with the shape's area (~29 MiB per
-# pixel size for the three nets at 256 px frames). Unbounded, 24 pixel sizes took a runner from 356 to 1045
-# MiB; beyond this budget the least recently used shapes are dropped (session 5, docs/performance.md)
+# traced PyTorch graphs kept per engine, counted in input pixels: each input shape (i.e. each frame pixel size)
+# traces its own graph, and memory grows with the shape's area (with per-shape OpenVINO compiles, before
+# session 6, 24 pixel sizes took a runner from 356 to 1045 MiB); beyond this budget the least recently used
+# shapes are dropped (session 5, docs/performance.md)
 MAX_COMPILED_PIXELS_PER_ENGINE = 24 * 256 * 256
 
 
@@ -237,8 +238,14 @@ def _convert_cached(ov, wrapped: nn.Module, key: str):  # noqa: ANN001, ANN202 -
 
 class OpenVINOEngine:
     """One net in OpenVINO on the CPU: the PyTorch module converted once with dynamic (h, w) (cached on
-    disk, see ``cache_dir``), then reshaped and compiled per input shape with the given inference precision
-    ("bf16" or "f32")."""
+    disk, see ``cache_dir``) and compiled **once**, with dynamic (h, w), with the given inference precision
+    ("bf16" or "f32"): one infer request serves every input shape.
+
+    Measured against one static compile per input shape (the engine before session 6; docs/performance.md,
+    ``NSIZES=40 python benchmarks/shape_cache_memory.py``): the same latency at 256 x 256 and the same
+    outputs (max difference 0.0), but no 100-200 ms compile at each new frame pixel size and no memory
+    growth with the number of pixel sizes seen (40 sizes, 3 passes: 579 MiB flat instead of 923 -> 1032 MiB).
+    """
 
     def __init__(self, module: nn.Module, out_channels: int, precision: str, threads: int) -> None:
         ov = _import_openvino()
@@ -246,7 +253,7 @@ class OpenVINOEngine:
         self._core = ov.Core()
         wrapped = WithActivation(module, out_channels).eval().float()
         key = module_fingerprint(wrapped, out_channels, ov.__version__)
-        self._model = _convert_cached(ov, wrapped, key)
+        self._model = _convert_cached(ov, wrapped, key)  # input (1, 1, -1, -1)
         self._config: dict[str, object] = {
             "INFERENCE_PRECISION_HINT": precision,
             "PERFORMANCE_HINT": "LATENCY",
@@ -254,21 +261,14 @@ class OpenVINOEngine:
         }
         if threads > 0:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
-        self._cache = _ShapeCache(self._compile)
-        self._lock = threading.Lock()  # one infer request per compiled shape: serialise its use
-
-    def _compile(self, shape: tuple[int, int]) -> object:
-        model = self._model.clone()
-        model.reshape([1, 1, *shape])
-        compiled = self._core.compile_model(model, "CPU", self._config)
-        return compiled.create_infer_request()
+        self._request = self._core.compile_model(self._model, "CPU", self._config).create_infer_request()
+        self._lock = threading.Lock()  # one infer request: serialise its use (engines may be shared)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = _check_input(x)
-        request = self._cache.get(x.shape)
         with self._lock:
-            request.infer({0: x[None, None]})
-            out = request.get_output_tensor(0).data
+            self._request.infer({0: x[None, None]})
+            out = self._request.get_output_tensor(0).data
             return np.array(out[0], dtype=np.float32, copy=True)
 
 

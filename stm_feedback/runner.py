@@ -84,7 +84,7 @@ class ModelRunner:
         self.specs: dict[str, NetSpec] = {n: s for n, (_, s) in nets.items()}
         self.modules = {n: prepare_module(m, self._device) for n, (m, _) in nets.items()}
         self._amp = self._device.type == "cuda"
-        # execution backend (stm_feedback.backends): one engine per net, compiled per input shape
+        # execution backend (stm_feedback.backends): one engine per net (OpenVINO: compiled once, any shape)
         self._backend = select_backend(backend, self._device, threads, fp32_nets=fp32_nets)
         self.engines = {
             n: self._backend.engine(m, self.specs[n].out_channels, n) for n, m in self.modules.items()

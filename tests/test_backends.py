@@ -194,7 +194,7 @@ def test_bad_backend_names() -> None:
 
 
 @pytest.mark.parametrize("kind", ["torch"] + (["openvino"] if HAVE_OPENVINO else []))
-def test_engine_caches_per_shape_and_checks_input(kind: str) -> None:
+def test_engine_serves_every_shape_and_checks_input(kind: str) -> None:
     spec = replace(spec_preset("defects"), widths=(4,))
     torch.manual_seed(0)
     module = prepare_module(build_net(spec), torch.device("cpu"))
@@ -205,14 +205,21 @@ def test_engine_caches_per_shape_and_checks_input(kind: str) -> None:
     engine(np.zeros((8, 8), np.float32))
     assert y1.shape == (3, 16, 24)
     assert np.allclose(y1.sum(0), 1.0, atol=1e-4)  # softmax inside the compiled graph
-    assert len(engine._cache) == 2
+    if kind == "torch":
+        assert len(engine._cache) == 2  # one trace per shape
+    else:  # one dynamic-shape compile serves every shape: the eager module's outputs at each of them
+        ref = select_backend("torch-eager", "cpu", 1).engine(copy.deepcopy(module), spec.out_channels)
+        rng = np.random.default_rng(1)
+        for shape in [(40, 16), (16, 24), (8, 8), (16, 24)]:
+            xs = rng.random(shape, dtype=np.float32)
+            assert np.allclose(engine(xs), ref(xs), atol=1e-4)
     with pytest.raises(ModelError, match="2-D"):
         engine(np.zeros((1, 8, 8), np.float32))
 
 
 def test_shape_cache_keeps_the_most_recently_used_shapes() -> None:
-    """Each frame pixel size compiles its own model: the cache is bounded in input pixels (memory), least
-    recently used first out, and a dropped shape is built again when it returns."""
+    """Each frame pixel size traces its own PyTorch graph: the cache is bounded in input pixels (memory),
+    least recently used first out, and a dropped shape is built again when it returns."""
     from stm_feedback.backends import MAX_COMPILED_PIXELS_PER_ENGINE, _ShapeCache
 
     built: list[tuple[int, int]] = []
