@@ -1,7 +1,8 @@
 """Sites proposed on double-tip frames: the realistic preset with a double tip on every frame (drawn pixel
-size, bias, offsets 0.3-2 nm), scored like ``stm-feedback evaluate`` (``stm_feedback.planner_eval``). Prints,
-per planner variant, frames flagged by the quality check, frames with a truth window, frames with a site found,
-false-safe sites and frames, and which truth rule each false-safe site breaks (step edge or defect class).
+size, bias, offsets 0.3-2 nm), scored like ``stm-feedback evaluate`` (``stm_feedback.planner_eval``).
+Prints, per planner variant, frames flagged by the quality check, frames with a truth window, frames with a
+site found, false-safe sites and frames, and which truth rule each false-safe site breaks (step edge or
+defect margin).
 
     python benchmarks/double_tip_sites.py FIRST_SEED N [--setting NAME=VALUE ...]   # 760000 60
 
