@@ -81,7 +81,8 @@ def test_row_fit_and_undistorted_angle_equal_the_reference() -> None:
         fit = ref.fit_row_lattice(xy)
         if fit is None:
             continue
-        u_fast = fast.undistorted_row_angle_deg(xy, fit.row_angle_deg)
+        # the reference has no Newton step on all atoms after the subsample (session 6)
+        u_fast = fast.undistorted_row_angle_deg(xy, fit.row_angle_deg, refine_all_iters=0)
         u_ref = ref.undistorted_row_angle_deg(xy, fit.row_angle_deg)
         assert (u_fast is None) == (u_ref is None)
         if u_ref is not None:
