@@ -82,7 +82,8 @@ class SimConfig:
 
     @staticmethod
     def preset(name: str) -> SimConfig:
-        """One of "clean", "realistic", "realistic_empty", "hard", "training", "defect_rich" (see
+        """One of "clean", "realistic", "realistic_empty", "hard", "training", "defect_rich",
+        "defect_rich_empty" (see
         docs/simulator.md)."""
         if name not in PRESETS:
             raise InputError(f"unknown simulator preset {name!r}; choose one of {sorted(PRESETS)}")
@@ -187,6 +188,9 @@ PRESETS: dict[str, SimConfig] = {
         pink_noise_nm=(0.0, 0.008),
     ),
 }
+# defect_rich imaged in empty states only: an NN-2 training component for the empty-state dihydrides
+# (a dark line and two shifted atom dips inside the dark row line; models/MODEL_CARD.md, session 7)
+PRESETS["defect_rich_empty"] = replace(PRESETS["defect_rich"], name="defect_rich_empty", p_empty_state=1.0)
 
 
 def uniform(rng: np.random.Generator, r: Range) -> float:
