@@ -374,7 +374,12 @@ def analyze_baseline(
         ],
         defects=defects,
         terraces=terraces,
-        quality=Quality(atomically_resolved=frac > 0.5, resolved_fraction=frac),
+        quality=Quality(
+            atomically_resolved=frac > 0.5,
+            resolved_fraction=frac,
+            polarity="empty" if sign < 0 else "filled",
+            polarity_source="assumed" if bias_v is None else "bias",
+        ),
         terrace_labels=labels,
         timings_ms={
             "level_terraces": 1e3 * (t1 - t0),

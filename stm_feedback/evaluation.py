@@ -22,7 +22,7 @@ from simulator.truth import GroundTruth
 from stm_feedback.errors import InputError, ModelError
 from stm_feedback.metrics import FrameScore, MatchCounts, score_frame
 from stm_feedback.planner_eval import SiteScore, aggregate_sites, score_sites
-from stm_feedback.schema import Analysis, Atom, Defect, Dimer, ImageInfo, Terrace
+from stm_feedback.schema import Analysis, Atom, Defect, Dimer, ImageInfo, Quality, Terrace
 
 Analyzer = Callable[[np.ndarray, float, "float | None"], Analysis]
 
@@ -89,6 +89,7 @@ METRICS: dict[str, tuple[str, bool]] = {
     "angle_err_p90_deg": ("row-angle error p90 (deg)", False),
     "site_found_rate": ("site-found rate (frames with a truth window)", True),
     "false_safe_sites": ("false-safe sites (total)", False),
+    "polarity_accuracy": ("polarity (bias or estimate) correct, fraction of frames", True),
 }
 
 
@@ -150,8 +151,14 @@ def oracle_analysis(truth: GroundTruth) -> Analysis:
         ],
         terraces=[Terrace(t.id, t.row_angle_deg, t.row_phase_nm) for t in truth.terraces],
         terrace_labels=np.asarray(truth.terrace_labels, np.int32),
+        quality=Quality(polarity=truth_polarity(truth.bias_v), polarity_source="bias"),
         models={"oracle": "truth"},
     )
+
+
+def truth_polarity(bias_v: float) -> str:
+    """The contrast a frame was imaged in: "empty" at positive sample bias (V), else "filled"."""
+    return "empty" if bias_v > 0 else "filled"
 
 
 def baseline_analyzer() -> Analyzer:
@@ -268,6 +275,7 @@ def evaluate_frames(
     site_scores: list[SiteScore] = []
     per_frame: list[dict] = []
     times_ms: list[float] = []
+    polarity_ok: list[bool] = []  # the analysis' polarity (given or estimated) against the truth bias
     for i, fr in enumerate(frames):
         t0 = time.perf_counter()
         analysis = analyze(fr)
@@ -275,11 +283,14 @@ def evaluate_frames(
         s = score_frame(fr.truth, analysis)
         scores.append(s)
         site_scores.append(score_sites(fr.truth, analysis, planner))
+        polarity_ok.append(analysis.quality.polarity == truth_polarity(fr.bias_v))
         per_frame.append(
             {
                 "seed": fr.seed,
                 "pixel_size_nm": fr.pixel_size_nm,
                 "bias_v": fr.bias_v,
+                "polarity": analysis.quality.polarity,
+                "polarity_source": analysis.quality.polarity_source,
                 "tip_state": fr.truth.tip_state,
                 "n_terraces": len(fr.truth.terraces),
                 "time_ms": times_ms[-1],
@@ -291,15 +302,26 @@ def evaluate_frames(
             progress(i, fr, s)
     metrics = aggregate(scores)
     metrics.update(aggregate_sites(site_scores))
+    metrics["polarity_accuracy"] = float(np.mean(polarity_ok)) if polarity_ok else float("nan")
     metrics["time_ms_mean"] = float(np.mean(times_ms))
     return SuiteResult(suite, method, len(scores), metrics, per_frame)
 
 
-def evaluate(suite: str, analyzer: Analyzer, method: str, n: int | None = None, **kw: Any) -> SuiteResult:
-    """Score an ``analyzer(image_nm, pixel_size_nm, bias_v)`` on a named suite."""
-    return evaluate_frames(
-        suite_frames(suite, n), lambda f: analyzer(f.image_nm, f.pixel_size_nm, f.bias_v), suite, method, **kw
-    )
+def evaluate(
+    suite: str,
+    analyzer: Analyzer,
+    method: str,
+    n: int | None = None,
+    withhold_bias: bool = False,
+    **kw: Any,
+) -> SuiteResult:
+    """Score an ``analyzer(image_nm, pixel_size_nm, bias_v)`` on a named suite; ``withhold_bias``: call it
+    with bias_v None (the polarity must then come from the frame itself)."""
+
+    def run(f: EvalFrame) -> Analysis:
+        return analyzer(f.image_nm, f.pixel_size_nm, None if withhold_bias else f.bias_v)
+
+    return evaluate_frames(suite_frames(suite, n), run, suite, method, **kw)
 
 
 # ------------------------------------------------------------------------------------------------------------

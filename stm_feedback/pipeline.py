@@ -551,6 +551,7 @@ def postprocess_maps(
     defect_xy = np.array([[d.x_px, d.y_px] for d in defects]).reshape(-1, 2)
     dt_pairs = double_tip_pairs(defect_xy, kinds, s)
     quality = assess(img, labels, resolved, any_defect, dt_pairs, s)
+    quality.polarity, quality.polarity_source = maps.polarity, maps.polarity_source
     # detections not reported as defects; they stay in the must-avoid masks above (conservative)
     keep = np.ones(len(defects), bool)
     if params.depression_report_min_score > 0:  # faint depressions: mostly false (PostprocessParams)

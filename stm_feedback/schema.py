@@ -88,6 +88,10 @@ class Quality:
     tip_change_lines: list[int] = field(default_factory=list)
     double_tip_suspected: bool = False
     notes: list[str] = field(default_factory=list)
+    # contrast the frame was analysed in: "filled" (rows bright, bias < 0) or "empty" (rows dark, bias > 0),
+    # and where that came from: "bias" (given), "estimated" (from the frame), "assumed" (no bias, no estimate)
+    polarity: str = "filled"
+    polarity_source: str = "assumed"
 
 
 @dataclass

@@ -20,6 +20,7 @@ from stm_feedback.evaluation import (
     TARGETS,
     EvalFrame,
     aggregate,
+    evaluate,
     evaluate_frames,
     markdown_table,
     nets_analyzer,
@@ -81,6 +82,25 @@ def test_baseline_through_the_machinery(frames) -> None:
     assert m["atom_f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
     assert aggregate(scores)["atom_f1"] == pytest.approx(m["atom_f1"])
     json.dumps(r.to_dict(), default=float)  # JSON-serialisable for --json
+
+
+@pytest.mark.skipif(not HAS_SIMULATOR, reason="needs the simulator")
+def test_polarity_accuracy_scores_given_or_estimated_polarity() -> None:
+    """``polarity_accuracy``: the analysis' polarity against the truth bias. The baseline takes a withheld
+    bias as filled states, so on one empty-state and one filled-state frame it is right half the time."""
+    both = list(suite_frames("empty", 1)) + list(suite_frames("realistic", 1))
+    oracle = evaluate_frames(both, lambda f: oracle_analysis(f.truth), "empty", "oracle")
+    assert oracle.metrics["polarity_accuracy"] == 1.0
+    given = evaluate_frames(
+        both, lambda f: analyze_baseline(f.image_nm, f.pixel_size_nm, f.bias_v), "empty", "baseline"
+    )
+    assert given.metrics["polarity_accuracy"] == 1.0
+    assert [fr["polarity"] for fr in given.frames] == ["empty", "filled"]
+    withheld = evaluate(
+        "empty", lambda img, px, bias: analyze_baseline(img, px, bias), "baseline", n=1, withhold_bias=True
+    )
+    assert withheld.metrics["polarity_accuracy"] == 0.0  # an empty-state frame taken as filled
+    assert withheld.frames[0]["polarity_source"] == "assumed"
 
 
 def test_targets_and_table(frames) -> None:

@@ -468,6 +468,10 @@ def test_empty_state_frames_get_no_sites(withhold: bool) -> None:
     normal = Pipeline(settings).analyze_maps(f.image_nm, maps, 0.1, f.bias_v)
     assert normal.sites and normal.safe_mask.any()
     a = Pipeline(settings).analyze_maps(f.image_nm, replace(maps, polarity="empty"), 0.1, f.bias_v)
+    # the polarity the frame was analysed in is reported, with its source
+    assert (normal.quality.polarity, a.quality.polarity) == ("filled", "empty")
+    assert a.quality.polarity_source == maps.polarity_source
+    assert a.to_json_dict()["quality"]["polarity"] == "empty"
     if withhold:
         assert a.sites == [] and not a.safe_mask.any()
         assert any("empty-state" in n for n in a.quality.notes)

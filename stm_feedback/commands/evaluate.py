@@ -38,6 +38,13 @@ def register(app: typer.Typer) -> None:
         config: Annotated[
             Path | None, typer.Option(help="settings file (TOML/JSON) for the pipeline")
         ] = None,
+        no_bias: Annotated[
+            bool,
+            typer.Option(
+                "--no-bias",
+                help="withhold the frames' bias from the analysis: the polarity must come from the frame",
+            ),
+        ] = False,
     ) -> None:
         """Score atoms, dimers, defects, terraces and row angles against simulator truth; print a markdown
         table with the targets of issue 3 marked pass/fail."""
@@ -75,7 +82,7 @@ def register(app: typer.Typer) -> None:
                 fn = lambda f: oracle_analysis(f.truth)  # noqa: E731
             else:
                 an = analyzers[m]
-                fn = lambda f, an=an: an(f.image_nm, f.pixel_size_nm, f.bias_v)  # noqa: E731
+                fn = lambda f, an=an: an(f.image_nm, f.pixel_size_nm, None if no_bias else f.bias_v)  # noqa: E731
             with tqdm(total=len(frames), desc=f"{m} on {suite.value}", unit="frame") as bar:
                 results.append(
                     evaluate_frames(
@@ -88,6 +95,8 @@ def register(app: typer.Typer) -> None:
                     )
                 )
         typer.echo(markdown_table(results))
+        if no_bias:
+            typer.echo("(bias withheld: each method got bias_v = None)")
         if json_out:
             json_out.write_text(json.dumps([r.to_dict() for r in results], indent=1, default=float))
             typer.echo(f"wrote {json_out}")
