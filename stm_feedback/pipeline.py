@@ -495,7 +495,11 @@ def postprocess_maps(
     unresolved = (labels >= 0) & ~resolved & ~any_defect
     # an empty-state frame gets no plan (PlannerSettings.withhold_on_empty_state): skip the planner's work
     withhold_empty = ps.withhold_on_empty_state and maps.polarity == "empty"
-    if withhold_empty:
+    # ... and neither does a frame whose polarity is a guess (PlannerSettings.withhold_on_unknown_polarity)
+    withhold_unknown = (
+        ps.withhold_on_unknown_polarity and maps.polarity_source != "bias" and not withhold_empty
+    )
+    if withhold_empty or withhold_unknown:
         sites, safe_mask = [], np.zeros((h, w), bool)
     else:
         # missing dimers next to detected ones: undetected defects
@@ -574,6 +578,11 @@ def postprocess_maps(
         quality.notes.append(
             "empty-state frame: dihydrides are not resolved at positive bias, no sites proposed, safe mask "
             "empty (plan from a filled-state image, or set planner.withhold_on_empty_state = false)"
+        )
+    if withhold_unknown:
+        quality.notes.append(
+            f"no bias given (polarity {maps.polarity}, {maps.polarity_source}): no sites proposed, safe mask "
+            "empty; give the bias to plan (or set planner.withhold_on_unknown_polarity = false)"
         )
     tm.lap("quality")
 

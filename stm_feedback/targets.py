@@ -87,7 +87,8 @@ def truth_to_targets(
 
 def oracle_maps(image_nm: np.ndarray, truth: GroundTruth, bias_v: float | None = None) -> NetworkMaps:
     """Perfect NetworkMaps from the truth on the image's own grid (for post-processing tests).
-    ``image_norm`` is the normalised, rows-bright image (inverted when the bias (or truth's bias) > 0)."""
+    ``image_norm`` is the normalised, rows-bright image (inverted when the bias (or truth's bias) > 0); the
+    polarity is the bias' (source "bias")."""
     t = truth_to_targets(truth)
     b = truth.bias_v if bias_v is None else bias_v
     norm = normalize_frame(image_nm, truth.pixel_size_nm)
@@ -100,4 +101,6 @@ def oracle_maps(image_nm: np.ndarray, truth: GroundTruth, bias_v: float | None =
         depression_prob=(t.defect_class == 2).astype(np.float32),
         image_norm=norm,
         pixel_size_nm=float(truth.pixel_size_nm),
+        polarity="empty" if b is not None and b > 0 else "filled",
+        polarity_source="assumed" if b is None else "bias",
     )

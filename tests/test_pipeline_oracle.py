@@ -51,7 +51,10 @@ def oracle_maps(image_nm: np.ndarray, truth, bias_v: float) -> NetworkMaps:  # n
     dep[np.isin(inst, ids_d)] = 1.0
     z = np.asarray(image_nm, np.float32) * (-1.0 if bias_v > 0 else 1.0)
     z = (z - z.mean()) / (z.std() + 1e-9)
-    return NetworkMaps(np.asarray(truth.step_mask, np.float32), atom, prot, dep, z.astype(np.float32), s)
+    polarity = "empty" if bias_v > 0 else "filled"
+    return NetworkMaps(
+        np.asarray(truth.step_mask, np.float32), atom, prot, dep, z.astype(np.float32), s, polarity, "bias"
+    )
 
 
 def simulate(

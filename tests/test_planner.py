@@ -274,7 +274,7 @@ def test_suspect_rule_in_pipeline_removes_sites_next_to_the_evidence() -> None:
     target = dimers[int(np.argmin(np.hypot(*(dimers - 64).T)))]
     dep[int(round(target[1])), int(round(target[0]))] = 0.3  # below the 0.5 blob threshold: no defect
     zero = np.zeros(shape, np.float32)
-    maps = NetworkMaps(zero, atom_prob.astype(np.float32), zero, dep, image, s)
+    maps = NetworkMaps(zero, atom_prob.astype(np.float32), zero, dep, image, s, "filled", "bias")
 
     def near_target(settings: Settings) -> float:
         an = postprocess_maps(image, maps, s, None, None, settings, PostprocessParams())
@@ -453,6 +453,30 @@ def test_double_tip_frames_get_no_sites(withhold: bool, monkeypatch: pytest.Monk
         assert any("double tip" in n for n in a.quality.notes)
     else:
         assert len(a.sites) == len(normal.sites) and np.array_equal(a.safe_mask, normal.safe_mask)
+
+
+@pytest.mark.parametrize("withhold", [True, False])
+def test_frames_without_bias_get_no_sites(withhold: bool) -> None:
+    """A frame whose polarity was estimated or assumed (no bias) proposes nothing and marks nothing safe
+    unless planner.withhold_on_unknown_polarity is off: a wrong "filled" guess on an empty-state frame plans
+    over dihydrides the nets cannot see."""
+    from dataclasses import replace
+
+    f = simulate(1_000_310, 192, 0.1, "clean")
+    maps = oracle_maps(f.image_nm, f.truth, f.bias_v)
+    assert maps.polarity_source == "bias" and f.bias_v < 0
+    settings = Settings(planner=PlannerSettings(withhold_on_unknown_polarity=withhold))
+    normal = Pipeline(settings).analyze_maps(f.image_nm, maps, 0.1, f.bias_v)
+    assert normal.sites and normal.safe_mask.any()
+    for source in ("estimated", "assumed"):
+        a = Pipeline(settings).analyze_maps(f.image_nm, replace(maps, polarity_source=source), 0.1, None)
+        assert a.quality.polarity_source == source
+        if withhold:
+            assert a.sites == [] and not a.safe_mask.any()
+            assert any("no bias given" in n for n in a.quality.notes)
+            assert len(a.atoms) == len(normal.atoms) and len(a.defects) == len(normal.defects)
+        else:
+            assert len(a.sites) == len(normal.sites) and np.array_equal(a.safe_mask, normal.safe_mask)
 
 
 @pytest.mark.parametrize("withhold", [True, False])
