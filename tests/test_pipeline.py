@@ -171,3 +171,18 @@ def test_analyze_cli_writes_json_npz_png(tmp_path) -> None:  # noqa: ANN001
         assert z["terrace_labels"].shape == (96, 96) and z["safe_mask"].dtype == bool
     assert (out / "frame.png").stat().st_size > 1000
     assert not (out / "bare.json").exists()
+
+
+def test_baseline_maps_carry_the_bias_polarity() -> None:
+    """``analyze --maps-from baseline``: the stand-in maps report the bias' polarity (so the planner's
+    empty-state and no-bias rules apply to them too)."""
+    from stm_feedback.commands.analysis import BaselineMapsRunner
+
+    f = simulate(1_000_001, 96)
+    runner = BaselineMapsRunner()
+    empty = runner.predict(f.image_nm, f.pixel_size_nm, bias_v=1.5)
+    filled = runner.predict(f.image_nm, f.pixel_size_nm, bias_v=-1.8)
+    unknown = runner.predict(f.image_nm, f.pixel_size_nm, bias_v=None)
+    assert (empty.polarity, empty.polarity_source) == ("empty", "bias")
+    assert (filled.polarity, filled.polarity_source) == ("filled", "bias")
+    assert (unknown.polarity, unknown.polarity_source) == ("filled", "assumed")

@@ -107,7 +107,9 @@ def register(app: typer.Typer) -> None:
             typer.echo(
                 f"{path.name}: {len(a.atoms)} atoms, {len(a.dimers)} dimers, {len(a.defects)} defects, "
                 f"{len(a.terraces)} terraces, {len(a.sites)} sites, post-processing "
-                f"{a.timings_ms.get('total', 0.0) - a.timings_ms.get('networks', 0.0):.1f} ms"
+                f"{a.timings_ms.get('total', 0.0) - a.timings_ms.get('networks', 0.0):.1f} ms, "
+                f"{a.quality.polarity} state ({a.quality.polarity_source})"
+                + ("" if a.quality.polarity_source == "bias" else "; no bias: no sites (give --bias-v)")
             )
         if failed:
             raise typer.Exit(code=1)
@@ -149,4 +151,7 @@ class BaselineMapsRunner:
             (prot if d.kind == "protrusion" else dep)[sl][disc] = 1.0
         z = image * (-1.0 if (bias_v or -1.0) > 0 else 1.0)
         z = ((z - z.mean()) / (z.std() + 1e-12)).astype(np.float32)
-        return NetworkMaps(step, atom, prot, dep, z, pixel_size_nm)
+        polarity = "empty" if bias_v is not None and bias_v > 0 else "filled"
+        return NetworkMaps(
+            step, atom, prot, dep, z, pixel_size_nm, polarity, "assumed" if bias_v is None else "bias"
+        )
