@@ -19,7 +19,7 @@ from scipy.spatial import cKDTree
 
 from stm_feedback.config import load_settings
 from stm_feedback.evaluation import simulated_frames
-from stm_feedback.metrics import BORDER_NM, match_points, near_border
+from stm_feedback.metrics import match_defects
 from stm_feedback.pipeline import Pipeline
 from stm_feedback.postprocess import PostprocessParams
 
@@ -43,11 +43,8 @@ def main() -> None:
     for fr in simulated_frames(args.preset, args.first_seed, args.n):
         t, s = fr.truth, fr.pixel_size_nm
         a = pipe.analyze(fr.image_nm.astype(np.float32), s, bias_v=fr.bias_v)
+        ti, pi, t_border, p_border = match_defects(t, a)
         tf = np.array([[d.x_px, d.y_px] for d in t.defects]).reshape(-1, 2)
-        pf = np.array([[d.x_px, d.y_px] for d in a.defects]).reshape(-1, 2)
-        ti, pi = match_points(tf, pf, 0.4 / s)
-        t_border = near_border(tf, t.height_px, t.width_px, BORDER_NM, s)
-        p_border = near_border(pf, t.height_px, t.width_px, BORDER_NM, s)
         for i, d in enumerate(t.defects):
             if not t_border[i]:
                 total[d.cls] += 1

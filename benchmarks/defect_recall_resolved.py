@@ -15,7 +15,7 @@ import numpy as np
 
 from stm_feedback.config import load_settings
 from stm_feedback.evaluation import simulated_frames
-from stm_feedback.metrics import BORDER_NM, match_points, near_border
+from stm_feedback.metrics import match_defects
 from stm_feedback.pipeline import Pipeline
 
 pipe = Pipeline(load_settings())
@@ -23,10 +23,7 @@ c = collections.Counter()
 for fr in simulated_frames(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])):
     t, s = fr.truth, fr.pixel_size_nm
     a = pipe.analyze(fr.image_nm.astype(np.float32), s, bias_v=fr.bias_v)
-    tf = np.array([[d.x_px, d.y_px] for d in t.defects]).reshape(-1, 2)
-    pf = np.array([[d.x_px, d.y_px] for d in a.defects]).reshape(-1, 2)
-    ti, _ = match_points(tf, pf, 0.4 / s)
-    tb = near_border(tf, t.height_px, t.width_px, BORDER_NM, s)
+    ti, _, tb, _ = match_defects(t, a)
     hit = set(ti.tolist())
     for i, d in enumerate(t.defects):
         if tb[i]:

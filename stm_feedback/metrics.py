@@ -360,6 +360,20 @@ def _check_frame(truth: GroundTruth, analysis: Analysis) -> None:
 ATOMIC_SCALE_DEFECT_CLASSES = frozenset({"dihydride"})
 
 
+def match_defects(
+    truth: GroundTruth, analysis: Analysis, border_nm: float = BORDER_NM
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every truth defect against every reported one, nothing excluded (for error analyses;
+    ``score_frame`` applies the scoring exclusions): matched index pairs (truth ``ti``, reported ``pi``;
+    Hungarian on centres within ``DEFECT_TOL_NM``) and which truth / reported centres lie within
+    ``border_nm`` of the frame edge."""
+    s, h, w = truth.pixel_size_nm, truth.height_px, truth.width_px
+    tf = np.array([[d.x_px, d.y_px] for d in truth.defects], np.float64).reshape(-1, 2)
+    pf = np.array([[d.x_px, d.y_px] for d in analysis.defects], np.float64).reshape(-1, 2)
+    ti, pi = match_points(tf, pf, DEFECT_TOL_NM / s)
+    return ti, pi, near_border(tf, h, w, border_nm, s), near_border(pf, h, w, border_nm, s)
+
+
 def score_frame(truth: GroundTruth, analysis: Analysis, border_nm: float = BORDER_NM) -> FrameScore:
     """All metrics of one analysed frame against its truth (rules: module docstring)."""
     _check_frame(truth, analysis)

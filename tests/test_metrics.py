@@ -13,6 +13,7 @@ from stm_feedback.errors import InputError
 from stm_feedback.metrics import (
     MatchCounts,
     angle_diff_deg,
+    match_defects,
     match_points,
     score_frame,
     score_matching,
@@ -198,6 +199,24 @@ def test_score_frame_oracle_and_shift() -> None:
     # a 0.12 nm shift exceeds the atom tolerance but not the dimer tolerance
     s = score_frame(truth, _analysis_from(truth, shift_px=1.2))
     assert s.atoms.tp < 0.5 * len(truth.atoms_xy_px) and s.dimers.f1 == 1.0
+
+
+def test_match_defects_matches_all_and_flags_the_border() -> None:
+    """The error-analysis matching: every truth defect against every reported one within 0.40 nm, with
+    border flags on both sides (no scoring exclusions)."""
+    truth = _synthetic_truth()
+    a = _analysis_from(truth)
+    n = len(truth.defects)
+    ti, pi, t_border, p_border = match_defects(truth, a)
+    assert sorted(ti.tolist()) == list(range(n)) and sorted(pi.tolist()) == list(range(n))
+    assert not t_border.any() and not p_border.any()
+    # a reported defect 0.5 nm off its truth is not matched; one on the frame's edge pixel is flagged
+    first = truth.defects[0]
+    a.defects = [dataclasses.replace(a.defects[0], x_px=first.x_px + 5.0), a.defects[1]]
+    a.defects.append(Defect(0.0, 10.0, "depression", 0, "x", 0.3, 1.0, 1.0, True))
+    ti, pi, t_border, p_border = match_defects(truth, a)
+    assert 0 not in ti.tolist() and 1 in ti.tolist()
+    assert p_border.tolist() == [False, False, True]
 
 
 def test_score_frame_missing_terraces_and_wrong_kinds() -> None:
