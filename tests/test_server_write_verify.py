@@ -146,6 +146,21 @@ def test_real_serve_with_networks_health_models_stats_sites(serve_process: Any) 
         assert stats["requests_by_type"]["analyze"] >= 1 and "analyze" in stats["latency_ms"]
 
 
+def test_frame_without_bias_gets_no_sites_through_the_daemon(serve_process: Any) -> None:
+    """Contract through the wire: a frame sent without bias_v comes back with its polarity estimated, a note,
+    and no sites, and query_sites has nothing for that instrument (planner.withhold_on_unknown_polarity)."""
+    from simulator.frame import SimConfig, simulate_frame
+
+    _, endpoint = serve_process
+    frame = simulate_frame(1_000_001, size_px=PIXELS, pixel_size_nm=0.1, config=SimConfig.preset("clean"))
+    with Client(endpoint, timeout_ms=120_000, retries=0) as c:
+        a = c.analyze(frame.image_nm, 0.1, instrument_id="nets-nobias", frame_id="nb1")
+        assert a.quality.polarity_source == "estimated" and a.quality.polarity in ("filled", "empty")
+        assert a.sites == [] and not a.safe_mask.any() and len(a.atoms) > 0
+        assert any("no bias given" in n for n in a.quality.notes)
+        assert c.query_sites("nets-nobias") == []
+
+
 def test_write_then_verify_with_networks_in_serve_process(serve_process: Any) -> None:
     _, endpoint = serve_process
     adapter = SimulatedAdapter(seed=1, preset="realistic", pixels=PIXELS, size_nm=PIXELS * 0.1)
