@@ -34,6 +34,7 @@ from scipy.optimize import minimize
 from scipy.spatial import cKDTree
 
 from stm_feedback.errors import InputError
+from stm_feedback.maps import bias_polarity
 from stm_feedback.physics import DIMER_ATOM_SEPARATION_NM, ROW_SPACING_NM, UNIT_CELL_AREA_NM2
 from stm_feedback.schema import Analysis, Atom, Defect, Dimer, ImageInfo, Quality, Terrace
 
@@ -325,7 +326,8 @@ def analyze_baseline(
         raise InputError(f"pixel_size_nm must be in [0.005, 2] nm; got {pixel_size_nm!r}")
     t0 = time.perf_counter()
     z = level(img)
-    sign = -1.0 if (bias_v is not None and bias_v > 0) else 1.0
+    polarity, polarity_source = bias_polarity(bias_v)  # a missing bias is taken as filled states
+    sign = -1.0 if polarity == "empty" else 1.0
     labels = segment_terraces(z, pixel_size_nm, p)
     t1 = time.perf_counter()
     defects, defect_mask = find_defects(z, labels, pixel_size_nm, p)
@@ -377,8 +379,8 @@ def analyze_baseline(
         quality=Quality(
             atomically_resolved=frac > 0.5,
             resolved_fraction=frac,
-            polarity="empty" if sign < 0 else "filled",
-            polarity_source="assumed" if bias_v is None else "bias",
+            polarity=polarity,
+            polarity_source=polarity_source,
         ),
         terrace_labels=labels,
         timings_ms={

@@ -20,6 +20,7 @@ import numpy as np
 
 from simulator.truth import GroundTruth
 from stm_feedback.errors import InputError, ModelError
+from stm_feedback.maps import bias_polarity
 from stm_feedback.metrics import FrameScore, MatchCounts, score_frame
 from stm_feedback.planner_eval import SiteScore, aggregate_sites, score_sites
 from stm_feedback.schema import Analysis, Atom, Defect, Dimer, ImageInfo, Quality, Terrace
@@ -158,7 +159,7 @@ def oracle_analysis(truth: GroundTruth) -> Analysis:
 
 def truth_polarity(bias_v: float) -> str:
     """The contrast a frame was imaged in: "empty" at positive sample bias (V), else "filled"."""
-    return "empty" if bias_v > 0 else "filled"
+    return bias_polarity(bias_v)[0]
 
 
 def baseline_analyzer() -> Analyzer:

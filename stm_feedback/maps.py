@@ -27,3 +27,11 @@ class NetworkMaps:
     # it was decided: "bias" (from bias_v), "estimated" (from the atom map, bias unknown), "assumed" (filled)
     polarity: str = "filled"
     polarity_source: str = "assumed"
+
+
+def bias_polarity(bias_v: float | None) -> tuple[str, str]:
+    """(polarity, polarity_source) of a frame from its sample bias in V: positive = empty states ("empty",
+    rows dark), zero or negative = filled states ("filled"), source "bias"; None = ("filled", "assumed")."""
+    if bias_v is None:
+        return "filled", "assumed"
+    return ("empty" if float(bias_v) > 0 else "filled"), "bias"

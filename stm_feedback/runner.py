@@ -17,7 +17,7 @@ from torch import nn
 
 from stm_feedback.backends import select_backend
 from stm_feedback.errors import ModelError
-from stm_feedback.maps import NetworkMaps
+from stm_feedback.maps import NetworkMaps, bias_polarity
 from stm_feedback.nets import NET_NAMES, NetSpec, fuse_batchnorm, load_model
 from stm_feedback.preprocess import (
     crop_padding,
@@ -168,7 +168,7 @@ class ModelRunner:
         atoms = self.net_on_frame("atoms", norm, s, empty and rows_bright_net)[0]
         defects = self.net_on_frame("defects", norm, s, False, channels=(1, 2))  # protrusion, depression
         if bias_v is not None:
-            polarity, source = ("empty" if empty else "filled"), "bias"
+            polarity, source = bias_polarity(bias_v)
         elif rows_bright_net:
             # bias unknown: also try the inverted frame and keep the polarity whose atom map is the more
             # confident (the net was trained mostly on rows-bright frames); costs one more atom-net pass

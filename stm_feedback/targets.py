@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from simulator.truth import GroundTruth
-from stm_feedback.maps import NetworkMaps
+from stm_feedback.maps import NetworkMaps, bias_polarity
 from stm_feedback.preprocess import map_coords, normalize_frame, resampled_shape, resize
 
 ATOM_SIGMA_NM = 0.07  # width of the atom Gaussians: the two atoms of a dimer (0.24 nm) stay 3.4 sigma apart
@@ -94,6 +94,7 @@ def oracle_maps(image_nm: np.ndarray, truth: GroundTruth, bias_v: float | None =
     norm = normalize_frame(image_nm, truth.pixel_size_nm)
     if b is not None and b > 0:
         norm = (1.0 - norm).astype(np.float32)
+    polarity, source = bias_polarity(b)
     return NetworkMaps(
         step_prob=t.step.astype(np.float32),
         atom_prob=t.atoms,
@@ -101,6 +102,6 @@ def oracle_maps(image_nm: np.ndarray, truth: GroundTruth, bias_v: float | None =
         depression_prob=(t.defect_class == 2).astype(np.float32),
         image_norm=norm,
         pixel_size_nm=float(truth.pixel_size_nm),
-        polarity="empty" if b is not None and b > 0 else "filled",
-        polarity_source="assumed" if b is None else "bias",
+        polarity=polarity,
+        polarity_source=source,
     )

@@ -127,7 +127,7 @@ class BaselineMapsRunner:
 
     def predict(self, image: np.ndarray, pixel_size_nm: float, bias_v: float | None = None):  # noqa: ANN201
         from stm_feedback.baseline import analyze_baseline
-        from stm_feedback.maps import NetworkMaps
+        from stm_feedback.maps import NetworkMaps, bias_polarity
 
         a = analyze_baseline(image, pixel_size_nm, bias_v=bias_v)
         h, w = image.shape
@@ -151,7 +151,4 @@ class BaselineMapsRunner:
             (prot if d.kind == "protrusion" else dep)[sl][disc] = 1.0
         z = image * (-1.0 if (bias_v or -1.0) > 0 else 1.0)
         z = ((z - z.mean()) / (z.std() + 1e-12)).astype(np.float32)
-        polarity = "empty" if bias_v is not None and bias_v > 0 else "filled"
-        return NetworkMaps(
-            step, atom, prot, dep, z, pixel_size_nm, polarity, "assumed" if bias_v is None else "bias"
-        )
+        return NetworkMaps(step, atom, prot, dep, z, pixel_size_nm, *bias_polarity(bias_v))
