@@ -68,11 +68,11 @@ class PlannerSettings(BaseModel):
     # so a must-avoid defect cannot be ruled out (suite `empty`: 26 false-safe sites with this off,
     # docs/analysis-schema.md); plan from a filled-state (negative bias) image
     withhold_on_empty_state: bool = True
-    # frames analysed without a bias (polarity estimated from the frame or assumed filled) get no sites and an
-    # empty safe mask: the estimate takes 20 % of the `empty` suite's frames for filled-state ones (the atom-map
-    # confidence ratios of the two polarities overlap: benchmarks/polarity_estimate.py), and a wrong "filled"
-    # plans over invisible dihydrides (`evaluate --suite empty --no-bias`: 3 false-safe sites with this off;
-    # models/MODEL_CARD.md session 7). Give the bias (file metadata, --bias-v, a sidecar) to plan
+    # frames analysed without a bias (polarity estimated from the frame or assumed filled) get no sites and
+    # an empty safe mask: the estimate takes 20 % of the `empty` suite's frames for filled-state ones (the
+    # atom-map confidence ratios of the two polarities overlap: benchmarks/polarity_estimate.py), and a wrong
+    # "filled" plans over invisible dihydrides (`evaluate --suite empty --no-bias`: 3 false-safe sites with
+    # this off; models/MODEL_CARD.md session 7). Give the bias (file metadata, --bias-v, a sidecar) to plan
     withhold_on_unknown_polarity: bool = True
     # per-dimer evidence of a defect the nets did not report (planner.suspect_dimers): a detected dimer
     # with NN-2 depression probability >= suspect_depression_prob within suspect_radius_nm, or a dark row
