@@ -658,7 +658,9 @@ _default_lock = threading.Lock()
 def analyze(
     image: Any, pixel_size_nm: float, bias_v: float | None = None, frame_id: str | None = None
 ) -> Analysis:
-    """Module-level convenience: analyse with one cached default ``Pipeline`` (settings from env)."""
+    """Module-level convenience: analyse with one cached default ``Pipeline`` (settings from env).
+    ``bias_v``: sample bias in V (negative = filled states); None = unknown: the polarity is estimated and no
+    sites are proposed (``PlannerSettings.withhold_on_unknown_polarity``)."""
     global _default
     with _default_lock:
         if _default is None:
