@@ -318,11 +318,14 @@ def evaluate(
 ) -> SuiteResult:
     """Score an ``analyzer(image_nm, pixel_size_nm, bias_v)`` on a named suite; ``withhold_bias``: call it
     with bias_v None (the polarity must then come from the frame itself)."""
+    return evaluate_frames(
+        suite_frames(suite, n), lambda f: run_analyzer(analyzer, f, withhold_bias), suite, method, **kw
+    )
 
-    def run(f: EvalFrame) -> Analysis:
-        return analyzer(f.image_nm, f.pixel_size_nm, None if withhold_bias else f.bias_v)
 
-    return evaluate_frames(suite_frames(suite, n), run, suite, method, **kw)
+def run_analyzer(analyzer: Analyzer, frame: EvalFrame, withhold_bias: bool = False) -> Analysis:
+    """``analyzer`` on one suite frame, with its bias or (``withhold_bias``) with bias_v None."""
+    return analyzer(frame.image_nm, frame.pixel_size_nm, None if withhold_bias else frame.bias_v)
 
 
 # ------------------------------------------------------------------------------------------------------------

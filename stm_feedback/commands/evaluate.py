@@ -58,6 +58,7 @@ def register(app: typer.Typer) -> None:
             markdown_table,
             nets_analyzer,
             oracle_analysis,
+            run_analyzer,
             suite_frames,
         )
 
@@ -82,7 +83,7 @@ def register(app: typer.Typer) -> None:
                 fn = lambda f: oracle_analysis(f.truth)  # noqa: E731
             else:
                 an = analyzers[m]
-                fn = lambda f, an=an: an(f.image_nm, f.pixel_size_nm, None if no_bias else f.bias_v)  # noqa: E731
+                fn = lambda f, an=an: run_analyzer(an, f, no_bias)  # noqa: E731
             with tqdm(total=len(frames), desc=f"{m} on {suite.value}", unit="frame") as bar:
                 results.append(
                     evaluate_frames(
