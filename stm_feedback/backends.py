@@ -6,7 +6,8 @@ when C > 1, else sigmoid). OpenVINO engines compile once with dynamic (h, w); tr
 trace per input shape.
 
 Fallback chain for ``backend="auto"`` (order chosen by measurement, docs/performance.md):
-  CPU:  OpenVINO (bf16 inference precision when the CPU has native bf16 — AMX or AVX512-bf16 — else fp32)
+  CPU:  OpenVINO (bf16 inference precision when the CPU has native bf16 — AMX or AVX512-bf16 — else fp32;
+        each net as its INT8 IR when ``stm-feedback quantize`` wrote one for the loaded weights)
         -> PyTorch traced + frozen, channels_last (bf16 autocast on AMX CPUs, else fp32: measured on an
         AVX512-bf16 CPU without AMX, PyTorch bf16 convolutions were 2-7x slower than fp32).
   CUDA: PyTorch fp16 autocast with pinned host memory (same code path as the CPU PyTorch engine).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -236,10 +238,44 @@ def _convert_cached(ov, wrapped: nn.Module, key: str):  # noqa: ANN001, ANN202 -
     return model
 
 
+# <models_dir>/int8: INT8 IRs written by `stm-feedback quantize` (stm_feedback.quantize)
+INT8_DIRNAME = "int8"
+
+
+def int8_paths(int8_dir: Path, stem: str) -> tuple[Path, Path]:
+    """(IR .xml, provenance .json) of the INT8 copy of weights file ``<stem>.pt`` in ``int8_dir``."""
+    d = Path(int8_dir)
+    return d / f"{stem}.xml", d / f"{stem}.json"
+
+
+def int8_ir(int8_dir: Path | None, stem: str, module: nn.Module, out_channels: int) -> Path | None:
+    """The INT8 IR for ``module`` (prepared, BN folded) in ``int8_dir``, or None when there is none or it was
+    quantised from other weights (its recorded fingerprint differs): then the caller runs the module itself
+    (logged, so a stale IR after retraining is visible and never used)."""
+    if int8_dir is None:
+        return None
+    xml, meta_path = int8_paths(int8_dir, stem)
+    if not (xml.exists() and xml.with_suffix(".bin").exists() and meta_path.exists()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("INT8 IR %s ignored: unreadable %s (%s)", xml, meta_path.name, e)
+        return None
+    want = module_fingerprint(WithActivation(module, out_channels).eval().float(), out_channels)
+    if not isinstance(meta, dict) or meta.get("fingerprint") != want:
+        log.warning(
+            "INT8 IR %s ignored: quantised from other weights (run `stm-feedback quantize` again)", xml
+        )
+        return None
+    return xml
+
+
 class OpenVINOEngine:
     """One net in OpenVINO on the CPU: the PyTorch module converted once with dynamic (h, w) (cached on
     disk, see ``cache_dir``) and compiled **once**, with dynamic (h, w), with the given inference precision
-    ("bf16" or "f32"): one infer request serves every input shape.
+    ("bf16" or "f32"): one infer request serves every input shape. With ``int8_ir`` (an IR written by
+    ``stm-feedback quantize`` for this very module, see ``int8_ir``) that INT8 model is compiled instead.
 
     Measured against one static compile per input shape (the engine before session 6; docs/performance.md,
     ``NSIZES=40 python benchmarks/shape_cache_memory.py``): the same latency at 256 x 256 and the same
@@ -247,15 +283,26 @@ class OpenVINOEngine:
     growth with the number of pixel sizes seen (40 sizes, 3 passes: 579 MiB flat instead of 923 -> 1032 MiB).
     """
 
-    def __init__(self, module: nn.Module, out_channels: int, precision: str, threads: int) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        out_channels: int,
+        precision: str,
+        threads: int,
+        int8_ir: Path | None = None,
+    ) -> None:
         ov = _import_openvino()
-        self.precision = precision
         self._core = ov.Core()
-        wrapped = WithActivation(module, out_channels).eval().float()
-        key = module_fingerprint(wrapped, out_channels, ov.__version__)
-        self._model = _convert_cached(ov, wrapped, key)  # input (1, 1, -1, -1)
+        if int8_ir is not None:  # quantised copy of this module (stm-feedback quantize; matched by int8_ir())
+            self._model = self._core.read_model(str(int8_ir))
+            self.precision = "int8"
+        else:
+            wrapped = WithActivation(module, out_channels).eval().float()
+            key = module_fingerprint(wrapped, out_channels, ov.__version__)
+            self._model = _convert_cached(ov, wrapped, key)  # input (1, 1, -1, -1)
+            self.precision = precision
         self._config: dict[str, object] = {
-            "INFERENCE_PRECISION_HINT": precision,
+            "INFERENCE_PRECISION_HINT": precision,  # INT8 IRs: the precision of their non-quantised ops
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
         }
@@ -286,6 +333,7 @@ class Backend:
     device: torch.device
     threads: int = 0
     fp32_nets: frozenset[str] = frozenset()  # nets run in fp32 whatever ``precision`` says
+    int8_dir: Path | None = None  # OpenVINO: run the matching INT8 IRs found here (``int8_ir``) instead
 
     @property
     def name(self) -> str:
@@ -297,23 +345,32 @@ class Backend:
 
     def engine(self, module: nn.Module, out_channels: int, net_name: str = "") -> Engine:
         """An engine for one prepared module (eval, BN folded) with out_channels output channels;
-        ``net_name`` in ``fp32_nets`` runs in fp32."""
+        ``net_name`` in ``fp32_nets`` runs in fp32; OpenVINO runs the net's INT8 IR from ``int8_dir`` when one
+        was quantised from this very module (the engine's ``precision`` is then "int8")."""
         precision = "fp32" if net_name in self.fp32_nets else self.precision
         if self.kind == "openvino":
             ov_precision = "bf16" if precision == "bf16" else "f32"
-            return OpenVINOEngine(module, out_channels, ov_precision, self.threads)
+            ir = None
+            if self.int8_dir is not None and net_name and net_name not in self.fp32_nets:
+                from stm_feedback.nets import model_paths
+
+                stem = model_paths(self.int8_dir, net_name)[0].stem
+                ir = int8_ir(self.int8_dir, stem, module, out_channels)
+            return OpenVINOEngine(module, out_channels, ov_precision, self.threads, int8_ir=ir)
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         return TorchEngine(module, out_channels, self.device, traced=self.kind == "torch", dtype=dtype)
 
 
-def _openvino_backend(device: torch.device, threads: int, bf16: bool | None, keep: frozenset[str]) -> Backend:
+def _openvino_backend(
+    device: torch.device, threads: int, bf16: bool | None, keep: frozenset[str], int8_dir: Path | None
+) -> Backend:
     if device.type != "cpu":
         raise BackendUnavailable(f"the OpenVINO backend runs on the CPU only, not on {device}")
     ov = _import_openvino()
     if bf16 is None:
         caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         bf16 = "BF16" in caps and cpu_has_native_bf16()
-    return Backend("openvino", "bf16" if bf16 else "fp32", device, threads, keep)
+    return Backend("openvino", "bf16" if bf16 else "fp32", device, threads, keep, int8_dir)
 
 
 def _torch_backend(device: torch.device, threads: int, bf16: bool | None, keep: frozenset[str]) -> Backend:
@@ -330,6 +387,7 @@ def select_backend(
     threads: int = 0,
     bf16: bool | None = None,
     fp32_nets: Iterable[str] = (),
+    int8_dir: Path | None = None,
 ) -> Backend:
     """The backend for ``requested`` (one of BACKEND_CHOICES) on ``device``.
 
@@ -337,6 +395,7 @@ def select_backend(
     an explicit "openvino" raises BackendUnavailable when it cannot run. ``bf16``: None = use bf16 where the
     CPU has native bf16 (OpenVINO) / AMX (PyTorch), True/False = force (CUDA always uses fp16 autocast).
     ``fp32_nets``: nets kept in fp32 (e.g. {"atoms"}: sub-pixel positions, threshold-sensitive peaks).
+    ``int8_dir``: OpenVINO runs the INT8 IRs there that match the loaded weights (``Backend.engine``).
     """
     keep = frozenset(fp32_nets)
     dev = torch.device(device)
@@ -345,12 +404,12 @@ def select_backend(
     if requested == "torch-eager":
         return Backend("torch-eager", "fp16" if dev.type == "cuda" else "fp32", dev, threads, keep)
     if requested == "openvino":
-        return _openvino_backend(dev, threads, bf16, keep)
+        return _openvino_backend(dev, threads, bf16, keep, int8_dir)
     if requested == "torch":
         return _torch_backend(dev, threads, bf16, keep)
     if dev.type == "cpu":
         try:
-            return _openvino_backend(dev, threads, bf16, keep)
+            return _openvino_backend(dev, threads, bf16, keep, int8_dir)
         except BackendUnavailable as e:
             log.info("backend auto: OpenVINO skipped (%s); using PyTorch", e)
     return _torch_backend(dev, threads, bf16, keep)

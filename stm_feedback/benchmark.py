@@ -808,17 +808,18 @@ def backend_equivalence(
     """Every backend runnable here against PyTorch eager fp32 on the first n_frames of each evaluation
     suite: worst per-frame agreement F1 of atoms / defects (matched within 0.05 nm), largest matched offset
     (nm), and the largest |F1 difference| against the simulator truth (atoms, defects)."""
-    from stm_feedback.backends import BackendUnavailable, select_backend
+    from stm_feedback.backends import INT8_DIRNAME, BackendUnavailable, select_backend
     from stm_feedback.config import Settings
     from stm_feedback.evaluation import suite_frames
     from stm_feedback.metrics import MatchCounts, score_frame
     from stm_feedback.pipeline import Pipeline
     from stm_feedback.runner import ModelRunner
 
-    def pipeline(kind: str, bf16: bool | None, keep: tuple[str, ...] = ()) -> Pipeline:
+    def pipeline(kind: str, bf16: bool | None, keep: tuple[str, ...] = (), int8: bool = False) -> Pipeline:
         runner = ModelRunner.from_dir(models_dir, device="cpu", backend="torch-eager")
         if kind != "torch-eager":
-            be = select_backend(kind, "cpu", 0, bf16=bf16, fp32_nets=keep)
+            int8_dir = Path(models_dir) / INT8_DIRNAME if int8 else None
+            be = select_backend(kind, "cpu", 0, bf16=bf16, fp32_nets=keep, int8_dir=int8_dir)
             runner._backend = be
             runner.engines = {
                 n: be.engine(m, runner.specs[n].out_channels, n) for n, m in runner.modules.items()
@@ -827,16 +828,17 @@ def backend_equivalence(
 
     ref = pipeline("torch-eager", None)
     others: dict[str, Pipeline] = {}
-    variants: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
-        ("openvino", True, ()),
-        ("openvino", True, ("atoms",)),
-        ("openvino", False, ()),
-        ("torch", True, ()),
-        ("torch", False, ()),
+    variants: tuple[tuple[str, bool, tuple[str, ...], bool], ...] = (
+        ("openvino", True, (), True),  # the INT8 IRs of models_dir/int8 (when there are any)
+        ("openvino", True, (), False),
+        ("openvino", True, ("atoms",), False),
+        ("openvino", False, (), False),
+        ("torch", True, (), False),
+        ("torch", False, (), False),
     )
-    for kind, bf16, keep in variants:
+    for kind, bf16, keep, int8 in variants:
         try:
-            p = pipeline(kind, bf16, keep)
+            p = pipeline(kind, bf16, keep, int8)
         except BackendUnavailable:
             continue
         others.setdefault(p.runner.backend, p)

@@ -21,6 +21,9 @@ class ModelSettings(BaseModel):
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1"
     backend: Literal["auto", "torch", "openvino", "torch-eager"] = "auto"  # see stm_feedback/backends.py
     fp32_nets: list[str] = []  # nets kept in fp32 when the backend would use bf16/fp16, e.g. ["atoms"]
+    # OpenVINO runs each net as its INT8 IR in <models_dir>/int8 when `stm-feedback quantize` wrote one for
+    # these weights (docs/performance.md: equivalence and latency); false = bf16/fp32 as without IRs
+    int8: bool = True
     threads: int = 0  # 0 = leave torch's default
 
 

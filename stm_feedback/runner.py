@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stm_feedback.backends import select_backend
+from stm_feedback.backends import INT8_DIRNAME, select_backend
 from stm_feedback.errors import ModelError
 from stm_feedback.maps import NetworkMaps, bias_polarity
 from stm_feedback.nets import NET_NAMES, NetSpec, fuse_batchnorm, load_model
@@ -74,6 +74,7 @@ class ModelRunner:
         require_all: bool = True,
         backend: str = "torch-eager",
         fp32_nets: tuple[str, ...] = (),
+        int8_dir: Path | None = None,
     ) -> None:
         missing = [n for n in NET_NAMES if n not in nets]
         if missing and require_all:
@@ -85,7 +86,7 @@ class ModelRunner:
         self.modules = {n: prepare_module(m, self._device) for n, (m, _) in nets.items()}
         self._amp = self._device.type == "cuda"
         # execution backend (stm_feedback.backends): one engine per net (OpenVINO: compiled once, any shape)
-        self._backend = select_backend(backend, self._device, threads, fp32_nets=fp32_nets)
+        self._backend = select_backend(backend, self._device, threads, fp32_nets=fp32_nets, int8_dir=int8_dir)
         self.engines = {
             n: self._backend.engine(m, self.specs[n].out_channels, n) for n, m in self.modules.items()
         }
@@ -98,11 +99,16 @@ class ModelRunner:
         threads: int = 0,
         backend: str = "torch-eager",
         fp32_nets: tuple[str, ...] = (),
+        int8: bool = True,
     ) -> ModelRunner:
-        """Load ``nn0_terraces``, ``nn1_atoms``, ``nn2_defects`` (.pt + .json) from models_dir."""
+        """Load ``nn0_terraces``, ``nn1_atoms``, ``nn2_defects`` (.pt + .json) from models_dir; ``int8``: the
+        OpenVINO backend runs the INT8 IRs in ``models_dir/int8`` that match these weights."""
         d = Path(models_dir)
         nets = {n: load_model(d, n) for n in NET_NAMES}
-        return cls(nets, device=device, threads=threads, backend=backend, fp32_nets=fp32_nets)
+        int8_dir = d / INT8_DIRNAME if int8 else None
+        return cls(
+            nets, device=device, threads=threads, backend=backend, fp32_nets=fp32_nets, int8_dir=int8_dir
+        )
 
     @classmethod
     def from_settings(cls, models: Any) -> ModelRunner:
@@ -110,11 +116,21 @@ class ModelRunner:
         stm_feedback.backends; "auto" = the fastest available)."""
         backend = getattr(models, "backend", "auto")
         keep = tuple(getattr(models, "fp32_nets", ()))
-        return cls.from_dir(models.models_dir, models.device, models.threads, backend=backend, fp32_nets=keep)
+        int8 = bool(getattr(models, "int8", True))
+        return cls.from_dir(
+            models.models_dir, models.device, models.threads, backend=backend, fp32_nets=keep, int8=int8
+        )
 
     @property
     def backend(self) -> str:
-        return self._backend.name
+        """The backend's name, e.g. "openvino-bf16"; "openvino-int8" when every net runs its INT8 IR, and
+        "<name>+int8:<nets>" when only some do."""
+        int8 = sorted(n for n, e in self.engines.items() if getattr(e, "precision", None) == "int8")
+        if not int8:
+            return self._backend.name
+        if len(int8) == len(self.engines) and not self._backend.fp32_nets:
+            return "openvino-int8"
+        return f"{self._backend.name}+int8:{','.join(int8)}"
 
     @property
     def device(self) -> str:

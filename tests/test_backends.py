@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from stm_feedback import backends
-from stm_feedback.backends import BackendUnavailable, select_backend
+from stm_feedback.backends import INT8_DIRNAME, BackendUnavailable, int8_paths, select_backend
 from stm_feedback.config import REPO_MODELS_DIR, Settings
 from stm_feedback.errors import ModelError
-from stm_feedback.nets import NET_NAMES, build_net, load_model, save_model, spec_preset
+from stm_feedback.nets import NET_NAMES, build_net, load_model, model_paths, save_model, spec_preset
 from stm_feedback.runner import ModelRunner, prepare_module
 
 torch.set_num_threads(1)
@@ -39,6 +39,9 @@ BACKENDS: list[tuple[str, bool | None]] = [("torch", False), ("torch", None)]
 if HAVE_OPENVINO:
     BACKENDS += [("openvino", False), ("openvino", None)]
 IDS = [f"{k}-{'fp32' if b is False else 'native'}" for k, b in BACKENDS]
+# detection-level equivalence also covers the shipped INT8 IRs (models/int8, `stm-feedback quantize`)
+DETECTION_BACKENDS = BACKENDS + ([("openvino-int8", None)] if HAVE_OPENVINO else [])
+DETECTION_IDS = [f"{k}-{'fp32' if b is False else 'native'}" for k, b in DETECTION_BACKENDS]
 
 
 def _frame(seed: int, size_px: int = 96):  # noqa: ANN202
@@ -61,10 +64,12 @@ def random_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _runner(models_dir: Path, kind: str, bf16: bool | None) -> ModelRunner:
     runner = ModelRunner.from_dir(models_dir, device="cpu", backend="torch-eager")
-    # swap in the backend under test with an explicit precision (select_backend's knob)
-    be = select_backend(kind, "cpu", 1, bf16=bf16)
+    # swap in the backend under test with an explicit precision (select_backend's knob); "openvino-int8":
+    # OpenVINO with the INT8 IRs of models_dir/int8
+    int8_dir = models_dir / INT8_DIRNAME if kind == "openvino-int8" else None
+    be = select_backend("openvino" if int8_dir else kind, "cpu", 1, bf16=bf16, int8_dir=int8_dir)
     runner._backend = be
-    runner.engines = {n: be.engine(m, runner.specs[n].out_channels) for n, m in runner.modules.items()}
+    runner.engines = {n: be.engine(m, runner.specs[n].out_channels, n) for n, m in runner.modules.items()}
     return runner
 
 
@@ -83,8 +88,9 @@ def test_maps_match_eager_fp32(random_models: Path, kind: str, bf16: bool | None
     assert out.polarity == ref.polarity
 
 
-def runner_is_bf16(pipe) -> bool:  # noqa: ANN001
-    return str(pipe.runner.backend).endswith("bf16")
+def runner_is_low_precision(pipe) -> bool:  # noqa: ANN001
+    """bf16 or INT8 nets (not every borderline detection is reproduced)."""
+    return not str(pipe.runner.backend).endswith("fp32")
 
 
 def _trained_models_dir() -> Path | None:
@@ -97,7 +103,7 @@ def _trained_models_dir() -> Path | None:
     return d
 
 
-@pytest.mark.parametrize("kind, bf16", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("kind, bf16", DETECTION_BACKENDS, ids=DETECTION_IDS)
 def test_same_detections_as_eager_fp32(kind: str, bf16: bool | None) -> None:
     """Issue 6: F1 against the truth within 0.005 of PyTorch eager fp32 (summed over seeded simulator frames,
     as the evaluation does), detections matched one-to-one within 0.05 nm."""
@@ -110,7 +116,15 @@ def test_same_detections_as_eager_fp32(kind: str, bf16: bool | None) -> None:
 
     ref_pipe = Pipeline(Settings(), runner=ModelRunner.from_dir(models_dir, device="cpu"))
     pipe = Pipeline(Settings(), runner=_runner(models_dir, kind, bf16))
-    low_precision = runner_is_bf16(pipe)
+    if kind == "openvino-int8":  # every committed IR must have been quantised from the committed weights
+        shipped = {
+            n
+            for n in NET_NAMES
+            if int8_paths(models_dir / INT8_DIRNAME, model_paths(models_dir, n)[0].stem)[0].exists()
+        }
+        used = {n for n, e in pipe.runner.engines.items() if getattr(e, "precision", "") == "int8"}
+        assert shipped and used == shipped, "models/int8 holds IRs of other weights: `stm-feedback quantize`"
+    low_precision = runner_is_low_precision(pipe)
     totals = {"ref": [MatchCounts(), MatchCounts()], "out": [MatchCounts(), MatchCounts()]}
     n_atoms = 0
     for seed in (1_000_302, 1_000_304, 1_000_305):
@@ -121,8 +135,10 @@ def test_same_detections_as_eager_fp32(kind: str, bf16: bool | None) -> None:
             sc = score_frame(f.truth, a)
             totals[key] = [totals[key][0] + sc.atoms, totals[key][1] + sc.defects]
         agree = detection_agreement(ref, out, 0.1, tol_nm=0.05)
-        # bf16 may flip a few borderline detections; fp32 backends must reproduce every one
-        assert agree["atoms_f1"] >= (0.98 if low_precision else 0.999), (seed, agree)
+        # bf16 may flip a few borderline detections, INT8 a few more (sub-pixel positions move by up to
+        # ~0.05 nm: 0.972 on seed 1_000_305); fp32 backends must reproduce every one
+        floor = 0.95 if kind == "openvino-int8" else 0.98 if low_precision else 0.999
+        assert agree["atoms_f1"] >= floor, (seed, agree)
         if not low_precision:
             assert agree["protrusions_f1"] >= 0.999 and agree["depressions_f1"] >= 0.999, (seed, agree)
         n_atoms += int(agree["atoms_n_ref"])

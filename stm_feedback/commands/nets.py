@@ -80,6 +80,32 @@ def register(app: typer.Typer) -> None:
             )
         )
 
+    @app.command("quantize")
+    def quantize_cmd(
+        models_dir: Annotated[Path, typer.Option(help="weights + specs to quantise")] = Path("models"),
+        frames: Annotated[int, typer.Option(help="calibration frames (simulator seeds 4000000+)")] = 60,
+        preset: Annotated[str, typer.Option(help="NNCF preset: performance | mixed")] = "performance",
+        out: Annotated[Path | None, typer.Option(help="output dir (default MODELS_DIR/int8)")] = None,
+        nets: Annotated[
+            str, typer.Option(help="nets to quantise, comma-separated ('' = terraces,atoms: NN-2 stays bf16)")
+        ] = "",
+    ) -> None:
+        """INT8 OpenVINO IRs of the nets (NNCF post-training quantisation on simulator frames) in
+        MODELS_DIR/int8; the OpenVINO backend runs each one that matches its weights
+        (settings.models.int8)."""
+        from stm_feedback.errors import ModelError
+        from stm_feedback.quantize import DEFAULT_NETS, quantize_models
+
+        names = tuple(n.strip() for n in nets.split(",") if n.strip()) or DEFAULT_NETS
+        try:
+            written = quantize_models(
+                models_dir, n_frames=frames, out_dir=out, progress=typer.echo, nets=names, preset=preset
+            )
+        except ModelError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from e
+        typer.echo(json.dumps({n: str(p) for n, p in written.items()}))
+
     @app.command("nets-calibrate")
     def calibrate_cmd(
         models_dir: Annotated[Path, typer.Option(help="weights + specs whose maps are thresholded")] = Path(
