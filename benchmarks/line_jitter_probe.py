@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("preset")
     ap.add_argument("first_seed", type=int)
     ap.add_argument("n", type=int)
-    ap.add_argument("--force-lambda-px", type=float, default=None, help="jitter on every frame, Poisson lambda")
+    ap.add_argument("--force-lambda-px", type=float, default=None, help="jitter every line: Poisson lambda")
     args = ap.parse_args()
     cfg = sim_frame.SimConfig.preset(args.preset)
     if args.force_lambda_px is not None:
@@ -82,7 +82,8 @@ def main() -> None:
         e = estimate_line_shifts(f.image_nm) + j
         e -= np.median(e)
         print(
-            f"{seed} pixel {f.truth.pixel_size_nm:.3f} nm  true rms {np.sqrt(np.mean((j - np.median(j)) ** 2)):.2f} px"
+            f"{seed} pixel {f.truth.pixel_size_nm:.3f} nm"
+            f"  true rms {np.sqrt(np.mean((j - np.median(j)) ** 2)):.2f} px"
             f"  error rms {np.sqrt(np.mean(e**2)):.2f} px  within 0.5 px {np.mean(np.abs(e) < 0.5):.2f}",
             flush=True,
         )

@@ -52,6 +52,10 @@ class PlannerSettings(BaseModel):
     # added to every must-avoid margin (defects, steps, holes) of *detected* features: network footprints and
     # step masks come out slightly smaller than the truth (measured in docs/analysis-schema.md, planner)
     detection_pad_nm: float = 0.3
+    # added to the step margin on the upper-terrace side of a detected step only: a blunt or double tip shows
+    # the upper terrace wider than it is, so the true edge may lie up to the tip's reach inside it (session 8,
+    # models/MODEL_CARD.md); 0 = off
+    step_upper_extra_nm: float = 1.5
     # a lattice position next to a detected dimer with no detected dimer on it (a "hole": dihydrides and
     # small vacancies the defect net misses look like this) is must-avoid with this margin; < 0 = off
     hole_margin_nm: float = -1.0

@@ -546,7 +546,9 @@ def postprocess_maps(
             step_plan = step_plan | orientation_band(
                 p_dim_xy, p_dim_angle, (h, w), s, ps.orientation_reach_nm
             )
-        clear = clearance_maps(labels, step_plan, unresolved, avoid, s, ps)
+        # topography with upper terraces higher (image_norm has rows bright, i.e. is inverted in empty state)
+        height = maps.image_norm if maps.polarity != "empty" else 1.0 - maps.image_norm
+        clear = clearance_maps(labels, step_plan, unresolved, avoid, s, ps, height=height)
         angles = {t: f.row_angle_deg for t, f in fits.items()}
         sites = propose_sites(p_dim_xy, p_dim_ter, angles, clear, s, ps, dimer_angle_deg=p_dim_angle)
         safe_mask = clear.safe
