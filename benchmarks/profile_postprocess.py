@@ -36,7 +36,8 @@ TARGETS = {
     ).split(),
     "stm_feedback.lattice": "fit_row_lattice undistorted_row_angle_deg local_fit_tiles".split(),
     "stm_feedback.planner": (
-        "near_mask lattice_anomalies suspect_dimers orientation_band clearance_maps propose_sites distance_px"
+        "near_mask lattice_anomalies suspect_dimers orientation_band clearance_maps propose_sites distance_px "
+        "upper_side_mask"
     ).split(),
     "stm_feedback.quality": "assess tip_change_lines".split(),
 }

@@ -154,42 +154,38 @@ class Clearance:
         return self.raw_nm[rows, cols], self.slack_nm[rows, cols]
 
 
-def upper_side_slack(
-    height: np.ndarray,
-    off_terrace: np.ndarray,
-    pixel_size_nm: float,
-    margin_nm: float,
-    smooth_nm: float = 0.6,
+def upper_side_mask(
+    height: np.ndarray, off_terrace: np.ndarray, pixel_size_nm: float, smooth_nm: float = 0.6
 ) -> np.ndarray:
-    """(H, W) float32 slack (nm) of the upper-side step rule: for a terrace pixel p on the *upper* side of its
-    nearest off-terrace pixel n (the smoothed ``height`` rises from n towards p: (p - n) . grad h(n) >= 0,
-    ties count as upper) and closer than ``margin_nm``, distance(p, n) - margin_nm; +inf elsewhere.
+    """(H, W) bool: pixels higher than the step band next to them, i.e. on the *upper* terrace side of their
+    nearby step: the smoothed ``height`` (Gaussian sigma ``smooth_nm``) at the pixel exceeds the local mean
+    smoothed height of the off-terrace pixels (``off_terrace``) around it (weights: a Gaussian of sigma
+    ``BAND_LEVEL_SIGMA_NM``). Far from any off-terrace pixel the answer is meaningless; callers use it
+    near steps only. Computed on a grid of ~0.3 nm pixels: a side decision, not a position.
 
     Why: the tip images a step where its lowest apex first reaches the upper terrace, so a finite or double
     tip makes the upper terrace look wider and moves the apparent edge into the lower terrace by up to the
     tip's lateral reach (a double tip: its apex offset, 0.3-2 nm in our simulator). The true edge can lie on
     the upper side of the detected one, never on the lower side. ``height``: levelled topography (upper
-    terraces higher, whatever the bias polarity), smoothed with ``smooth_nm`` (sigma) so the 0.77 nm row
-    corrugation does not steer the gradient. Distances from cv2's 5x5 chamfer transform (within ~2 %)."""
-    out = np.full(off_terrace.shape, np.inf, np.float32)
-    if not off_terrace.any() or margin_nm <= 0:
+    terraces higher, whatever the bias polarity); the smoothing removes the 0.77 nm row corrugation."""
+    h, w = off_terrace.shape
+    out = np.zeros((h, w), bool)
+    if not off_terrace.any():
         return out
-    s = float(pixel_size_nm)
-    src = np.logical_not(off_terrace).view(np.uint8)
-    d_px, lab = cv2.distanceTransformWithLabels(src, cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL)
-    near = (d_px * s < margin_nm) & ~off_terrace
-    if not near.any():
-        return out
-    h = cv2.GaussianBlur(np.asarray(height, np.float32), (0, 0), max(0.5, smooth_nm / s))
-    gy, gx = np.gradient(h)
-    off_idx = np.flatnonzero(off_terrace.ravel())  # label L = the L-th off-terrace pixel in raster order
-    rows, cols = np.nonzero(near)
-    n = off_idx[lab[rows, cols] - 1]
-    n_rows, n_cols = np.divmod(n, off_terrace.shape[1])
-    dot = (rows - n_rows) * gy.ravel()[n] + (cols - n_cols) * gx.ravel()[n]
-    up = dot >= 0
-    out[rows[up], cols[up]] = d_px[rows[up], cols[up]] * np.float32(s) - np.float32(margin_nm)
-    return out
+    f = max(1, int(UPPER_GRID_NM / pixel_size_nm))  # coarse grid: f x f pixels per cell
+    hs, ws = max(1, h // f), max(1, w // f)
+    small_s = pixel_size_nm * w / ws
+    z = cv2.resize(np.asarray(height, np.float32), (ws, hs), interpolation=cv2.INTER_AREA)
+    band = cv2.resize(off_terrace.astype(np.float32), (ws, hs), interpolation=cv2.INTER_AREA)
+    z = cv2.GaussianBlur(z, (0, 0), max(0.3, smooth_nm / small_s))
+    sig = BAND_LEVEL_SIGMA_NM / small_s
+    level = cv2.GaussianBlur(z * band, (0, 0), sig) / np.maximum(cv2.GaussianBlur(band, (0, 0), sig), 1e-6)
+    up = (z >= level).astype(np.uint8)  # ties count as upper (the larger margin)
+    return cv2.resize(up, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+UPPER_GRID_NM = 0.3  # cell of the coarse grid of upper_side_mask
+BAND_LEVEL_SIGMA_NM = 1.5  # reach of the step-band level a pixel is compared with
 
 
 def clearance_maps(
@@ -213,7 +209,7 @@ def clearance_maps(
 
     ``height`` (levelled topography of the frame, detected maps only): step pixels also keep
     ``step_margin_nm + detection_pad_nm + step_upper_extra_nm`` on the upper-terrace side
-    (``upper_side_slack``).
+    (``upper_side_mask``).
     """
     s = float(pixel_size_nm)  # a Python float keeps the float32 maps float32 (NEP 50)
     pad = max(0.0, settings.detection_pad_nm)
@@ -228,13 +224,18 @@ def clearance_maps(
             rules[g] = (rules[g] | m) if g in rules else m
     slack = (border_distance_px(terrace_labels.shape) * s - settings.border_margin_nm).astype(np.float32)
     raw = np.full(slack.shape, np.float32(1e6) * s, np.float32)  # distance_px of an empty mask
+    step_d_nm = None  # distance to the off-terrace pixels alone, when that rule was not merged with others
     for margin, mask in rules.items():
         d_nm = distance_px(mask) * s
         np.minimum(raw, d_nm, out=raw)
         np.minimum(slack, d_nm - margin, out=slack)
-    if height is not None and settings.step_upper_extra_nm > 0:
+        if mask is off_terrace:
+            step_d_nm = d_nm
+    if height is not None and settings.step_upper_extra_nm > 0 and off_terrace.any():
         upper_margin = settings.step_margin_nm + pad + settings.step_upper_extra_nm
-        np.minimum(slack, upper_side_slack(height, off_terrace, s, upper_margin), out=slack)
+        d_off = step_d_nm if step_d_nm is not None else distance_px(off_terrace) * s
+        near = (d_off < upper_margin) & upper_side_mask(height, off_terrace, s)
+        np.minimum(slack, np.where(near, d_off - upper_margin, np.float32(np.inf)), out=slack)
     safe = (slack >= 0) & ~off_terrace
     return Clearance(safe, raw, slack, s)
 
