@@ -293,14 +293,6 @@ class OpenVINOEngine:
     ) -> None:
         ov = _import_openvino()
         self._core = ov.Core()
-        if int8_ir is not None:  # quantised copy of this module (stm-feedback quantize; matched by int8_ir())
-            self._model = self._core.read_model(str(int8_ir))
-            self.precision = "int8"
-        else:
-            wrapped = WithActivation(module, out_channels).eval().float()
-            key = module_fingerprint(wrapped, out_channels, ov.__version__)
-            self._model = _convert_cached(ov, wrapped, key)  # input (1, 1, -1, -1)
-            self.precision = precision
         self._config: dict[str, object] = {
             "INFERENCE_PRECISION_HINT": precision,  # INT8 IRs: the precision of their non-quantised ops
             "PERFORMANCE_HINT": "LATENCY",
@@ -308,7 +300,21 @@ class OpenVINOEngine:
         }
         if threads > 0:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
-        self._request = self._core.compile_model(self._model, "CPU", self._config).create_infer_request()
+        self._request = None
+        if int8_ir is not None:  # quantised copy of this module (stm-feedback quantize; matched by int8_ir())
+            try:
+                self._model = self._core.read_model(str(int8_ir))
+                compiled = self._core.compile_model(self._model, "CPU", self._config)
+                self._request = compiled.create_infer_request()
+                self.precision = "int8"
+            except RuntimeError as e:  # a damaged IR must not stop the service: run the module instead
+                log.warning("INT8 IR %s not usable (%s); running the %s module", int8_ir, e, precision)
+        if self._request is None:
+            wrapped = WithActivation(module, out_channels).eval().float()
+            key = module_fingerprint(wrapped, out_channels, ov.__version__)
+            self._model = _convert_cached(ov, wrapped, key)  # input (1, 1, -1, -1)
+            self.precision = precision
+            self._request = self._core.compile_model(self._model, "CPU", self._config).create_infer_request()
         self._lock = threading.Lock()  # one infer request: serialise its use (engines may be shared)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

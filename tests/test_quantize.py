@@ -156,3 +156,17 @@ def test_quantize_cli_reports_errors(quantized_models: Path, tmp_path: Path) -> 
 
     res = CliRunner().invoke(app, ["quantize", "--models-dir", str(quantized_models), "--nets", "nope"])
     assert res.exit_code == 2 and "nets to quantise" in res.output
+
+
+def test_damaged_ir_falls_back_to_the_module(
+    quantized_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = _copy(quantized_models, tmp_path / "models")
+    xml, _ = int8_paths(d / "int8", model_paths(d, "atoms")[0].stem)
+    xml.write_text("<net><broken")  # provenance still matches: the IR itself is unreadable
+    with caplog.at_level(logging.WARNING, logger="stm_feedback.backends"):
+        runner = ModelRunner.from_dir(d, device="cpu", backend="openvino", threads=1)
+    assert runner.engines["atoms"].precision != "int8" and runner.engines["defects"].precision == "int8"
+    assert any("not usable" in r.getMessage() for r in caplog.records)
+    f = _frame(1_000_101)
+    assert runner.predict(f.image_nm, 0.1, f.bias_v).atom_prob.shape == f.image_nm.shape
