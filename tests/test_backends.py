@@ -21,8 +21,9 @@ from stm_feedback import backends
 from stm_feedback.backends import INT8_DIRNAME, BackendUnavailable, int8_paths, select_backend
 from stm_feedback.config import REPO_MODELS_DIR, Settings
 from stm_feedback.errors import ModelError
-from stm_feedback.nets import NET_NAMES, build_net, load_model, model_paths, save_model, spec_preset
+from stm_feedback.nets import NET_NAMES, build_net, load_model, model_paths, spec_preset
 from stm_feedback.runner import ModelRunner, prepare_module
+from tests.random_nets import save_random_nets
 
 torch.set_num_threads(1)
 
@@ -53,13 +54,7 @@ def _frame(seed: int, size_px: int = 96):  # noqa: ANN202
 @pytest.fixture(scope="module")
 def random_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Default-spec nets, randomly initialised (seeded), narrowed to keep the test fast."""
-    d = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    for n in NET_NAMES:
-        s = spec_preset(n)
-        s = replace(s, widths=(4, 8, 8, 8) if s.arch == "unet" else (6,), version=f"{n}-random")
-        save_model(build_net(s), s, d)
-    return d
+    return save_random_nets(tmp_path_factory.mktemp("models"))
 
 
 def _runner(models_dir: Path, kind: str, bf16: bool | None) -> ModelRunner:

@@ -4,7 +4,6 @@ JSON report. Tiny frames and nets; no assertion on any measured time."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,22 +24,17 @@ from stm_feedback.benchmark import (
 )
 from stm_feedback.config import Settings
 from stm_feedback.errors import InputError
-from stm_feedback.nets import NET_NAMES, build_net, save_model, spec_preset
+from stm_feedback.nets import NET_NAMES
 from stm_feedback.pipeline import Pipeline
 from stm_feedback.runner import ModelRunner
+from tests.random_nets import save_random_nets
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    for n in NET_NAMES:
-        s = spec_preset(n)
-        s = replace(s, widths=(4, 4, 4, 4) if s.arch == "unet" else (4,), version=f"{n}-tiny")
-        save_model(build_net(s), s, d)
-    return d
+    return save_random_nets(tmp_path_factory.mktemp("models"), (4, 4, 4, 4), (4,), "tiny")
 
 
 def test_summarize_ms() -> None:

@@ -8,7 +8,6 @@ import json
 import logging
 import shutil
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,9 @@ pytest.importorskip("openvino")
 from stm_feedback.backends import int8_paths  # noqa: E402
 from stm_feedback.config import ModelSettings  # noqa: E402
 from stm_feedback.errors import ModelError  # noqa: E402
-from stm_feedback.nets import NET_NAMES, build_net, load_model, model_paths, save_model, spec_preset  # noqa: E402
+from stm_feedback.nets import NET_NAMES, load_model, model_paths, save_model  # noqa: E402
 from stm_feedback.runner import ModelRunner  # noqa: E402
+from tests.random_nets import save_random_nets  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -38,12 +38,7 @@ def quantized_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("nncf")
     from stm_feedback.quantize import quantize_models
 
-    d = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    for n in NET_NAMES:
-        s = spec_preset(n)
-        s = replace(s, widths=(4, 8, 8, 8) if s.arch == "unet" else (6,), version=f"{n}-random")
-        save_model(build_net(s), s, d)
+    d = save_random_nets(tmp_path_factory.mktemp("models"))
     written = quantize_models(d, n_frames=3, size_px=96, nets=NET_NAMES)
     assert set(written) == set(NET_NAMES)
     return d
