@@ -158,9 +158,9 @@ def upper_side_mask(
     height: np.ndarray, off_terrace: np.ndarray, pixel_size_nm: float, smooth_nm: float = 0.6
 ) -> np.ndarray:
     """(H, W) bool: pixels higher than the step band next to them, i.e. on the *upper* terrace side of their
-    nearby step: the smoothed ``height`` (Gaussian sigma ``smooth_nm``) at the pixel exceeds the local mean
-    smoothed height of the off-terrace pixels (``off_terrace``) around it (weights: a Gaussian of sigma
-    ``BAND_LEVEL_SIGMA_NM``). Far from any off-terrace pixel the answer is meaningless; callers use it
+    nearby step: the smoothed ``height`` (Gaussian sigma ``smooth_nm``) at the pixel is at least the local
+    mean smoothed height of the off-terrace pixels (``off_terrace``) around it (weights: a Gaussian of sigma
+    ``BAND_LEVEL_SIGMA_NM``; ties count as upper, the larger margin). Far from any off-terrace pixel the answer is meaningless; callers use it
     near steps only. Computed on a grid of ~0.3 nm pixels: a side decision, not a position.
 
     Why: the tip images a step where its lowest apex first reaches the upper terrace, so a finite or double
