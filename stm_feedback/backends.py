@@ -216,6 +216,12 @@ def module_fingerprint(module: nn.Module, *extra: object) -> str:
     return h.hexdigest()[:24]
 
 
+def convert_dynamic(ov, wrapped: nn.Module):  # noqa: ANN001, ANN201 - openvino objects
+    """OpenVINO model of ``wrapped`` (a ``WithActivation``) with input (1, 1, -1, -1): any (h, w)."""
+    with torch.no_grad():
+        return ov.convert_model(wrapped, example_input=torch.zeros(1, 1, 64, 64), input=[(1, 1, -1, -1)])
+
+
 def _convert_cached(ov, wrapped: nn.Module, key: str):  # noqa: ANN001, ANN202 - openvino objects
     """OpenVINO model of ``wrapped`` with dynamic (h, w): read from the IR cache when present, else
     converted (seconds: it traces the module) and written to the cache (best effort, atomic rename)."""
@@ -225,8 +231,7 @@ def _convert_cached(ov, wrapped: nn.Module, key: str):  # noqa: ANN001, ANN202 -
             return ov.Core().read_model(str(xml))
         except RuntimeError:
             log.warning("unreadable OpenVINO cache entry %s; converting again", xml)
-    with torch.no_grad():
-        model = ov.convert_model(wrapped, example_input=torch.zeros(1, 1, 64, 64), input=[(1, 1, -1, -1)])
+    model = convert_dynamic(ov, wrapped)
     try:
         xml.parent.mkdir(parents=True, exist_ok=True)
         tmp = xml.with_name(f"{key}.{os.getpid()}.tmp.xml")
@@ -248,6 +253,12 @@ def int8_paths(int8_dir: Path, stem: str) -> tuple[Path, Path]:
     return d / f"{stem}.xml", d / f"{stem}.json"
 
 
+def int8_fingerprint(module: nn.Module, out_channels: int) -> str:
+    """Identity of the fp32 net an INT8 IR is quantised from: ``module_fingerprint`` of the prepared module
+    (BN folded) wrapped with its output activation, independent of the OpenVINO version."""
+    return module_fingerprint(WithActivation(module, out_channels).eval().float(), out_channels)
+
+
 def int8_ir(int8_dir: Path | None, stem: str, module: nn.Module, out_channels: int) -> Path | None:
     """The INT8 IR for ``module`` (prepared, BN folded) in ``int8_dir``, or None when there is none or it was
     quantised from other weights (its recorded fingerprint differs): then the caller runs the module itself
@@ -262,8 +273,7 @@ def int8_ir(int8_dir: Path | None, stem: str, module: nn.Module, out_channels: i
     except (OSError, ValueError) as e:
         log.warning("INT8 IR %s ignored: unreadable %s (%s)", xml, meta_path.name, e)
         return None
-    want = module_fingerprint(WithActivation(module, out_channels).eval().float(), out_channels)
-    if not isinstance(meta, dict) or meta.get("fingerprint") != want:
+    if not isinstance(meta, dict) or meta.get("fingerprint") != int8_fingerprint(module, out_channels):
         log.warning(
             "INT8 IR %s ignored: quantised from other weights (run `stm-feedback quantize` again)", xml
         )

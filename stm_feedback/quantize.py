@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,14 +49,11 @@ def _import_nncf():  # noqa: ANN202 - module
 
 
 def calibration_inputs(
-    runner,
-    n_frames: int,
-    seed0: int = CALIBRATION_SEED,
-    size_px: int = 256,  # noqa: ANN001
+    runner: Any, n_frames: int, seed0: int = CALIBRATION_SEED, size_px: int = 256
 ) -> dict[str, list[np.ndarray]]:
-    """net name -> list of padded network inputs (1, 1, h, w) float32 that ``runner.predict`` feeds its
-    engines on ``n_frames`` simulator frames (presets cycled through ``CALIBRATION_PRESETS``, seeds
-    seed0 ...; each frame's own pixel size and bias)."""
+    """net name -> list of padded network inputs (1, 1, h, w) float32 that ``runner.predict`` (a
+    ``ModelRunner``) feeds its engines on ``n_frames`` simulator frames (presets cycled through
+    ``CALIBRATION_PRESETS``, seeds seed0 ...; each frame's own pixel size and bias)."""
     from simulator.frame import SimConfig, simulate_frame
 
     captured: dict[str, list[np.ndarray]] = {n: [] for n in runner.engines}
@@ -94,9 +92,14 @@ def quantize_models(
     path, for ``nets`` only (the others keep running in bf16/fp32). ``preset``: NNCF's "performance"
     (symmetric activation quantisers) or "mixed" (asymmetric activations). ModelError when NNCF or OpenVINO
     is missing, or a net or preset name is unknown."""
-    import torch
-
-    from stm_feedback.backends import WithActivation, _import_openvino, int8_paths, module_fingerprint
+    from stm_feedback.backends import (
+        INT8_DIRNAME,
+        WithActivation,
+        _import_openvino,
+        convert_dynamic,
+        int8_fingerprint,
+        int8_paths,
+    )
     from stm_feedback.nets import model_paths
     from stm_feedback.runner import ModelRunner
 
@@ -108,7 +111,7 @@ def quantize_models(
     ov = _import_openvino()  # BackendUnavailable (a ModelError) when missing
     nncf = _import_nncf()
     say = progress or log.info
-    out = Path(out_dir) if out_dir is not None else Path(models_dir) / "int8"
+    out = Path(out_dir) if out_dir is not None else Path(models_dir) / INT8_DIRNAME
     out.mkdir(parents=True, exist_ok=True)
     runner = ModelRunner.from_dir(models_dir, device="cpu", backend="torch-eager")  # fp32 reference inputs
     t0 = time.perf_counter()
@@ -117,9 +120,7 @@ def quantize_models(
     written: dict[str, Path] = {}
     for name in nets:
         spec = runner.specs[name]
-        wrapped = WithActivation(runner.modules[name], spec.out_channels).eval().float()
-        with torch.no_grad():
-            model = ov.convert_model(wrapped, example_input=torch.zeros(1, 1, 64, 64), input=[(1, 1, -1, -1)])
+        model = convert_dynamic(ov, WithActivation(runner.modules[name], spec.out_channels).eval().float())
         xs = inputs[name]
         t1 = time.perf_counter()
         quantized = nncf.quantize(
@@ -133,7 +134,7 @@ def quantize_models(
         xml, meta_path = int8_paths(out, model_paths(models_dir, name)[0].stem)
         ov.save_model(quantized, str(xml), compress_to_fp16=False)
         meta = {
-            "fingerprint": module_fingerprint(wrapped, spec.out_channels),
+            "fingerprint": int8_fingerprint(runner.modules[name], spec.out_channels),
             "net_version": spec.version,
             "calibration": {
                 "frames": n_frames,
