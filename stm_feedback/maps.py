@@ -15,6 +15,12 @@ class NetworkMaps:
     - ``atom_prob``: NN-1 atom map; its peaks are Si dimer atoms, low where the lattice is not resolved;
     - ``protrusion_prob`` / ``depression_prob``: NN-2 defect maps by kind.
     ``image_norm`` is the per-frame normalised, polarity-corrected image (rows bright) the nets saw, same grid.
+
+    ``atom_prob_net``: the atom map on NN-1's own grid (its working pixel size), kept only when that grid is
+    finer than the input's (frames coarser than the net's pixel size, e.g. 0.2 nm/px against 0.1): on the
+    input grid a dimer's two atoms (0.24 nm apart) are ~1 px apart and merge into one peak, so the atoms are
+    found on this map (``postprocess.find_atoms_on_net_grid``). Same field of view as the input; the grids
+    share the pixel-centre convention of ``preprocess.resize``. None = find them on ``atom_prob``.
     """
 
     step_prob: np.ndarray
@@ -27,6 +33,7 @@ class NetworkMaps:
     # it was decided: "bias" (from bias_v), "estimated" (from the atom map, bias unknown), "assumed" (filled)
     polarity: str = "filled"
     polarity_source: str = "assumed"
+    atom_prob_net: np.ndarray | None = None
 
 
 def bias_polarity(bias_v: float | None) -> tuple[str, str]:

@@ -253,9 +253,15 @@ def postprocess_maps(
     valid = on_terrace
     if params.atom_step_max_prob is not None:  # the step band is wider than the edge: atoms sit in it too
         valid = on_terrace | (step & (m["step_prob"] < params.atom_step_max_prob))
-    atoms_xy, atoms_score = pp.find_atoms(
-        m["atom_prob"], s, valid, params.atom_threshold, params.atom_peak_radius_nm
-    )
+    if maps.atom_prob_net is not None and params.atoms_on_net_grid:
+        # a frame coarser than NN-1's grid: on the frame's grid a dimer's atoms merge into one peak
+        atoms_xy, atoms_score = pp.find_atoms_on_net_grid(
+            maps.atom_prob_net, (h, w), s, valid, params.atom_threshold, params.atom_peak_radius_nm
+        )
+    else:
+        atoms_xy, atoms_score = pp.find_atoms(
+            m["atom_prob"], s, valid, params.atom_threshold, params.atom_peak_radius_nm
+        )
     a_cols = np.clip(np.rint(atoms_xy[:, 0]).astype(int), 0, w - 1)
     a_rows = np.clip(np.rint(atoms_xy[:, 1]).astype(int), 0, h - 1)
     atom_ter = _atom_terraces(labels, a_rows, a_cols, params.atom_step_terrace_nm / s)

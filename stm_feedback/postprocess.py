@@ -44,6 +44,9 @@ class PostprocessParams:
     atom_peak_radius_nm: float = (
         0.09  # local-maximum window half-width (< half the 0.24 nm dimer-atom distance)
     )
+    # frames coarser than NN-1's grid (maps.atom_prob_net kept): atoms are found on that grid
+    # (find_atoms_on_net_grid); at 0.2 nm/px on the frame's grid a dimer's two atoms give one peak
+    atoms_on_net_grid: bool = True
     dimer_tol_nm: float = 0.08  # partner atom at 0.24 +- tol nm (bond pairs: the lattice fit's search prior)
     # dimers on the lattice (lattice_dimers): atom within tol of an atom line (0.12 nm from a row centre
     # line), partner's implied centre within the radius; unpaired atoms from this score on are dimers
@@ -466,6 +469,34 @@ def nearest_label(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray, radius
         if not len(todo):
             break
     return out
+
+
+def find_atoms_on_net_grid(
+    atom_prob_net: np.ndarray,
+    shape: tuple[int, int],
+    pixel_size_nm: float,
+    valid: np.ndarray | None = None,
+    threshold: float = 0.5,
+    peak_radius_nm: float = 0.09,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``find_atoms`` on an atom map sampled finer than the frame: centres (N, 2) (x_px, y_px) in the
+    frame's pixels and scores (N,).
+
+    ``atom_prob_net`` (h, w) covers the same field of view as the frame ``shape`` (H, W) at ``pixel_size_nm``
+    (the frame's nm/px), with pixel centres mapped as in ``preprocess.resize``: x_frame = (x_net + 0.5) * W /
+    w - 0.5. ``valid`` (H, W) bool is read at each net pixel's nearest frame pixel. On a 0.2 nm/px frame a
+    dimer's two atoms (0.24 nm apart) fall on neighbouring pixels and give one peak; on NN-1's 0.1 nm/px grid
+    they are two (models/MODEL_CARD.md, session 9)."""
+    hn, wn = atom_prob_net.shape
+    h, w = shape
+    fy, fx = hn / h, wn / w
+    v = None
+    if valid is not None:
+        ri = np.clip(np.floor((np.arange(hn) + 0.5) / fy).astype(np.int64), 0, h - 1)
+        ci = np.clip(np.floor((np.arange(wn) + 0.5) / fx).astype(np.int64), 0, w - 1)
+        v = np.asarray(valid, bool)[np.ix_(ri, ci)]
+    xy, score = find_atoms(atom_prob_net, pixel_size_nm / math.sqrt(fx * fy), v, threshold, peak_radius_nm)
+    return (xy + 0.5) / np.array([fx, fy]) - 0.5, score
 
 
 def pair_dimers(atoms_xy_nm: np.ndarray, tol_nm: float = 0.08, tree: cKDTree | None = None) -> np.ndarray:

@@ -155,9 +155,12 @@ class ModelRunner:
         pixel_size_nm: float,
         invert: bool,
         channels: tuple[int, ...] | None = None,
+        keep_net_grid: list[np.ndarray | None] | None = None,
     ) -> np.ndarray:
         """Net ``name`` on the normalised frame, output (C, H, W) resampled back to the frame's grid;
-        ``channels``: only these output channels (in this order), the others are not resampled."""
+        ``channels``: only these output channels (in this order), the others are not resampled;
+        ``keep_net_grid``: a list that receives the raw (C, h, w) output on the net's grid when that grid
+        has more pixels than the frame's (the frame is coarser than the net's pixel size), else None."""
         spec = self.specs[name]
         shape = resampled_shape(norm.shape, pixel_size_nm, spec.pixel_size_nm)
         x = resize(norm, shape)
@@ -169,6 +172,8 @@ class ModelRunner:
         out = np.empty((len(idx), *norm.shape), np.float32)
         for i, c in enumerate(idx):
             out[i] = resize(y[c], norm.shape, antialias=False)
+        if keep_net_grid is not None:  # the caller's list receives the net-grid output when it is finer
+            keep_net_grid.append(y if y.shape[1] * y.shape[2] > norm.shape[0] * norm.shape[1] else None)
         return out
 
     def predict(self, image: np.ndarray, pixel_size_nm: float, bias_v: float | None = None) -> NetworkMaps:
@@ -181,16 +186,18 @@ class ModelRunner:
         empty = bias_v is not None and float(bias_v) > 0
         step = self.net_on_frame("terraces", norm, s, False)[0]
         rows_bright_net = self.specs["atoms"].polarity == "rows_bright"
-        atoms = self.net_on_frame("atoms", norm, s, empty and rows_bright_net)[0]
+        atoms_net: list[np.ndarray | None] = []
+        atoms = self.net_on_frame("atoms", norm, s, empty and rows_bright_net, keep_net_grid=atoms_net)[0]
         defects = self.net_on_frame("defects", norm, s, False, channels=(1, 2))  # protrusion, depression
         if bias_v is not None:
             polarity, source = bias_polarity(bias_v)
         elif rows_bright_net:
             # bias unknown: also try the inverted frame and keep the polarity whose atom map is the more
             # confident (the net was trained mostly on rows-bright frames); costs one more atom-net pass
-            atoms_inv = self.net_on_frame("atoms", norm, s, True)[0]
+            atoms_inv = self.net_on_frame("atoms", norm, s, True, keep_net_grid=atoms_net)[0]
             if atom_map_confidence(atoms_inv) > atom_map_confidence(atoms):
                 atoms, polarity = atoms_inv, "empty"
+                atoms_net.reverse()  # [chosen, other]
             else:
                 polarity = "filled"
             source = "estimated"
@@ -211,6 +218,7 @@ class ModelRunner:
             pixel_size_nm=s,
             polarity=polarity,
             polarity_source=source,
+            atom_prob_net=None if atoms_net[0] is None else atoms_net[0][0],
         )
 
 

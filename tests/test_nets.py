@@ -25,6 +25,7 @@ from stm_feedback.nets import (
     save_model,
     spec_preset,
 )
+from stm_feedback.preprocess import resampled_shape
 from stm_feedback.runner import ModelRunner
 
 torch.set_num_threads(1)
@@ -161,6 +162,14 @@ def test_runner_maps_on_input_grid(tiny_models: Path, shape: tuple[int, int], px
     for a in (maps.step_prob, maps.atom_prob, maps.protrusion_prob, maps.depression_prob):
         assert 0.0 <= a.min() and a.max() <= 1.0
     assert maps.pixel_size_nm == px and maps.polarity == "filled" and maps.polarity_source == "bias"
+    # the atom map on NN-1's own grid is kept only for frames coarser than that grid
+    net_px = runner.specs["atoms"].pixel_size_nm
+    if px > net_px:
+        want = resampled_shape(shape, px, net_px)
+        assert maps.atom_prob_net is not None and maps.atom_prob_net.shape == want
+        assert maps.atom_prob_net.dtype == np.float32 and 0.0 <= maps.atom_prob_net.min()
+    else:
+        assert maps.atom_prob_net is None
     assert runner.versions() == {n: f"{n}-test" for n in NET_NAMES}
     assert runner.device == "cpu" and runner.backend == "torch-fp32"
 

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from stm_feedback import postprocess as pp
 from stm_feedback.classify import FEATURE_NAMES
@@ -371,3 +372,32 @@ def test_faint_depressions_are_not_reported_but_stay_must_avoid() -> None:
     assert len(a_hidden.defect_features) == len(a_hidden.defects)
     np.testing.assert_array_equal(a_hidden.safe_mask, a_shown.safe_mask)
     assert not a_hidden.safe_mask[70:76, 70:76].any()
+
+
+def test_atoms_of_a_coarse_frame_are_found_on_the_net_grid() -> None:
+    """A 0.2 nm/px frame: a dimer's two atoms (0.24 nm apart) are 1.2 px apart and merge into one peak of
+    the frame-grid map; on the 2x finer net grid both are found, at their positions in frame pixels."""
+    s_net, f = 0.1, 2
+    hn, wn = 96, 120
+    cy, cx = np.mgrid[6:hn - 6:8, 6:wn - 6:8]  # dimer centres on the net grid, rows along y
+    cx, cy = cx.ravel() + 0.3, cy.ravel() + 0.2
+    atoms_net = np.concatenate([np.stack([cx - 1.2, cy], 1), np.stack([cx + 1.2, cy], 1)])
+    yy, xx = np.mgrid[:hn, :wn]
+    prob = np.zeros((hn, wn), np.float32)
+    for x, y in atoms_net:
+        prob = np.maximum(prob, 0.9 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 0.6**2)))
+    prob = prob.astype(np.float32)
+    shape = (hn // f, wn // f)
+    truth = (atoms_net + 0.5) / f - 0.5  # frame pixels (preprocess.resize's pixel-centre mapping)
+    coarse = cv2.resize(prob, shape[::-1], interpolation=cv2.INTER_AREA)
+    merged, _ = pp.find_atoms(coarse, s_net * f, threshold=0.2)
+    assert len(merged) < 0.7 * len(truth)  # the reason for the net grid
+    xy, score = pp.find_atoms_on_net_grid(prob, shape, s_net * f, threshold=0.2)
+    assert len(xy) == len(truth) and (score > 0.5).all()
+    d, _ = cKDTree(truth).query(xy)
+    assert d.max() < 0.05  # frame px
+    valid = np.zeros(shape, bool)
+    valid[:, : shape[1] // 2] = True  # the left half only
+    xy_v, _ = pp.find_atoms_on_net_grid(prob, shape, s_net * f, valid, threshold=0.2)
+    assert len(xy_v) and (np.rint(xy_v[:, 0]) < shape[1] // 2).all()
+    assert len(xy_v) == int((np.rint(truth[:, 0]) < shape[1] // 2).sum())
