@@ -3,8 +3,8 @@
 ``python benchmarks/planner_cache.py --preset realistic --first-seed 700000 --n 150 \\
     --out /tmp/pc/train-realistic``
 ``python benchmarks/planner_cache.py --suite hard --n 100 --out /tmp/pc/suite-hard``
-``python benchmarks/planner_cache.py --preset realistic --first-seed 780000 --n 100 --pixel-size-nm 0.05,0.2 \\
-    --out /tmp/pc/wide`` (the issue's whole pixel-size range drawn per frame; one value = fixed)
+``python benchmarks/planner_cache.py --preset realistic --first-seed 780000 --n 100 \\
+    --pixel-size-nm 0.05,0.2 --out /tmp/pc/wide`` (pixel sizes drawn per frame; one value = fixed)
 
 ``--suite`` takes the frames of ``stm-feedback evaluate --suite`` (seeds >= 1_000_000: report only, never
 calibrate on them); ``--preset`` + ``--first-seed`` simulates that preset at any seeds (calibration: training
@@ -23,7 +23,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from simulator.frame import SimConfig
-
 from stm_feedback.config import load_settings
 from stm_feedback.evaluation import SUITES, simulated_frames, suite_frames
 from stm_feedback.pipeline import Pipeline
