@@ -910,7 +910,9 @@ def blob_features(
         )
         c = max(cs, key=cv2.contourArea)
         perim[k], c_area[k] = cv2.arcLength(c, closed=True), cv2.contourArea(c)
-    circ = np.where(perim <= 0, 1.0, np.minimum(1.0, 4.0 * math.pi * c_area / np.maximum(perim, 1e-300) ** 2))
+    circ = np.ones(len(perim))  # a one-pixel blob's contour has no length: round
+    pos = perim > 0
+    circ[pos] = np.minimum(1.0, 4.0 * math.pi * c_area[pos] / perim[pos] ** 2)
 
     # local level: median of the ring; atom level: detected atoms near the centre, off the footprint
     ring_px = max(2.0, ring_nm / s)
