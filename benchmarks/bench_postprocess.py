@@ -30,6 +30,11 @@ import time
 import numpy as np
 
 
+def _fields(maps: object) -> dict:
+    """The maps' fields, without unset optional ones (a tree older than the field can still read them)."""
+    return {k: v for k, v in vars(maps).items() if v is not None or k != "atom_prob_net"}
+
+
 def make(maps_path: str, n: int) -> None:
     from stm_feedback.benchmark import simulated_frames
     from stm_feedback.pipeline import Pipeline
@@ -40,7 +45,7 @@ def make(maps_path: str, n: int) -> None:
         for f in simulated_frames(n_, 256, seed0, preset=preset):
             maps = pipe.runner.predict(f.image_nm.astype(np.float32), f.pixel_size_nm, bias_v=f.bias_v)
             frames.append(
-                dict(img=f.image_nm, s=f.pixel_size_nm, b=f.bias_v, preset=preset, maps=dict(vars(maps)))
+                dict(img=f.image_nm, s=f.pixel_size_nm, b=f.bias_v, preset=preset, maps=_fields(maps))
             )
     with open(maps_path, "wb") as fh:
         pickle.dump(frames, fh)
