@@ -239,22 +239,34 @@ def fit_row_lattice(
     fit_sub = xy_c[:: max(1, -(-len(xy_c) // max_fit_atoms))]
     norm = np.cos(2 * np.pi * DIMER_ATOM_SEPARATION_NM / 2 / ROW_SPACING_NM)  # |Z| of perfect rows
     prior = bond_prior_deg(nn_bonds_nm(xy_nm)) if isinstance(prior_deg, str) else prior_deg
-    best = -1
+    a0: float | None = None  # the coarse angle (deg)
+    weak_prior_peak: float | None = None
     if prior is not None:  # search near the bond direction; fall back when the peak is weak or at the edge
         coarse = prior + np.arange(-10.0, 10.0 + 1e-9, coarse_step_deg)
         coh = _row_coherence(coarse, sub)
         best = int(np.argmax(coh))
-        if not (0 < best < len(coarse) - 1 and np.sqrt(coh[best]) >= PRIOR_MIN_COHERENCE * norm):
-            best = -1
-    if best < 0:
+        if 0 < best < len(coarse) - 1:
+            if np.sqrt(coh[best]) >= PRIOR_MIN_COHERENCE * norm:
+                a0 = float(coarse[best])
+            else:
+                weak_prior_peak = float(coarse[best])
+    if a0 is None:
         if not full_search and prior is not None:
             return None
         coarse = np.arange(0.0, 180.0, 0.5)
-        coh = _row_coherence(coarse, sub)
-        best = int(np.argmax(coh))
+        # on the larger fit subsample when the bond direction gave no clear peak: the <= max_coarse_atoms
+        # strided subsample can alias with the lattice and put the maximum on a wrong angle (real
+        # empty-state tiles, row coherence ~0.3: the fit failed on 2 of 4 with bf16 NN-1 maps;
+        # models/MODEL_CARD.md session 9)
+        coh = _row_coherence(coarse, fit_sub if prior is not None else sub)
+        a0 = float(coarse[int(np.argmax(coh))])
+        if weak_prior_peak is not None:  # a weak peak at the bond direction stays a candidate
+            c = _row_coherence(np.array([a0, weak_prior_peak]), fit_sub)
+            if c[1] > c[0]:
+                a0 = weak_prior_peak
     # local search on the fit subsample (0.25 deg grid +-0.5 deg), Newton there, then Newton on all atoms
     # (one unchecked step was not enough: phase shifts up to 0.015 nm on 20 simulated frames)
-    medium = coarse[best] + np.arange(-coarse_step_deg, coarse_step_deg + 1e-9, 0.25)
+    medium = a0 + np.arange(-coarse_step_deg, coarse_step_deg + 1e-9, 0.25)
     a1 = float(medium[int(np.argmax(_row_coherence(medium, fit_sub)))])
     angle = _newton_refine(a1, fit_sub, max_step_deg=0.1)
     if len(fit_sub) < len(xy_c) and refine_all:
