@@ -52,6 +52,10 @@ class PlannerSettings(BaseModel):
     # added to every must-avoid margin (defects, steps, holes) of *detected* features: network footprints and
     # step masks come out slightly smaller than the truth (measured in docs/analysis-schema.md, planner)
     detection_pad_nm: float = 0.3
+    # added to detection_pad_nm for detected steps only: NN-0 works at 0.2 nm/px and its step band can sit a
+    # few tenths of a nm off the true edge (false-safe sites 0.04-0.27 nm inside the 2 nm step margin on
+    # sharp-tip and fine-pixel frames; models/MODEL_CARD.md session 9)
+    step_extra_pad_nm: float = 0.15
     # added to the step margin on the upper-terrace side of a detected step only: a blunt or double tip shows
     # the upper terrace wider than it is, so the true edge may lie up to the tip's reach inside it (session 8,
     # models/MODEL_CARD.md); 0 = off

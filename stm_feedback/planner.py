@@ -201,7 +201,8 @@ def clearance_maps(
     with that margin; ``unresolved`` (H, W) bool; ``step_mask`` (H, W) bool (step edges).
 
     Every step and ``avoid_masks`` margin is widened by ``settings.detection_pad_nm`` (detected footprints
-    and step masks are slightly smaller than the truth; 0 when planning on truth masks).
+    and step masks are slightly smaller than the truth; 0 when planning on truth masks), steps by
+    ``settings.step_extra_pad_nm`` more.
     One exact distance transform per margin class (cv2.distanceTransform, DIST_MASK_PRECISE; masks with
     equal margins are merged): slack = min over rules of (distance * s - margin) and the border slack
     (float32), raw = min distance; safe = on a terrace and slack >= 0 (identical to thresholding each rule's
@@ -215,9 +216,9 @@ def clearance_maps(
     pad = max(0.0, settings.detection_pad_nm)
     off_terrace = (terrace_labels < 0) | step_mask
     rules: dict[float, np.ndarray] = {}
-    for m, g in [(off_terrace, settings.step_margin_nm + pad), (unresolved, settings.unknown_margin_nm)] + [
-        (mask, margin + pad) for margin, mask in avoid_masks.items()
-    ]:
+    step_pad = pad + max(0.0, settings.step_extra_pad_nm)
+    rule_list = [(off_terrace, settings.step_margin_nm + step_pad), (unresolved, settings.unknown_margin_nm)]
+    for m, g in rule_list + [(mask, margin + pad) for margin, mask in avoid_masks.items()]:
         m = np.asarray(m, bool)
         if m.any():
             g = float(g)
@@ -232,7 +233,7 @@ def clearance_maps(
         if mask is off_terrace:
             step_d_nm = d_nm
     if height is not None and settings.step_upper_extra_nm > 0 and off_terrace.any():
-        upper_margin = settings.step_margin_nm + pad + settings.step_upper_extra_nm
+        upper_margin = settings.step_margin_nm + step_pad + settings.step_upper_extra_nm
         d_off = step_d_nm if step_d_nm is not None else distance_px(off_terrace) * s
         near = (d_off < upper_margin) & upper_side_mask(height, off_terrace, s)
         np.minimum(slack, np.where(near, d_off - upper_margin, np.float32(np.inf)), out=slack)

@@ -134,7 +134,7 @@ def test_upper_terrace_side_keeps_the_extra_step_margin(upper_on_right: bool) ->
     d = distance_px(step) * s
     upper = (x > 8.0) if upper_on_right else (x < 8.0)
     upper = np.broadcast_to(upper, (n, n))
-    base = ps.step_margin_nm + ps.detection_pad_nm
+    base = ps.step_margin_nm + ps.detection_pad_nm + ps.step_extra_pad_nm
     inner = (np.arange(n)[:, None] >= 10) & (np.arange(n)[:, None] < n - 10)  # away from top/bottom border
     # lower side: unchanged; upper side: nothing safe closer than base + extra (the 5x5 chamfer: within 2 %)
     assert np.array_equal(clear.safe[~upper], plain.safe[~upper])
@@ -147,6 +147,28 @@ def test_upper_terrace_side_keeps_the_extra_step_margin(upper_on_right: bool) ->
         height=height,
     )
     assert np.array_equal(off.safe, plain.safe) and np.array_equal(off.slack_nm, plain.slack_nm)
+
+
+def test_step_extra_pad_widens_only_the_step_keep_out() -> None:
+    s, n = 0.1, 120
+    step = np.zeros((n, n), bool)
+    step[:, 59:62] = True
+    labels = np.where(step, -1, 0).astype(np.int32)
+    defect = np.zeros((n, n), bool)
+    defect[28:32, 18:22] = True
+    unres = np.zeros((n, n), bool)
+    ps0 = PlannerSettings(
+        max_sites=1000, border_margin_nm=0.5, step_extra_pad_nm=0.0, step_upper_extra_nm=0.0
+    )
+    ps1 = ps0.model_copy(update={"step_extra_pad_nm": 0.4})
+    c0 = clearance_maps(labels, step, unres, {0.8: defect}, s, ps0)
+    c1 = clearance_maps(labels, step, unres, {0.8: defect}, s, ps1)
+    d_step = distance_px(step) * s
+    keep = ps1.step_margin_nm + ps1.detection_pad_nm + 0.4
+    assert (d_step[c1.safe] >= keep * 0.98).all()  # 5x5 chamfer distances: within 2 %
+    assert (c0.safe & (d_step < keep * 0.97)).any()  # the pad removed these
+    far = d_step > keep + 0.5  # the defect's keep-out does not change
+    assert np.array_equal(c0.safe[far], c1.safe[far]) and not c1.safe[28:32, 18:22].any()
 
 
 @pytest.mark.parametrize("border_nm", [1.0, 2.0])
@@ -280,7 +302,8 @@ def test_clearance_safe_equals_every_rule_thresholded() -> None:
     }
     clear = clearance_maps(labels, step, unres, avoid, s, ps)
     pad = ps.detection_pad_nm
-    expect = ~step & ~near_mask(step, ps.step_margin_nm + pad, s) & ~near_mask(unres, ps.unknown_margin_nm, s)
+    step_keep = ps.step_margin_nm + pad + ps.step_extra_pad_nm
+    expect = ~step & ~near_mask(step, step_keep, s) & ~near_mask(unres, ps.unknown_margin_nm, s)
     for margin, mask in avoid.items():
         expect &= ~near_mask(mask, margin + pad, s)
     yy, xx = np.mgrid[0:h, 0:w]
