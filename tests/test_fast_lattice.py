@@ -138,7 +138,7 @@ def test_local_fits_of_few_atoms_and_tiles_without_prior() -> None:
 def test_row_fit_on_real_tile_atoms(name: str) -> None:
     """Atoms detected on two real empty-state tiles (../shared/data/real-hsi100, MIT licence: rows along x,
     ~0.1 deg; row coherence only ~0.25), with the bond prior the pipeline passed (0025: NN-1 in bf16; 0043:
-    a candidate NN-0 of session 9, prior 2.5 deg off). The prior's window has no strong peak, and the full
+    the session-9 NN-0, prior 2.5 deg off). The prior's window has no strong peak, and the full
     search on the strided 300-atom subsample aliased onto a wrong angle: the fit was None before session 9."""
     from pathlib import Path
 
