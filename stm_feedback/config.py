@@ -106,6 +106,9 @@ class LibrarySettings(BaseModel):
     # background writer thread; False = off
     record: bool = True
     record_queue: int = 256  # frames waiting for the writer before submit() blocks (never dropped)
+    # the daemon's writer waits up to this long (s) for a moment with no analysis running before it writes
+    # a frame (LibraryRecorder(idle=...)): its CPU then does not slow the next frame's analysis
+    record_defer_s: float = 2.0
 
 
 class ServerSettings(BaseModel):

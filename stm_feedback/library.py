@@ -619,6 +619,11 @@ class LibraryRecorder:
     still queued before it returns. Each frame is one transaction (frame + all its defects, or nothing);
     a frame the library rejects is logged and counted in ``failed`` and the writer carries on. A killed
     process loses at most the frames still queued in memory; the file itself stays consistent (WAL).
+
+    ``idle`` (e.g. ``server.Server.idle``, set while the daemon analyses nothing): the writer waits for it
+    before each frame, at most ``max_defer_s``, so that its ~2 ms of CPU per frame does not compete with the
+    analysis of the next frame (daemon round trip +6 ms with back-to-back requests, docs/performance.md
+    session 9). A stream with no idle moment is still written, ``max_defer_s`` late at most per frame.
     """
 
     def __init__(
@@ -628,8 +633,12 @@ class LibraryRecorder:
         patch_pixel_size_nm: float = 0.125,
         max_queue: int = 256,
         close_library: bool = False,
+        idle: threading.Event | None = None,
+        max_defer_s: float = 2.0,
     ) -> None:
         self.library = library
+        self._idle = idle
+        self.max_defer_s = max(0.0, float(max_defer_s))
         self.patch_size_px = int(patch_size_px)
         self.patch_pixel_size_nm = float(patch_pixel_size_nm)
         self._close_library = close_library
@@ -643,8 +652,9 @@ class LibraryRecorder:
         self._thread.start()
 
     @classmethod
-    def from_settings(cls, settings: Any) -> LibraryRecorder:
-        """A recorder writing to ``settings.library.path`` (owns and closes that library)."""
+    def from_settings(cls, settings: Any, idle: threading.Event | None = None) -> LibraryRecorder:
+        """A recorder writing to ``settings.library.path`` (owns and closes that library); ``idle``: see the
+        class docstring (waits at most ``settings.library.record_defer_s``)."""
         ls = settings.library
         return cls(
             DefectLibrary(ls.path),
@@ -652,6 +662,8 @@ class LibraryRecorder:
             ls.patch_pixel_size_nm,
             max_queue=ls.record_queue,
             close_library=True,
+            idle=idle,
+            max_defer_s=ls.record_defer_s,
         )
 
     def submit(self, image: np.ndarray, analysis: Any, source: str | None = None) -> None:
@@ -690,6 +702,7 @@ class LibraryRecorder:
             try:
                 if item is None:
                     return
+                self._wait_for_idle()
                 self._write(*item)
                 self.written += 1
             except Exception:  # one bad frame must not stop the recording of the others
@@ -697,6 +710,17 @@ class LibraryRecorder:
                 log.exception("library: recording a frame failed")
             finally:
                 self._q.task_done()
+
+    def _wait_for_idle(self) -> None:
+        """Until ``idle`` is set, at most ``max_defer_s``; at once when closing (write what is left)."""
+        if self._idle is None:
+            return
+        end = time.monotonic() + self.max_defer_s
+        while not self._closed and not self._idle.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self._idle.wait(min(left, 0.05))  # short slices: close() must not wait for a busy daemon
 
     def _write(self, image: np.ndarray, analysis: Any, source: str) -> None:
         rows = analysis_rows(image, analysis, self.patch_size_px, self.patch_pixel_size_nm)

@@ -364,6 +364,10 @@ class Server:
         self._inproc = f"inproc://stm-feedback-replies-{next(_ids)}"
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._inflight = 0  # touched by the I/O thread only
+        # set while no analysis is queued or running: background work that would compete with the analysis
+        # for the 2 cores and the GIL waits for it (the defect-library recorder, LibraryRecorder(idle=...))
+        self.idle = threading.Event()
+        self.idle.set()
         self._replies_since_gc = 0  # worker replies forwarded since the last collection (I/O thread only)
         self._instruments: dict[str, InstrumentState] = {}
         self._state_lock = threading.Lock()
@@ -516,6 +520,7 @@ class Server:
                             break
                         self._handle(router, frames)
         finally:
+            self.idle.set()  # nothing more will be analysed: background writers need not wait
             for _ in self._workers:
                 self._jobs.put(None)
             pull.close(0)
@@ -534,6 +539,8 @@ class Server:
         )
         del frames  # sent (ZeroMQ holds its own reference to the buffers): collectable below
         self._collect_after_reply()
+        if self._inflight == 0:
+            self.idle.set()
         return True
 
     def _collect_after_reply(self) -> None:
@@ -610,6 +617,7 @@ class Server:
                     return
                 deadline_ms = req.header.deadline_ms or self.settings.deadline_ms
                 self._inflight += 1
+                self.idle.clear()
                 self._jobs.put(_Job(envelope, req, t0, decode_ms, t0 + deadline_ms / 1e3, frames))
                 return
             payload = self._answer_inline(req)

@@ -138,3 +138,31 @@ def test_analysis_rows_without_feature_matrix(frames: list) -> None:
     j = FEATURE_NAMES.index("area_cells")
     np.testing.assert_allclose(rows["features"][:, j], [d.area_cells for d in a.defects])
     assert np.isnan(rows["features"][:, FEATURE_NAMES.index("fill")]).all()
+
+
+def test_recorder_defers_writes_while_the_daemon_is_busy(tmp_path: Path, frames: list) -> None:
+    """With ``idle`` cleared (an analysis running) the writer waits; it writes when idle is set, after
+    ``max_defer_s`` at the latest, and at once on close(): nothing accepted is dropped."""
+    a = _analyses(Pipeline(Settings()), frames[:1])[0]
+    img = frames[0].image_nm
+    idle = threading.Event()  # busy
+    lib = DefectLibrary(tmp_path / "lib.sqlite")
+    rec = LibraryRecorder(lib, idle=idle, max_defer_s=60.0, close_library=True)
+    rec.submit(img, a, "f0")
+    time.sleep(0.3)
+    assert rec.written == 0  # deferred
+    idle.set()
+    rec.flush()
+    assert rec.written == 1
+    idle.clear()
+    rec.max_defer_s = 0.05  # a stream with no idle moment is written anyway, late by at most this
+    rec.submit(img, a, "f1")
+    rec.flush()
+    assert rec.written == 2
+    rec.max_defer_s = 60.0
+    rec.submit(img, a, "f2")
+    t0 = time.monotonic()
+    rec.close()  # still busy: close writes what is queued without waiting for idle
+    assert rec.written == 3 and rec.failed == 0 and time.monotonic() - t0 < 30
+    with DefectLibrary(tmp_path / "lib.sqlite") as lib:
+        assert len(lib.frames()) == 3

@@ -107,3 +107,31 @@ def test_collections_run_after_the_reply_is_sent_on_the_io_thread() -> None:
     # each collection starts after the reply it follows was counted (and sent): never between two frames'
     # reply counts from the worker side, i.e. every recorded count is one the client saw after a reply
     assert {n for _, n in seen} <= set(replies)
+
+
+def test_idle_event_is_clear_while_an_analysis_runs() -> None:
+    """``Server.idle`` (the defect-library writer waits for it) is cleared while a frame is analysed and set
+    again once its reply is sent and nothing else is queued."""
+    analyzer = DeterministicTestAnalyzer(delay_s=0.3)
+    srv = Server(analyzer, ServerSettings(warmup_px=0), bind="tcp://127.0.0.1:*").start()
+    try:
+        assert srv.idle.is_set()
+        seen_busy = threading.Event()
+
+        def watch() -> None:
+            for _ in range(200):
+                if not srv.idle.is_set():
+                    seen_busy.set()
+                    return
+                threading.Event().wait(0.005)
+
+        t = threading.Thread(target=watch)
+        t.start()
+        with Client(srv.endpoint, timeout_ms=5000, retries=0) as c:
+            c.analyze(np.zeros((32, 32), np.float32), 0.1, bias_v=-2.0)
+            assert c.last_reply["ok"] is True
+        t.join()
+        assert seen_busy.is_set() and srv.idle.wait(2.0)
+    finally:
+        srv.stop()
+    assert srv.idle.is_set()

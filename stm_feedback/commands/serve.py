@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         if settings.library.record and hasattr(analyzer, "recorder"):
             from stm_feedback.library import LibraryRecorder
 
-            recorder = LibraryRecorder.from_settings(settings)
+            recorder = LibraryRecorder.from_settings(settings, idle=server.idle)
             analyzer.recorder = recorder
             log.info("recording analysed defects", extra={"fields": {"library": str(settings.library.path)}})
         print(f"stm-feedback serving on {server.endpoint}", flush=True)
