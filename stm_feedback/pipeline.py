@@ -255,8 +255,11 @@ def postprocess_maps(
         valid = on_terrace | (step & (m["step_prob"] < params.atom_step_max_prob))
     if maps.atom_prob_net is not None and params.atoms_on_net_grid:
         # a frame coarser than NN-1's grid: on the frame's grid a dimer's atoms merge into one peak
+        net_map = pp.check_map("atom_prob_net", maps.atom_prob_net)
+        if net_map.shape[0] < h or net_map.shape[1] < w:
+            raise InputError(f"atom_prob_net {net_map.shape} must be at least as fine as the frame {(h, w)}")
         atoms_xy, atoms_score = pp.find_atoms_on_net_grid(
-            maps.atom_prob_net, (h, w), s, valid, params.atom_threshold, params.atom_peak_radius_nm
+            net_map, (h, w), s, valid, params.atom_threshold, params.atom_peak_radius_nm
         )
     else:
         atoms_xy, atoms_score = pp.find_atoms(

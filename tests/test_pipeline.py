@@ -203,3 +203,12 @@ def test_coarse_frame_atoms_with_the_shipped_nets() -> None:
         p = Pipeline(Settings(), params=PostprocessParams(atoms_on_net_grid=on_net), runner=pipe.runner)
         f1[on_net] = score_frame(f.truth, p.analyze_maps(f.image_nm, maps, 0.2, f.bias_v)).atoms.f1
     assert f1[True] > 0.65 and f1[True] > f1[False] + 0.15, f1
+
+
+@pytest.mark.parametrize("bad", [np.full((128, 160), np.nan, np.float32), np.zeros((32, 40), np.float32)])
+def test_bad_net_grid_atom_map_is_an_input_error(bad: np.ndarray) -> None:
+    """``NetworkMaps.atom_prob_net`` given by a caller: NaN, or coarser than the frame, is a typed error."""
+    maps = _blank_maps(64, 80, 0.2)
+    maps.atom_prob_net = bad
+    with pytest.raises(InputError):
+        Pipeline(Settings()).analyze_maps(np.zeros((64, 80), np.float32), maps, 0.2)
