@@ -25,7 +25,7 @@ from stm_feedback.nets import (
     save_model,
     spec_preset,
 )
-from stm_feedback.preprocess import resampled_shape
+from stm_feedback.preprocess import resampled_shape, resize
 from stm_feedback.runner import ModelRunner
 
 torch.set_num_threads(1)
@@ -265,3 +265,15 @@ def test_augmentations_move_targets_with_the_image() -> None:
     a2, _ = augment(img, tg, np.random.default_rng(5), AugmentConfig(p_gaussian=1, p_salt_pepper=1))
     np.testing.assert_array_equal(a1, a2)  # seeded
     assert a1.shape == img.shape and a1.dtype == np.float32
+
+
+@pytest.mark.parametrize("bias", [-2.0, 1.5, None])
+def test_net_grid_atom_map_is_the_reported_one(tiny_models: Path, bias: float | None) -> None:
+    """On a coarse frame ``atom_prob_net`` is the map behind ``atom_prob`` (the same pass and polarity, also
+    when the polarity is estimated from two passes): resampled to the frame it gives ``atom_prob``."""
+    runner = ModelRunner.from_dir(tiny_models, device="cpu")
+    img = np.random.default_rng(3).normal(0, 0.03, (48, 40)).astype(np.float32)
+    maps = runner.predict(img, 0.2, bias_v=bias)
+    assert maps.atom_prob_net is not None
+    back = resize(maps.atom_prob_net, img.shape, antialias=False)
+    np.testing.assert_allclose(back, maps.atom_prob, atol=1e-6)
