@@ -148,6 +148,26 @@ class ModelRunner:
         out = self.engines[name](np.ascontiguousarray(padded, np.float32))  # probabilities (C, h, w)
         return np.ascontiguousarray(crop_padding(out, pad))
 
+    def net_on_net_grid(self, name: str, norm: np.ndarray, pixel_size_nm: float, invert: bool) -> np.ndarray:
+        """Net ``name`` on the normalised frame, output (C, h, w) on the net's own grid (its pixel size)."""
+        spec = self.specs[name]
+        shape = resampled_shape(norm.shape, pixel_size_nm, spec.pixel_size_nm)
+        x = resize(norm, shape)
+        if invert:
+            x = (1.0 - x).astype(np.float32)
+        return self.run_net(name, net_input(x, spec.highpass_sigma_nm / spec.pixel_size_nm))
+
+    @staticmethod
+    def to_frame_grid(
+        y: np.ndarray, shape: tuple[int, int], channels: tuple[int, ...] | None = None
+    ) -> np.ndarray:
+        """(C, h, w) net output resampled to the frame's (H, W) grid; ``channels``: only these (in order)."""
+        idx = range(len(y)) if channels is None else channels
+        out = np.empty((len(idx), *shape), np.float32)
+        for i, c in enumerate(idx):
+            out[i] = resize(y[c], shape, antialias=False)
+        return out
+
     def net_on_frame(
         self,
         name: str,
@@ -155,26 +175,11 @@ class ModelRunner:
         pixel_size_nm: float,
         invert: bool,
         channels: tuple[int, ...] | None = None,
-        keep_net_grid: list[np.ndarray | None] | None = None,
     ) -> np.ndarray:
         """Net ``name`` on the normalised frame, output (C, H, W) resampled back to the frame's grid;
-        ``channels``: only these output channels (in this order), the others are not resampled;
-        ``keep_net_grid``: a list that receives the raw (C, h, w) output on the net's grid when that grid
-        has more pixels than the frame's (the frame is coarser than the net's pixel size), else None."""
-        spec = self.specs[name]
-        shape = resampled_shape(norm.shape, pixel_size_nm, spec.pixel_size_nm)
-        x = resize(norm, shape)
-        if invert:
-            x = (1.0 - x).astype(np.float32)
-        x = net_input(x, spec.highpass_sigma_nm / spec.pixel_size_nm)
-        y = self.run_net(name, x)
-        idx = range(len(y)) if channels is None else channels
-        out = np.empty((len(idx), *norm.shape), np.float32)
-        for i, c in enumerate(idx):
-            out[i] = resize(y[c], norm.shape, antialias=False)
-        if keep_net_grid is not None:  # the caller's list receives the net-grid output when it is finer
-            keep_net_grid.append(y if y.shape[1] * y.shape[2] > norm.shape[0] * norm.shape[1] else None)
-        return out
+        ``channels``: only these output channels (in this order), the others are not resampled."""
+        y = self.net_on_net_grid(name, norm, pixel_size_nm, invert)
+        return self.to_frame_grid(y, norm.shape, channels)
 
     def predict(self, image: np.ndarray, pixel_size_nm: float, bias_v: float | None = None) -> NetworkMaps:
         """All three nets on one frame (H, W) of apparent heights (any unit; nm expected) at pixel_size_nm
@@ -186,18 +191,18 @@ class ModelRunner:
         empty = bias_v is not None and float(bias_v) > 0
         step = self.net_on_frame("terraces", norm, s, False)[0]
         rows_bright_net = self.specs["atoms"].polarity == "rows_bright"
-        atoms_net: list[np.ndarray | None] = []
-        atoms = self.net_on_frame("atoms", norm, s, empty and rows_bright_net, keep_net_grid=atoms_net)[0]
+        atoms_net = self.net_on_net_grid("atoms", norm, s, empty and rows_bright_net)[0]  # (h, w)
+        atoms = self.to_frame_grid(atoms_net[None], norm.shape)[0]
         defects = self.net_on_frame("defects", norm, s, False, channels=(1, 2))  # protrusion, depression
         if bias_v is not None:
             polarity, source = bias_polarity(bias_v)
         elif rows_bright_net:
             # bias unknown: also try the inverted frame and keep the polarity whose atom map is the more
             # confident (the net was trained mostly on rows-bright frames); costs one more atom-net pass
-            atoms_inv = self.net_on_frame("atoms", norm, s, True, keep_net_grid=atoms_net)[0]
+            net_inv = self.net_on_net_grid("atoms", norm, s, True)[0]
+            atoms_inv = self.to_frame_grid(net_inv[None], norm.shape)[0]
             if atom_map_confidence(atoms_inv) > atom_map_confidence(atoms):
-                atoms, polarity = atoms_inv, "empty"
-                atoms_net.reverse()  # [chosen, other]
+                atoms, atoms_net, polarity = atoms_inv, net_inv, "empty"
             else:
                 polarity = "filled"
             source = "estimated"
@@ -218,7 +223,8 @@ class ModelRunner:
             pixel_size_nm=s,
             polarity=polarity,
             polarity_source=source,
-            atom_prob_net=None if atoms_net[0] is None else atoms_net[0][0],
+            # kept only where the net's grid is finer than the frame's (NetworkMaps.atom_prob_net)
+            atom_prob_net=atoms_net if atoms_net.size > norm.size else None,
         )
 
 
