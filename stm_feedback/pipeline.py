@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+import cv2
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
@@ -20,6 +21,7 @@ from stm_feedback import postprocess as pp
 from stm_feedback.classify import FEATURE_NAMES
 from stm_feedback.config import Settings, load_settings
 from stm_feedback.errors import InputError, ModelError
+from stm_feedback.jitter import estimate_line_jitter, shift_lines, unshift_map, unshift_x
 from stm_feedback.lattice import (
     LatticeFit,
     bond_prior_deg,
@@ -42,7 +44,7 @@ from stm_feedback.planner import (
     suspect_dimers,
 )
 from stm_feedback.quality import assess, double_tip_pairs, ghost_copies
-from stm_feedback.schema import Analysis, Defect, ImageInfo, Terrace
+from stm_feedback.schema import Analysis, Defect, ImageInfo, Site, Terrace
 
 FEATURE_NAMES_USED = ("height_rel", "area_cells", "circularity")
 MIN_PIXEL_SIZE_NM = 0.005
@@ -145,9 +147,12 @@ class Pipeline:
         t0 = time.perf_counter()
         maps = self.runner.predict(img, s, bias_v=b)
         nets_ms = (time.perf_counter() - t0) * 1e3
-        out = self.analyze_maps(img, maps, s, bias_v=b, frame_id=frame_id)
+        out = self._postprocess(img, maps, s, b, frame_id)
         out.timings_ms = {"networks": round(nets_ms, 3), **out.timings_ms}
         out.timings_ms["total"] = round(out.timings_ms["total"] + nets_ms, 3)
+        if self.params.line_jitter_correction:
+            out = self._correct_line_jitter(img, maps, out, s, b, frame_id)
+        self._record(img, out, frame_id)
         return out
 
     def analyze_maps(
@@ -160,7 +165,14 @@ class Pipeline:
     ) -> Analysis:
         """Post-processing only: objects and plan from ``maps`` (all on the image's grid)."""
         img, s, b = check_frame(image, pixel_size_nm, bias_v)
-        out = postprocess_maps(
+        out = self._postprocess(img, maps, s, b, frame_id)
+        self._record(img, out, frame_id)
+        return out
+
+    def _postprocess(
+        self, img: np.ndarray, maps: NetworkMaps, s: float, b: float | None, frame_id: str | None
+    ) -> Analysis:
+        return postprocess_maps(
             img,
             maps,
             s,
@@ -172,9 +184,61 @@ class Pipeline:
             self._classifier,
             self.models(),
         )
+
+    def _record(self, img: np.ndarray, out: Analysis, frame_id: str | None) -> None:
         if self.recorder is not None:  # enqueue only: patches and SQLite run on the recorder's thread
             self.recorder.submit(img, out, frame_id)
-        return out
+
+    def _correct_line_jitter(
+        self,
+        img: np.ndarray,
+        maps: NetworkMaps,
+        out: Analysis,
+        s: float,
+        b: float | None,
+        frame_id: str | None,
+    ) -> Analysis:
+        """``out``, or (``merge_jitter_corrected``) the lattice of the image with its scan-line jitter
+        removed (jitter.py), moved back onto the recorded image, when the lines are measurably displaced
+        (``line_jitter_min_gain``) and NN-1 then sees the atoms more clearly: mean atom score higher by
+        ``line_jitter_min_score_gain`` (relative). The extra time is the ``line_jitter`` stage."""
+        p = self.params
+        t0 = time.perf_counter()
+        xy, ter, score = _atom_columns(out)
+        est = estimate_line_jitter(
+            maps.image_norm,
+            out.terrace_labels if out.terrace_labels is not None else np.full(img.shape, -1, np.int32),
+            xy,
+            ter,
+            {t.id: t.row_angle_deg for t in out.terraces},
+            s,
+            max_offset_px=p.line_jitter_max_px,
+            prior=p.line_jitter_prior,
+            stop_below_gain=p.line_jitter_min_gain,
+        )
+        corrected = None
+        # whole pixels: a line moved by an integer is the recorded line, exactly (no interpolation), so the
+        # analysis maps back without error (positions, labels and safe mask alike); the sub-pixel rest
+        # (<= 0.5 px) stays in the image as residual jitter
+        shift = np.rint(est.offsets_px)
+        if est.gain >= p.line_jitter_min_gain and shift.any():
+            img2 = shift_lines(img, shift)
+            out2 = self._postprocess(img2, self.runner.predict(img2, s, bias_v=b), s, b, frame_id)
+            score2 = _atom_columns(out2)[2]
+            mean1 = float(score.mean()) if len(score) else 0.0
+            if len(score2) and float(score2.mean()) > mean1 * (1.0 + p.line_jitter_min_score_gain):
+                corrected = merge_jitter_corrected(out, unshift_analysis(out2, shift), self.settings.planner)
+                rms = float(np.sqrt(np.mean(shift**2)))
+                corrected.quality.line_jitter_rms_px = round(rms, 3)
+                corrected.quality.notes.append(
+                    "scan-line jitter removed before the analysis (lines moved by whole pixels, rms "
+                    f"{rms:.2f} px)"
+                )
+        res = corrected if corrected is not None else out
+        ms = (time.perf_counter() - t0) * 1e3
+        res.timings_ms["line_jitter"] = round(ms, 3)
+        res.timings_ms["total"] = round(res.timings_ms["total"] + ms, 3)
+        return res
 
 
 def _check_maps(maps: NetworkMaps, shape: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -637,6 +701,134 @@ def postprocess_maps(
         models=dict(models or {}),
         defect_features=features,
     )
+
+
+def _row_columns(a: Analysis, name: str) -> tuple[Any, Any, Any, Any]:
+    """The four columns (x_px, y_px, terrace, score / row) of ``a``'s "atoms" or "dimers", built or not."""
+    cols = a.lazy_columns(name)
+    if cols is not None:
+        return cols
+    rows = [tuple(vars(r).values()) for r in getattr(a, name)]
+    return tuple(zip(*rows, strict=True)) if rows else ((), (), (), ())  # type: ignore[return-value]
+
+
+def _atom_columns(a: Analysis) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Atoms of ``a`` as arrays: positions (N, 2) x_px, y_px, terrace ids (N,), scores (N,)."""
+    cols = _row_columns(a, "atoms")
+    xy = np.column_stack([np.asarray(cols[0], np.float64), np.asarray(cols[1], np.float64)]).reshape(-1, 2)
+    return xy, np.asarray(cols[2], np.int64), np.asarray(cols[3], np.float64)
+
+
+def _pixel(x_px: float, y_px: float, h: int, w: int) -> tuple[int, int]:
+    """(row, column) of the pixel nearest to (x_px, y_px), clipped into an (h, w) frame."""
+    return min(max(round(y_px), 0), h - 1), min(max(round(x_px), 0), w - 1)
+
+
+def unshift_analysis(a: Analysis, offsets_px: np.ndarray) -> Analysis:
+    """An analysis of a ``jitter.shift_lines`` image moved back onto the recorded image: every x position
+    minus its line's offset (``jitter.unshift_x``; rounded as the pipeline rounds), terrace labels and safe
+    mask resampled per line (-1 / False where a line was shifted in from outside). Terraces keep their
+    fitted angles and phases (those of the jitter-free lattice)."""
+    o = np.asarray(offsets_px, np.float64)
+
+    def cols(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        c = _row_columns(a, name)
+        x, y = np.asarray(c[0], np.float64), np.asarray(c[1], np.float64)
+        return np.round(unshift_x(x, y, o), 3), np.round(y, 3), np.asarray(c[2]), np.asarray(c[3])
+
+    def ux(x: float, y: float) -> float:
+        return round(float(unshift_x(np.array([x]), np.array([y]), o)[0]), 3)
+
+    defects = [Defect(**{**vars(d), "x_px": ux(d.x_px, d.y_px)}) for d in a.defects]
+    sites = [
+        Site(
+            **{
+                **vars(st),
+                "center_x_px": ux(st.center_x_px, st.center_y_px),
+                "dimers": [[ux(x, y), y] for x, y in st.dimers],
+            }
+        )
+        for st in a.sites
+    ]
+    quality = type(a.quality)(**{**vars(a.quality), "notes": list(a.quality.notes)})
+    return Analysis.with_lazy_rows(
+        image=a.image,
+        atoms=cols("atoms"),
+        dimers=cols("dimers"),
+        defects=defects,
+        terraces=a.terraces,
+        sites=sites,
+        quality=quality,
+        terrace_labels=None if a.terrace_labels is None else unshift_map(a.terrace_labels, o, -1),
+        safe_mask=None if a.safe_mask is None else unshift_map(a.safe_mask, o, False),
+        timings_ms=dict(a.timings_ms),
+        models=dict(a.models),
+        defect_features=a.defect_features,
+    )
+
+
+def merge_jitter_corrected(recorded: Analysis, corrected: Analysis, planner: Any) -> Analysis:
+    """One analysis from two of the same frame: ``recorded`` (of the image as recorded) and ``corrected``
+    (of the image with its line jitter removed, already moved back by ``unshift_analysis``).
+
+    Atoms, dimers, terraces and terrace labels come from ``corrected``: the lattice is what the jitter
+    breaks. Defects (and their feature vectors) come from ``recorded``, with their terrace ids read from
+    the corrected labels: a defect spans many lines, and a line whose offset was only found up to a lattice
+    period (jitter.py) tears a defect apart but not the lattice (defect F1 on training-range hard frames
+    0.718 -> 0.702 with the corrected defects; models/MODEL_CARD.md session 10). The safe mask and sites
+    are the corrected analysis' (its planner avoided its own defects), minus a disc around every must-avoid
+    defect of ``recorded``: radius = the defect's equivalent radius + its kind's margin (``planner``:
+    adatom margin for protrusions, depression margin for depressions) + the detection pad; a site with a
+    dimer on a removed pixel is dropped. So the defects reported are avoided too, whichever pass saw them.
+    Double-tip suspicion from either analysis withholds every site."""
+    h, w = corrected.image.height_px, corrected.image.width_px
+    labels = corrected.terrace_labels
+    defects = list(recorded.defects)
+    if labels is not None and defects:
+        defects = [
+            Defect(**{**vars(d), "terrace": int(labels[_pixel(d.x_px, d.y_px, h, w)])}) for d in defects
+        ]
+    safe = corrected.safe_mask
+    double = corrected.quality.double_tip_suspected or recorded.quality.double_tip_suspected
+    if safe is not None:
+        s_nm = corrected.image.pixel_size_nm
+        keep = np.full((h, w), 255 if not double else 0, np.uint8)
+        for d in recorded.defects:
+            if not d.must_avoid:
+                continue
+            margin = planner.adatom_margin_nm if d.kind == "protrusion" else planner.depression_margin_nm
+            r_nm = math.sqrt(max(d.area_nm2, 0.0) / math.pi) + margin + max(planner.detection_pad_nm, 0.0)
+            cv2.circle(keep, (round(d.x_px), round(d.y_px)), math.ceil(r_nm / s_nm), 0, thickness=-1)
+        safe = safe & (keep > 0)
+    sites = corrected.sites
+    if safe is not None:
+        sites = [st for st in sites if all(safe[_pixel(x, y, h, w)] for x, y in st.dimers)]
+    q = corrected.quality
+    notes = list(q.notes) + [n for n in recorded.quality.notes if n not in q.notes]
+    quality = type(q)(
+        **{
+            **vars(q),
+            "double_tip_suspected": double,
+            "notes": notes,
+        }
+    )
+    xyts = corrected.lazy_columns("atoms")
+    dims = corrected.lazy_columns("dimers")
+    kwargs: dict[str, Any] = dict(
+        image=corrected.image,
+        defects=defects,
+        terraces=corrected.terraces,
+        sites=sites,
+        quality=quality,
+        terrace_labels=labels,
+        safe_mask=safe,
+        timings_ms=dict(recorded.timings_ms),
+        models=dict(corrected.models),
+        defect_features=recorded.defect_features,
+    )
+    if xyts is not None and dims is not None:
+        return Analysis.with_lazy_rows(atoms=xyts, dimers=dims, **kwargs)
+    return Analysis(atoms=list(corrected.atoms), dimers=list(corrected.dimers), **kwargs)
 
 
 def _round_or_none(v: float, nd: int) -> float | None:

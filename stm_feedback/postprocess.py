@@ -47,6 +47,15 @@ class PostprocessParams:
     # frames coarser than NN-1's grid (maps.atom_prob_net kept): atoms are found on that grid
     # (find_atoms_on_net_grid); at 0.2 nm/px on the frame's grid a dimer's two atoms give one peak
     atoms_on_net_grid: bool = True
+    # scan-line jitter (Pipeline.analyze, jitter.py): each line's offset along x is estimated against the
+    # frame's lattice (searched within +-max px, prior * offset^2 against large ones); when the offsets gain
+    # at least min_gain and the analysis of the corrected image has a mean atom score higher by
+    # min_score_gain (relative), that analysis is moved back onto the recorded image and reported
+    line_jitter_correction: bool = True
+    line_jitter_max_px: float = 5.0
+    line_jitter_prior: float = 0.02
+    line_jitter_min_gain: float = 0.03
+    line_jitter_min_score_gain: float = 0.01
     dimer_tol_nm: float = 0.08  # partner atom at 0.24 +- tol nm (bond pairs: the lattice fit's search prior)
     # dimers on the lattice (lattice_dimers): atom within tol of an atom line (0.12 nm from a row centre
     # line), partner's implied centre within the radius; unpaired atoms from this score on are dimers

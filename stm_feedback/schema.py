@@ -92,6 +92,8 @@ class Quality:
     # and where that came from: "bias" (given), "estimated" (from the frame), "assumed" (no bias, no estimate)
     polarity: str = "filled"
     polarity_source: str = "assumed"
+    # rms of the scan-line offsets removed before the analysis (px along x; jitter.py); 0 = not corrected
+    line_jitter_rms_px: float = 0.0
 
 
 @dataclass
