@@ -21,7 +21,7 @@ from stm_feedback import postprocess as pp
 from stm_feedback.classify import FEATURE_NAMES
 from stm_feedback.config import Settings, load_settings
 from stm_feedback.errors import InputError, ModelError
-from stm_feedback.jitter import estimate_line_jitter, shift_lines, unshift_map, unshift_x
+from stm_feedback.jitter import estimate_line_jitter, one_blas_thread, shift_lines, unshift_map, unshift_x
 from stm_feedback.lattice import (
     LatticeFit,
     bond_prior_deg,
@@ -205,25 +205,28 @@ class Pipeline:
         p = self.params
         t0 = time.perf_counter()
         xy, ter, score = _atom_columns(out)
-        est = estimate_line_jitter(
-            maps.image_norm,
-            out.terrace_labels if out.terrace_labels is not None else np.full(img.shape, -1, np.int32),
-            xy,
-            ter,
-            {t.id: t.row_angle_deg for t in out.terraces},
-            s,
-            max_offset_px=p.line_jitter_max_px,
-            prior=p.line_jitter_prior,
-            stop_below_gain=p.line_jitter_min_gain,
-        )
+        with one_blas_thread():
+            est = estimate_line_jitter(
+                maps.image_norm,
+                out.terrace_labels if out.terrace_labels is not None else np.full(img.shape, -1, np.int32),
+                xy,
+                ter,
+                {t.id: t.row_angle_deg for t in out.terraces},
+                s,
+                max_offset_px=p.line_jitter_max_px,
+                prior=p.line_jitter_prior,
+                stop_below_gain=p.line_jitter_min_gain,
+            )
         corrected = None
         # whole pixels: a line moved by an integer is the recorded line, exactly (no interpolation), so the
         # analysis maps back without error (positions, labels and safe mask alike); the sub-pixel rest
         # (<= 0.5 px) stays in the image as residual jitter
         shift = np.rint(est.offsets_px)
-        if est.gain >= p.line_jitter_min_gain and shift.any():
+        runner = self.runner
+        # runners without predict_moved_lines (stand-ins in tests, oracle maps) are not corrected
+        if est.gain >= p.line_jitter_min_gain and shift.any() and hasattr(runner, "predict_moved_lines"):
             img2 = shift_lines(img, shift)
-            out2 = self._postprocess(img2, self.runner.predict(img2, s, bias_v=b), s, b, frame_id)
+            out2 = self._postprocess(img2, runner.predict_moved_lines(maps, shift), s, b, frame_id)
             score2 = _atom_columns(out2)[2]
             mean1 = float(score.mean()) if len(score) else 0.0
             if len(score2) and float(score2.mean()) > mean1 * (1.0 + p.line_jitter_min_score_gain):

@@ -17,6 +17,7 @@ from torch import nn
 
 from stm_feedback.backends import INT8_DIRNAME, select_backend
 from stm_feedback.errors import ModelError
+from stm_feedback.jitter import shift_lines
 from stm_feedback.maps import NetworkMaps, bias_polarity
 from stm_feedback.nets import NET_NAMES, NetSpec, fuse_batchnorm, load_model
 from stm_feedback.preprocess import (
@@ -181,6 +182,56 @@ class ModelRunner:
         y = self.net_on_net_grid(name, norm, pixel_size_nm, invert)
         return self.to_frame_grid(y, norm.shape, channels)
 
+    def predict_moved_lines(self, maps: NetworkMaps, shift_px: np.ndarray) -> NetworkMaps:
+        """The maps of the frame behind ``maps`` with its lines moved by whole pixels ``shift_px`` (H,)
+        (``jitter.shift_lines``, the scan-line jitter correction): the three nets run again on the moved
+        lines of the normalised frame, with the polarity of ``maps`` (no new normalisation or polarity
+        estimate: the pre-processing is skipped)."""
+        s = maps.pixel_size_nm
+        image_norm = shift_lines(maps.image_norm, shift_px)
+        # image_norm has bright rows; the nets take the normalised frame as recorded (``predict``)
+        empty = maps.polarity == "empty"
+        norm = (1.0 - image_norm).astype(np.float32) if empty else image_norm
+        rows_bright_net = self.specs["atoms"].polarity == "rows_bright"
+        nets = self._nets(norm, s, empty and rows_bright_net)
+        return self._assemble(norm, s, *nets, maps.polarity, maps.polarity_source)
+
+    def _nets(
+        self, norm: np.ndarray, s: float, invert_atoms: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The three nets on a normalised frame: step map, atom map on NN-1's grid and on the frame's,
+        protrusion + depression maps (2, H, W)."""
+        step = self.net_on_frame("terraces", norm, s, False)[0]
+        atoms_net = self.net_on_net_grid("atoms", norm, s, invert_atoms)[0]  # (h, w)
+        atoms = self.to_frame_grid(atoms_net[None], norm.shape)[0]
+        defects = self.net_on_frame("defects", norm, s, False, channels=(1, 2))  # protrusion, depression
+        return step, atoms_net, atoms, defects
+
+    @staticmethod
+    def _assemble(
+        norm: np.ndarray,
+        s: float,
+        step: np.ndarray,
+        atoms_net: np.ndarray,
+        atoms: np.ndarray,
+        defects: np.ndarray,
+        polarity: str,
+        source: str,
+    ) -> NetworkMaps:
+        image_norm = (1.0 - norm).astype(np.float32) if polarity == "empty" else norm
+        return NetworkMaps(
+            step_prob=step,
+            atom_prob=atoms,
+            protrusion_prob=defects[0],
+            depression_prob=defects[1],
+            image_norm=image_norm,
+            pixel_size_nm=s,
+            polarity=polarity,
+            polarity_source=source,
+            # kept only where the net's grid is finer than the frame's (NetworkMaps.atom_prob_net)
+            atom_prob_net=atoms_net if atoms_net.size > norm.size else None,
+        )
+
     def predict(self, image: np.ndarray, pixel_size_nm: float, bias_v: float | None = None) -> NetworkMaps:
         """All three nets on one frame (H, W) of apparent heights (any unit; nm expected) at pixel_size_nm
         (nm/px); bias_v (V) > 0 = empty states, None = unknown (polarity estimated). InputError on bad
@@ -189,11 +240,8 @@ class ModelRunner:
         s = float(pixel_size_nm)
         norm = normalize_frame(img, s)
         empty = bias_v is not None and float(bias_v) > 0
-        step = self.net_on_frame("terraces", norm, s, False)[0]
         rows_bright_net = self.specs["atoms"].polarity == "rows_bright"
-        atoms_net = self.net_on_net_grid("atoms", norm, s, empty and rows_bright_net)[0]  # (h, w)
-        atoms = self.to_frame_grid(atoms_net[None], norm.shape)[0]
-        defects = self.net_on_frame("defects", norm, s, False, channels=(1, 2))  # protrusion, depression
+        step, atoms_net, atoms, defects = self._nets(norm, s, empty and rows_bright_net)
         if bias_v is not None:
             polarity, source = bias_polarity(bias_v)
         elif rows_bright_net:
@@ -213,19 +261,7 @@ class ModelRunner:
                 polarity, source = "filled", "assumed"
             else:
                 polarity, source = ("empty" if rows_dark else "filled"), "estimated"
-        image_norm = (1.0 - norm).astype(np.float32) if polarity == "empty" else norm
-        return NetworkMaps(
-            step_prob=step,
-            atom_prob=atoms,
-            protrusion_prob=defects[0],
-            depression_prob=defects[1],
-            image_norm=image_norm,
-            pixel_size_nm=s,
-            polarity=polarity,
-            polarity_source=source,
-            # kept only where the net's grid is finer than the frame's (NetworkMaps.atom_prob_net)
-            atom_prob_net=atoms_net if atoms_net.size > norm.size else None,
-        )
+        return self._assemble(norm, s, step, atoms_net, atoms, defects, polarity, source)
 
 
 def measure_latency(
