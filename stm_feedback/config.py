@@ -38,10 +38,14 @@ class PlannerSettings(BaseModel):
     unknown_margin_nm: float = 1.0
     charged_margin_along_nm: float = 0.0  # optional charged-defect exclusion (SiDB logic uses ~10 nm)
     max_sites: int = 50
-    # beyond the frame is unknown: dimers keep this distance from the border. It equals step_margin_nm: a step
-    # or an adatom cluster just outside the frame is invisible (2 of 3 false-safe sites on 100 realistic frames
-    # at 0.05-0.2 nm/px were such; session 5, models/MODEL_CARD.md)
-    border_margin_nm: float = 2.0
+    # beyond the frame is unknown: dimers keep this distance from the border. A step or an adatom cluster just
+    # outside the frame is invisible (2 of 3 false-safe sites on 100 realistic frames at 0.05-0.2 nm/px were
+    # such; session 5), and NN-0 also misses most steps that run within ~1.5 nm inside the border (it sees too
+    # little of the far terrace): 2.0 -> 2.5 nm in session 10 after 3 false-safe sites 1.3-1.9 nm from such a
+    # step (hard 800040+80 with the jitter correction, which made that frame plannable) and one at 0.05 nm/px
+    # (a step 0.5 nm inside the top border); cost: site-found 0.966 -> 0.943 at 0.05-0.2 nm/px, 0.836 -> 0.782
+    # at 0.05 nm/px, realistic unchanged (models/MODEL_CARD.md session 10)
+    border_margin_nm: float = 2.5
     resolved_radius_nm: float = 0.6  # terrace pixels farther than this from any detected atom are unresolved
     # unlabelled protrusions at most this large AND this high are writable (DB-like); the defaults make none
     # writable: on network detections adatoms/clusters and single DBs overlap in (area, height) (docs/
