@@ -14,29 +14,14 @@ with offset o shows at column x what lies at x + o of a jitter-free line (its co
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter1d, median_filter
-from threadpoolctl import ThreadpoolController
 
 from stm_feedback.errors import InputError
 from stm_feedback.lattice import ROW_SPACING_NM, SURFACE_LATTICE_NM, refine_wavevector, unit_vectors
-
-_blas: ThreadpoolController | None = None
-
-
-def one_blas_thread() -> AbstractContextManager:
-    """Context in which BLAS (OpenBLAS/MKL) runs on one thread. The estimate's matrix products are small: a
-    second OpenBLAS thread doubled its CPU time for a slower wall time (3.7 vs 3.1 ms per 256 px frame,
-    docs/performance.md session 10). The libraries are looked up once (threadpoolctl's per-call lookup took
-    1.3-2.7 ms with torch and OpenVINO loaded)."""
-    global _blas
-    if _blas is None:
-        _blas = ThreadpoolController()
-    return _blas.select(user_api="blas").limit(limits=1)
 
 
 @dataclass(frozen=True)

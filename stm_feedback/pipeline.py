@@ -21,7 +21,7 @@ from stm_feedback import postprocess as pp
 from stm_feedback.classify import FEATURE_NAMES
 from stm_feedback.config import Settings, load_settings
 from stm_feedback.errors import InputError, ModelError
-from stm_feedback.jitter import estimate_line_jitter, one_blas_thread, shift_lines, unshift_map, unshift_x
+from stm_feedback.jitter import estimate_line_jitter, shift_lines, unshift_map, unshift_x
 from stm_feedback.lattice import (
     LatticeFit,
     bond_prior_deg,
@@ -205,18 +205,17 @@ class Pipeline:
         p = self.params
         t0 = time.perf_counter()
         xy, ter, score = _atom_columns(out)
-        with one_blas_thread():
-            est = estimate_line_jitter(
-                maps.image_norm,
-                out.terrace_labels if out.terrace_labels is not None else np.full(img.shape, -1, np.int32),
-                xy,
-                ter,
-                {t.id: t.row_angle_deg for t in out.terraces},
-                s,
-                max_offset_px=p.line_jitter_max_px,
-                prior=p.line_jitter_prior,
-                stop_below_gain=p.line_jitter_min_gain,
-            )
+        est = estimate_line_jitter(
+            maps.image_norm,
+            out.terrace_labels if out.terrace_labels is not None else np.full(img.shape, -1, np.int32),
+            xy,
+            ter,
+            {t.id: t.row_angle_deg for t in out.terraces},
+            s,
+            max_offset_px=p.line_jitter_max_px,
+            prior=p.line_jitter_prior,
+            stop_below_gain=p.line_jitter_min_gain,
+        )
         corrected = None
         # whole pixels: a line moved by an integer is the recorded line, exactly (no interpolation), so the
         # analysis maps back without error (positions, labels and safe mask alike); the sub-pixel rest
