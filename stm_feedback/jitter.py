@@ -67,6 +67,7 @@ def estimate_line_jitter(
     step_px: float = 0.05,
     stop_below_gain: float = 0.0,
     max_fit_atoms: int = 800,
+    wavevectors_per_nm: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> LineJitter:
     """Offsets of each scan line of ``image`` (H, W) (float, rows bright, e.g. ``NetworkMaps.image_norm``).
 
@@ -81,7 +82,9 @@ def estimate_line_jitter(
     ``step_px`` grid within +-``max_offset_px``; ``iters`` rounds, each with the models of the lines
     shifted back by the previous round's offsets. When the first round's gain is below
     ``stop_below_gain`` the lines are taken as jitter-free: zeros and that gain (most frames stop there).
-    The wave vectors are refined on at most ``max_fit_atoms`` atoms (a random subsample, seeded).
+    The wave vectors are refined on at most ``max_fit_atoms`` atoms (a random subsample, seeded), or
+    taken from ``wavevectors_per_nm`` (terrace id -> image-frame k1, k2 in cycles/nm, e.g. the lattice
+    fit's ``lattice.row_wavevectors``) where given.
 
     An offset is known only up to the lattice's period along the line: where rows run along x, a line
     shifted by one along-row period (0.384 nm) looks the same. Such a choice is harmless for the analysis
@@ -110,13 +113,17 @@ def estimate_line_jitter(
         mask = labels == tid
         if sel.sum() < min_atoms or angle is None or not np.isfinite(angle) or not mask.any():
             continue
-        p = xy[sel] * s
-        if len(p) > max_fit_atoms:  # random, not strided: a raster-order stride aliases with the lattice
-            p = p[np.random.default_rng(0).choice(len(p), max_fit_atoms, replace=False)]
-        pc = p - p.mean(axis=0)
-        u, n = unit_vectors(float(angle))
-        k1 = refine_wavevector(pc, n / ROW_SPACING_NM, iters=4) * s  # cycles/px
-        k2 = refine_wavevector(pc, u / SURFACE_LATTICE_NM, iters=4) * s
+        known = (wavevectors_per_nm or {}).get(tid)
+        if known is not None:
+            k1, k2 = (np.asarray(k, np.float64) * s for k in known)  # cycles/px
+        else:
+            p = xy[sel] * s
+            if len(p) > max_fit_atoms:  # random, not strided: a raster-order stride aliases with the lattice
+                p = p[np.random.default_rng(0).choice(len(p), max_fit_atoms, replace=False)]
+            pc = p - p.mean(axis=0)
+            u, n = unit_vectors(float(angle))
+            k1 = refine_wavevector(pc, n / ROW_SPACING_NM, iters=4) * s  # cycles/px
+            k2 = refine_wavevector(pc, u / SURFACE_LATTICE_NM, iters=4) * s
         g = lattice_frequencies(k1, k2)
         if not len(g):
             continue

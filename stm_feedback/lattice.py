@@ -366,6 +366,25 @@ def undistorted_row_angle_deg(
     (models/MODEL_CARD.md, session 6; a strided subsample of atoms in raster order also aliases with the
     lattice).
     """
+    kk = row_wavevectors(xy_nm, row_angle_deg, min_along_coherence, min_atoms, max_atoms, refine_all_iters)
+    if kk is None:
+        return None
+    return undistorted_angle_from_wavevectors(*kk)
+
+
+def row_wavevectors(
+    xy_nm: np.ndarray,
+    row_angle_deg: float,
+    min_along_coherence: float = 0.3,
+    min_atoms: int = 50,
+    max_atoms: int = 800,
+    refine_all_iters: int = 1,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The image-frame wave vectors (cycles/nm, (2,) each) of a terrace's atoms ``xy_nm`` (N, 2): k1 across
+    the rows (0.768 nm period) and k2 along them (0.384 nm), refined as ``undistorted_row_angle_deg``
+    describes (grid start near ``row_angle_deg``, Newton steps on <= ``max_atoms`` atoms, then
+    ``refine_all_iters`` on all); None with fewer than ``min_atoms`` atoms or an along-row coherence below
+    ``min_along_coherence``."""
     xy = np.asarray(xy_nm, float).reshape(-1, 2)
     if len(xy) < min_atoms:
         return None
@@ -381,6 +400,12 @@ def undistorted_row_angle_deg(
     if refine_all_iters > 0 and len(xy_c) < len(xy_all):
         k1 = refine_wavevector(xy_all, k1, iters=refine_all_iters)
         k2 = refine_wavevector(xy_all, k2, iters=refine_all_iters)
+    return k1, k2
+
+
+def undistorted_angle_from_wavevectors(k1: np.ndarray, k2: np.ndarray) -> float:
+    """Row angle (deg, [0, 180)) before the drift shear, from the image-frame wave vectors
+    (``row_wavevectors``; the derivation is in ``undistorted_row_angle_deg``)."""
     p1, q1, p2 = float(k1[0]), float(k1[1]), float(k2[0])
     b = 4 * p1 * p1 - p2 * p2
     x = (-b + np.sqrt(b * b + 16 * p1 * p1 * p2 * p2)) / 8

@@ -29,7 +29,8 @@ from stm_feedback.lattice import (
     fit_row_lattice,
     local_fit_tiles,
     row_index,
-    undistorted_row_angle_deg,
+    row_wavevectors,
+    undistorted_angle_from_wavevectors,
 )
 from stm_feedback.maps import NetworkMaps
 from stm_feedback.planner import (
@@ -212,6 +213,7 @@ class Pipeline:
             ter,
             {t.id: t.row_angle_deg for t in out.terraces},
             s,
+            wavevectors_per_nm=out.terrace_wavevectors,
             max_offset_px=p.line_jitter_max_px,
             prior=p.line_jitter_prior,
             stop_below_gain=p.line_jitter_min_gain,
@@ -364,6 +366,7 @@ def postprocess_maps(
     bonds = atoms_nm[pairs[:, 1]] - atoms_nm[pairs[:, 0]]
     n_ter = int(labels.max()) + 1 if labels.size else 0
     fits: dict[int, LatticeFit] = {}
+    wavevectors: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # image-frame k1, k2 (cycles/nm) per terrace
     terraces: list[Terrace] = []
     area_px = np.bincount(labels.ravel() + 1, minlength=n_ter + 1)[1:]
     boxes: list[Any] | None = None  # bounding box of terrace t at [t], found when the FFT angle is needed
@@ -383,11 +386,15 @@ def postprocess_maps(
         if fit is not None:
             fits[t] = fit
             # a weak row lattice has no coherent along-row period either (None): skip its ~1.5 ms
-            undist = (
-                undistorted_row_angle_deg(atoms_nm[sel], fit.row_angle_deg)
+            kk = (
+                row_wavevectors(atoms_nm[sel], fit.row_angle_deg)
                 if fit.coherence >= params.undistort_min_coherence
                 else None
             )
+            undist = None
+            if kk is not None:
+                wavevectors[t] = kk
+                undist = undistorted_angle_from_wavevectors(*kk)
             terraces.append(
                 Terrace(
                     t,
@@ -702,6 +709,7 @@ def postprocess_maps(
         timings_ms=tm.ms,
         models=dict(models or {}),
         defect_features=features,
+        terrace_wavevectors=wavevectors,
     )
 
 

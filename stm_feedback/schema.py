@@ -114,6 +114,9 @@ class Analysis:
     # (N defects, len(classify.FEATURE_NAMES)) float64, NaN = undefined: the full feature vectors behind the
     # defects' JSON features, for the defect library; not part of the JSON contract
     defect_features: np.ndarray | None = None
+    # terrace id -> image-frame row wave vectors (k1 across, k2 along the rows; cycles/nm, (2,) each) of the
+    # lattice fit (lattice.row_wavevectors), reused by the scan-line jitter estimate; not part of the contract
+    terrace_wavevectors: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
 
     # ---- atoms and dimers built on first access (issue 6: ~6500 instances per frame cost ~1.8 ms, and the
     # daemon only needs their JSON rows, which ``json_rows`` builds from the columns directly)
