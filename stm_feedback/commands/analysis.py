@@ -110,6 +110,12 @@ def register(app: typer.Typer) -> None:
                 f"{a.timings_ms.get('total', 0.0) - a.timings_ms.get('networks', 0.0):.1f} ms, "
                 f"{a.quality.polarity} state ({a.quality.polarity_source})"
                 + ("" if a.quality.polarity_source == "bias" else "; no bias: no sites (give --bias-v)")
+                + (
+                    f"; scan-line jitter removed (rms {a.quality.line_jitter_rms_px:.2f} px, "
+                    f"{a.timings_ms.get('line_jitter', 0.0):.0f} ms of it)"
+                    if a.quality.line_jitter_rms_px > 0
+                    else ""
+                )
             )
         if failed:
             raise typer.Exit(code=1)
