@@ -3,9 +3,10 @@
 
     python benchmarks/line_jitter_frames.py PRESET FIRST_SEED N      # e.g. realistic 700000 60
 
-Per frame whose estimate passes the gain gate (a second pass runs): the drawn jitter (Poisson lambda, px), the
-estimate's gain and rms offset, whether the corrected analysis was kept, and atom F1 without -> with the
-correction. Last line: frames with a second pass and frames corrected.
+Per frame whose estimate passes the gain gate (a second pass runs): the true tip state, the drawn jitter
+(Poisson lambda, px), the estimate's gain, the number of proposed sites, the estimate's rms offset, whether
+the corrected analysis was kept, and atom F1 without -> with the correction. Last line: frames with a second
+pass and frames corrected.
 """
 
 import dataclasses
@@ -47,7 +48,8 @@ for f in simulated_frames(preset, first, n):
     kept += bool(seen.get("kept"))
     b = off.analyze(f.image_nm, f.pixel_size_nm, bias_v=f.bias_v)
     print(
-        f"{f.seed} jitter lambda {f.truth.params['jitter_lambda_px']:.2f} px, gain {seen['gain']:.3f}, rms "
+        f"{f.seed} {f.truth.tip_state} tip, jitter lambda {f.truth.params['jitter_lambda_px']:.2f} px, gain "
+        f"{seen['gain']:.3f}, sites {len(a.sites)}, rms "
         f"{seen['rms']:.2f} px, kept {bool(seen.get('kept'))}, atom F1 "
         f"{score_frame(f.truth, b).atoms.f1:.3f} -> {score_frame(f.truth, a).atoms.f1:.3f}",
         flush=True,
