@@ -204,6 +204,9 @@ class Pipeline:
         (``line_jitter_min_gain``) and NN-1 then sees the atoms more clearly: mean atom score higher by
         ``line_jitter_min_score_gain`` (relative). The extra time is the ``line_jitter`` stage."""
         p = self.params
+        runner = self.runner
+        if not hasattr(runner, "predict_moved_lines"):  # stand-ins (tests, baseline maps): no second pass
+            return out
         t0 = time.perf_counter()
         xy, ter, score = _atom_columns(out)
         est = estimate_line_jitter(
@@ -223,9 +226,7 @@ class Pipeline:
         # analysis maps back without error (positions, labels and safe mask alike); the sub-pixel rest
         # (<= 0.5 px) stays in the image as residual jitter
         shift = np.rint(est.offsets_px)
-        runner = self.runner
-        # runners without predict_moved_lines (stand-ins in tests, oracle maps) are not corrected
-        if est.gain >= p.line_jitter_min_gain and shift.any() and hasattr(runner, "predict_moved_lines"):
+        if est.gain >= p.line_jitter_min_gain and shift.any():
             img2 = shift_lines(img, shift)
             out2 = self._postprocess(img2, runner.predict_moved_lines(maps, shift), s, b, frame_id)
             score2 = _atom_columns(out2)[2]
