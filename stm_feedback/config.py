@@ -141,6 +141,9 @@ class Settings(BaseSettings):
     planner: PlannerSettings = Field(default_factory=PlannerSettings)
     library: LibrarySettings = Field(default_factory=LibrarySettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    # overrides of stm_feedback.postprocess.PostprocessParams fields, e.g. {"line_jitter_correction": false}
+    # (env STM_FEEDBACK_POSTPROCESS as JSON); unknown names are an error when a Pipeline is built
+    postprocess: dict[str, bool | int | float | None] = Field(default_factory=dict)
     log_level: str = "INFO"
     log_json: bool = False
 

@@ -104,7 +104,7 @@ class Pipeline:
         self._runner = runner
         self.library = library
         self.recorder = recorder
-        self.params = params or pp.PostprocessParams()
+        self.params = params or pp.PostprocessParams.with_overrides(self.settings.postprocess)
         self._lock = threading.Lock()
         self._cluster_model = None
         self._classifier = None

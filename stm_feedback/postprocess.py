@@ -7,7 +7,7 @@ the top-left pixel). The Pipeline (pipeline.py) strings them together; planner.p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 
 import cv2
@@ -108,6 +108,15 @@ class PostprocessParams:
     fft_check: bool = False
     patch_size_px: int = 24  # row-aligned library patch
     patch_pixel_size_nm: float = 0.125
+
+    @classmethod
+    def with_overrides(cls, overrides: dict[str, object]) -> PostprocessParams:
+        """The defaults with the named fields replaced (``Settings.postprocess``); InputError for a name that is
+        not a field."""
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise InputError(f"unknown post-processing parameter(s) {unknown}; see PostprocessParams")
+        return replace(cls(), **overrides)
 
 
 def check_map(name: str, a: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:

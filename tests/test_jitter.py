@@ -222,3 +222,17 @@ def test_merge_keeps_the_recorded_defects_and_avoids_them() -> None:
     m2 = merge_jitter_corrected(_analysis([], double=True), cor, planner)
     assert m2.quality.double_tip_suspected and not m2.safe_mask.any() and m2.sites == []
     assert "double" in m2.quality.notes
+
+
+def test_the_correction_is_switched_by_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stm_feedback.config import load_settings
+    from stm_feedback.pipeline import Pipeline
+
+    overrides = '{"line_jitter_correction": false, "line_jitter_max_px": 3}'
+    monkeypatch.setenv("STM_FEEDBACK_POSTPROCESS", overrides)
+    p = Pipeline(load_settings(), runner=object()).params
+    assert p.line_jitter_correction is False and p.line_jitter_max_px == 3
+    assert p.line_jitter_min_gain == 0.03  # the others keep their defaults
+    monkeypatch.setenv("STM_FEEDBACK_POSTPROCESS", '{"no_such_parameter": 1}')
+    with pytest.raises(InputError, match="no_such_parameter"):
+        Pipeline(load_settings(), runner=object())
