@@ -25,6 +25,11 @@ class ModelSettings(BaseModel):
     # these weights (docs/performance.md: equivalence and latency); false = bf16/fp32 as without IRs
     int8: bool = True
     threads: int = 0  # 0 = leave torch's default
+    # BLAS threads of numpy/scipy in this process, set when the runner is built: 1 because OpenBLAS's idle
+    # workers spin after each product and take a core from the next network inference (session 10: predict
+    # p50 13 -> 20 ms after the jitter estimate's products with two BLAS threads; docs/performance.md);
+    # 0 = leave the library default
+    blas_threads: int = 1
 
 
 class PlannerSettings(BaseModel):

@@ -13,6 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from stm_feedback.backends import INT8_DIRNAME, select_backend
@@ -76,6 +77,7 @@ class ModelRunner:
         backend: str = "torch-eager",
         fp32_nets: tuple[str, ...] = (),
         int8_dir: Path | None = None,
+        blas_threads: int = 1,
     ) -> None:
         missing = [n for n in NET_NAMES if n not in nets]
         if missing and require_all:
@@ -83,6 +85,8 @@ class ModelRunner:
         self._device = resolve_device(device)
         if threads > 0:
             torch.set_num_threads(int(threads))
+        if blas_threads > 0:  # process-wide, like torch's threads (ModelSettings.blas_threads says why)
+            threadpool_limits(limits=int(blas_threads), user_api="blas")
         self.specs: dict[str, NetSpec] = {n: s for n, (_, s) in nets.items()}
         self.modules = {n: prepare_module(m, self._device) for n, (m, _) in nets.items()}
         self._amp = self._device.type == "cuda"
@@ -101,6 +105,7 @@ class ModelRunner:
         backend: str = "torch-eager",
         fp32_nets: tuple[str, ...] = (),
         int8: bool = True,
+        blas_threads: int = 1,
     ) -> ModelRunner:
         """Load ``nn0_terraces``, ``nn1_atoms``, ``nn2_defects`` (.pt + .json) from models_dir; ``int8``: the
         OpenVINO backend runs the INT8 IRs in ``models_dir/int8`` that match these weights."""
@@ -108,7 +113,13 @@ class ModelRunner:
         nets = {n: load_model(d, n) for n in NET_NAMES}
         int8_dir = d / INT8_DIRNAME if int8 else None
         return cls(
-            nets, device=device, threads=threads, backend=backend, fp32_nets=fp32_nets, int8_dir=int8_dir
+            nets,
+            device=device,
+            threads=threads,
+            backend=backend,
+            fp32_nets=fp32_nets,
+            int8_dir=int8_dir,
+            blas_threads=blas_threads,
         )
 
     @classmethod
@@ -119,7 +130,13 @@ class ModelRunner:
         keep = tuple(getattr(models, "fp32_nets", ()))
         int8 = bool(getattr(models, "int8", True))
         return cls.from_dir(
-            models.models_dir, models.device, models.threads, backend=backend, fp32_nets=keep, int8=int8
+            models.models_dir,
+            models.device,
+            models.threads,
+            backend=backend,
+            fp32_nets=keep,
+            int8=int8,
+            blas_threads=int(getattr(models, "blas_threads", 1)),
         )
 
     @property
