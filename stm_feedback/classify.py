@@ -223,14 +223,19 @@ class KindClusters:
 
 
 def _fit_kind(
-    x: np.ndarray, feature_names: Sequence[str], quantile: float, min_bandwidth: float
+    x: np.ndarray, feature_names: Sequence[str] | None, quantile: float, min_bandwidth: float
 ) -> tuple[KindClusters, np.ndarray]:
-    """Mean shift on one kind's transformed features (N >= 1). Returns the model and 0-based cluster ids."""
+    """Mean shift on one kind's transformed features (N >= 1), z-scored with floored scales; with
+    ``feature_names`` None the coordinates are used as they are (class probabilities of an embedding).
+    Returns the model and 0-based cluster ids."""
     from sklearn.cluster import MeanShift, estimate_bandwidth
 
-    mean = x.mean(axis=0)
-    floors = np.array([SCALE_FLOORS.get(name, 1e-12) for name in feature_names])
-    scale = np.maximum(x.std(axis=0), floors)
+    if feature_names is None:
+        mean, scale = np.zeros(x.shape[1]), np.ones(x.shape[1])
+    else:
+        mean = x.mean(axis=0)
+        floors = np.array([SCALE_FLOORS.get(name, 1e-12) for name in feature_names])
+        scale = np.maximum(x.std(axis=0), floors)
     z = (x - mean) / scale
     n = len(z)
     bandwidth = 0.0
@@ -269,9 +274,13 @@ class ClusterModel:
     """Mean-shift clusters per kind; ``fit`` on many defects (e.g. the library), ``predict`` new ones.
 
     Cluster ids are per kind, 0-based, 0 = the most populated cluster of that kind. ``predict`` assigns the
-    nearest centre (Euclidean, in the kind's standardised space); a kind never fitted gets -1.
+    nearest centre (Euclidean, in the kind's clustering space); a kind never fitted gets -1.
     ``kind_features`` names the columns each kind is clustered on (default ``KIND_FEATURES``; a kind not
     listed, or a model without the mapping, uses every column).
+
+    With ``embedding`` (``embedding.ClassEmbedding``, same ``feature_names``), a kind it has a network for
+    is clustered on that network's class probabilities instead (not z-scored; bandwidth floor
+    ``embedding.min_bandwidth``); the embedding is stored with the model, so a stored model is complete.
     """
 
     feature_names: tuple[str, ...] = FEATURE_NAMES
@@ -279,6 +288,25 @@ class ClusterModel:
     min_bandwidth: float = MIN_BANDWIDTH
     kinds: dict[str, KindClusters] = field(default_factory=dict)
     kind_features: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(KIND_FEATURES))
+    embedding: Any = None  # embedding.ClassEmbedding | None
+
+    def __post_init__(self) -> None:
+        if self.embedding is not None and tuple(self.embedding.feature_names) != tuple(self.feature_names):
+            raise InputError(
+                f"the class embedding takes {list(self.embedding.feature_names)}, "
+                f"the model's features are {list(self.feature_names)}"
+            )
+
+    def embedded(self, kind: str) -> bool:
+        """True when ``kind`` is clustered on the embedding's class probabilities."""
+        return self.embedding is not None and kind in self.embedding.kinds
+
+    def space(self, features: np.ndarray, kind: str) -> np.ndarray:
+        """(N, D) coordinates of raw feature rows of ``kind`` before the fitted standardisation: the
+        embedding's class probabilities, or the kind's transformed columns."""
+        if self.embedded(kind):
+            return self.embedding.embed(features, kind)
+        return _transform(features, self.feature_names)[:, self.columns(kind)]
 
     def columns(self, kind: str) -> list[int]:
         """Indices into ``feature_names`` of the columns kind ``kind`` is clustered on."""
@@ -291,19 +319,16 @@ class ClusterModel:
         """Fit per kind and return the cluster ids (N,) int of the fitted defects."""
         x, k = _check_inputs(features, kinds)
         self._check_width(x)
-        xt = _transform(x, self.feature_names)
         out = np.full(len(x), -1, dtype=int)
         self.kinds = {}
         for kind in KINDS:
             sel = k == kind
             if sel.any():
-                cols = self.columns(kind)
-                self.kinds[kind], out[sel] = _fit_kind(
-                    xt[sel][:, cols],
-                    [self.feature_names[c] for c in cols],
-                    self.quantile,
-                    self.min_bandwidth,
-                )
+                if self.embedded(kind):
+                    names, floor = None, float(self.embedding.min_bandwidth)
+                else:
+                    names, floor = [self.feature_names[c] for c in self.columns(kind)], self.min_bandwidth
+                self.kinds[kind], out[sel] = _fit_kind(self.space(x[sel], kind), names, self.quantile, floor)
         return out
 
     def predict(self, features: np.ndarray, kinds: Sequence[str] | np.ndarray) -> np.ndarray:
@@ -311,24 +336,24 @@ class ClusterModel:
         unknown."""
         x, k = _check_inputs(features, kinds)
         self._check_width(x)
-        xt = _transform(x, self.feature_names)
         out = np.full(len(x), -1, dtype=int)
         for kind, kc in self.kinds.items():
             sel = k == kind
             if sel.any() and len(kc.centres):
-                z = kc.standardise(xt[sel][:, self.columns(kind)])
+                z = kc.standardise(self.space(x[sel], kind))
                 d2 = ((z[:, None, :] - kc.centres[None, :, :]) ** 2).sum(axis=2)
                 out[sel] = np.argmin(d2, axis=1)
         return out
 
     def standardised(self, features: np.ndarray, kind: str) -> np.ndarray:
-        """(N, F_kind) coordinates of defects of ``kind`` in the space its mean shift ran in: the kind's
-        columns, transformed (log1p / arcsinh / tanh) and z-scored with the fitted mean and floored scale.
-        ``features`` (N, F) in ``feature_names`` order. InputError if the kind was never fitted."""
+        """(N, D) coordinates of defects of ``kind`` in the space its mean shift ran in: the embedding's
+        class probabilities, or the kind's columns transformed (log1p / arcsinh / tanh) and z-scored with
+        the fitted mean and floored scale. ``features`` (N, F) in ``feature_names`` order. InputError if the
+        kind was never fitted."""
         if kind not in self.kinds:
             raise InputError(f"no {kind} clusters fitted")
         x = np.asarray(features, dtype=np.float64).reshape(-1, len(self.feature_names))
-        return self.kinds[kind].standardise(_transform(x, self.feature_names)[:, self.columns(kind)])
+        return self.kinds[kind].standardise(self.space(x, kind))
 
     def n_clusters(self, kind: str) -> int:
         return len(self.kinds[kind].centres) if kind in self.kinds else 0
@@ -345,10 +370,14 @@ class ClusterModel:
             "min_bandwidth": self.min_bandwidth,
             "kind_features": {kind: list(v) for kind, v in self.kind_features.items()},
             "kinds": {kind: kc.to_dict() for kind, kc in self.kinds.items()},
+            "embedding": None if self.embedding is None else self.embedding.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> ClusterModel:
+        from stm_feedback.embedding import ClassEmbedding
+
+        emb = d.get("embedding")  # models stored before the embedding clustered on features
         return cls(
             feature_names=tuple(d["feature_names"]),
             quantile=float(d["quantile"]),
@@ -356,6 +385,7 @@ class ClusterModel:
             kinds={kind: KindClusters.from_dict(v) for kind, v in d["kinds"].items()},
             # models stored before per-kind columns were clustered on every column
             kind_features={kind: tuple(v) for kind, v in d.get("kind_features", {}).items()},
+            embedding=None if emb is None else ClassEmbedding.from_dict(emb),
         )
 
 
@@ -363,10 +393,11 @@ def cluster_defects(
     features: np.ndarray,
     kinds: Sequence[str] | np.ndarray,
     quantile: float = DEFAULT_QUANTILE,
+    embedding: Any = None,
 ) -> np.ndarray:
     """Mean-shift cluster ids (N,) int per kind for the given defects (``features`` (N, F) in
-    ``FEATURE_NAMES``
-    order, ``kinds`` (N,) of "protrusion"/"depression"). Deterministic; N = 0 gives an empty array."""
+    ``FEATURE_NAMES`` order, ``kinds`` (N,) of "protrusion"/"depression"), on the embedding's class
+    probabilities when one is given (``ClusterModel``). Deterministic; N = 0 gives an empty array."""
     x = np.asarray(features, dtype=np.float64)
     names = (
         FEATURE_NAMES
@@ -374,7 +405,10 @@ def cluster_defects(
         else tuple(f"f{j}" for j in range(x.shape[1]))
     )
     kind_features = dict(KIND_FEATURES) if names == FEATURE_NAMES else {}
-    return ClusterModel(feature_names=names, quantile=quantile, kind_features=kind_features).fit(x, kinds)
+    model = ClusterModel(
+        feature_names=names, quantile=quantile, kind_features=kind_features, embedding=embedding
+    )
+    return model.fit(x, kinds)
 
 
 # ------------------------------------------------------------------------------------------- from truth

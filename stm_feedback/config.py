@@ -118,6 +118,11 @@ class LibrarySettings(BaseModel):
     # the daemon's writer waits up to this long (s) for a moment with no analysis running before it writes
     # a frame (LibraryRecorder(idle=...)): its CPU then does not slow the next frame's analysis
     record_defer_s: float = 2.0
+    # the space mean shift clusters defects in (library cluster, analyze's batch classes): "embedding" =
+    # class probabilities of <models_dir>/defect_embedding.json, a small MLP per kind trained on simulator
+    # truth (stm_feedback/embedding.py; protrusion ARI 0.59 -> 0.75+, docs/defect-library.md); "features" =
+    # each kind's engineered feature columns (classify.KIND_FEATURES), the paper's approach
+    cluster_space: Literal["embedding", "features"] = "embedding"
 
 
 class ServerSettings(BaseModel):

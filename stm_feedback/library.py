@@ -381,11 +381,14 @@ class DefectLibrary:
             row = self._con.execute(sql, args).fetchone()
         return None if row is None else (json.loads(row[0]), bytes(row[1]))
 
-    def fit_clusters(self, quantile: float | None = None) -> ClusterModel:
-        """Mean shift over every defect in the library (per kind); writes each defect's cluster and stores the
-        model (JSON) as a new 'clusters' version. Returns the model."""
+    def fit_clusters(self, quantile: float | None = None, embedding: Any = None) -> ClusterModel:
+        """Mean shift over every defect in the library (per kind), on ``embedding``'s class probabilities
+        when given (``embedding.ClassEmbedding``); writes each defect's cluster and stores the model (JSON,
+        with the embedding) as a new 'clusters' version. Returns the model."""
         ids, x, k = self.arrays()
-        model = ClusterModel() if quantile is None else ClusterModel(quantile=quantile)
+        model = ClusterModel(embedding=embedding)
+        if quantile is not None:
+            model.quantile = quantile
         labels = model.fit(x, k)
         with self._tx() as cur:
             cur.executemany(

@@ -518,8 +518,10 @@ def postprocess_maps(
             clusters = np.asarray(cluster_model.predict(features_ok, kinds), int)
         elif params.frame_clustering:
             from stm_feedback.classify import cluster_defects
+            from stm_feedback.embedding import embedding_for
 
-            clusters = np.asarray(cluster_defects(features_ok, kinds), int)
+            emb = embedding_for(settings)
+            clusters = np.asarray(cluster_defects(features_ok, kinds, embedding=emb), int)
         if classifier is not None:
             labels_cls = list(classifier.predict(features_ok, kinds))
     tm.lap("classes")

@@ -17,20 +17,34 @@ import typer
 SCHEMA_FEATURES = ("height_rel", "area_cells", "circularity")
 
 
-def cluster_batch(analyses: list) -> None:
-    """Mean shift (classify.ClusterModel, per kind) over the defects of all analyses on the three schema
-    features (height_rel, area_cells, circularity; undefined height_rel as 0); sets ``cluster`` and, where no
-    classifier class name was given, ``label = "<kind>-<cluster>"``. Modifies the analyses in place."""
-    from stm_feedback.classify import ClusterModel
+def cluster_batch(analyses: list, embedding: object = None) -> None:
+    """Mean shift (classify.ClusterModel, per kind) over the defects of all analyses; sets ``cluster`` and,
+    where no classifier class name was given, ``label = "<kind>-<cluster>"``. Modifies the analyses in place.
+
+    Clustered on every feature (``Analysis.defect_features``, undefined values as 0) and, when ``embedding``
+    is given (``embedding.ClassEmbedding``), on its class probabilities; analyses without the full feature
+    rows (built by hand) are clustered on the three schema features (height_rel, area_cells, circularity)."""
+    from stm_feedback.classify import FEATURE_NAMES, ClusterModel
     from stm_feedback.physics import DEFECT_CLASSES
 
     owners = [(a, i) for a in analyses for i in range(len(a.defects))]
     if not owners:
         return
-    x = np.array([[getattr(a.defects[i], n) for n in SCHEMA_FEATURES] for a, i in owners], dtype=float)
+    full = all(
+        getattr(a, "defect_features", None) is not None and len(a.defect_features) == len(a.defects)
+        for a in analyses
+    )
+    if full:
+        x = np.concatenate(
+            [np.asarray(a.defect_features, float).reshape(-1, len(FEATURE_NAMES)) for a in analyses]
+        )
+        model = ClusterModel(embedding=embedding)
+    else:
+        x = np.array([[getattr(a.defects[i], n) for n in SCHEMA_FEATURES] for a, i in owners], dtype=float)
+        model = ClusterModel(feature_names=SCHEMA_FEATURES)
     x = np.where(np.isfinite(x), x, 0.0)
     kinds = [a.defects[i].kind for a, i in owners]
-    ids = ClusterModel(feature_names=SCHEMA_FEATURES).fit(x, kinds)
+    ids = model.fit(x, kinds)
     for (a, i), c in zip(owners, ids, strict=True):
         d = a.defects[i]
         d.cluster = int(c)
@@ -95,7 +109,9 @@ def register(app: typer.Typer) -> None:
         if recorder is not None:
             recorder.close()  # written with the per-frame classes; batch clusters below are JSON-only
         if lib is None or lib.cluster_model() is None:
-            cluster_batch([a for _, a, _ in done])
+            from stm_feedback.embedding import embedding_for
+
+            cluster_batch([a for _, a, _ in done], embedding_for(settings))
         for path, a, image in done:
             base = out / path.stem
             base.with_suffix(".json").write_text(json.dumps(a.to_json_dict(), indent=1))

@@ -163,13 +163,27 @@ def register(app: typer.Typer) -> None:
     def cluster_cmd(
         db: DbOption = None,
         quantile: Annotated[float | None, typer.Option(help="estimate_bandwidth quantile")] = None,
+        space: Annotated[
+            str | None,
+            typer.Option(help="'embedding' | 'features' (default: settings.library.cluster_space)"),
+        ] = None,
     ) -> None:
         """Mean shift over the whole library (per kind); stores the model and every defect's cluster. Prints
         cluster sizes and, where true labels exist (simulated frames), the ARI per kind."""
+        from stm_feedback.config import load_settings
+        from stm_feedback.embedding import embedding_for
+        from stm_feedback.errors import ModelError
         from stm_feedback.physics import KINDS
 
+        if space not in (None, "embedding", "features"):
+            _fail(ValueError("--space must be 'embedding' or 'features'"))
+        try:
+            embedding = embedding_for(load_settings(**({"library__cluster_space": space} if space else {})))
+        except ModelError as exc:
+            _fail(exc)
         with _open(db) as lib:
-            model = lib.fit_clusters(quantile=quantile)
+            model = lib.fit_clusters(quantile=quantile, embedding=embedding)
+            typer.echo(f"space: {'class embedding' if embedding is not None else 'features'}")
             for kind in KINDS:
                 if kind in model.kinds:
                     kc = model.kinds[kind]
@@ -206,6 +220,49 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"  {kind}: {folds}-fold CV accuracy {acc_s}, ARI {ari_s}  labels {counts}")
             if predict:
                 typer.echo(f"predicted labels for {lib.update_predictions()} defects")
+
+    @lib_app.command("fit-embedding")
+    def fit_embedding_cmd(
+        out: Annotated[Path, typer.Option("--out", help="embedding JSON to write")],
+        db: Annotated[list[Path], typer.Option("--db", help="labelled library (repeat for several)")],
+        labels: Annotated[str, typer.Option(help="'true' (simulator truth) or 'expert' labels")] = "true",
+        hidden: Annotated[str, typer.Option(help="hidden layer sizes, comma-separated")] = "32,16",
+        alpha: Annotated[float, typer.Option(help="L2 penalty")] = 1e-3,
+        seed: Annotated[int, typer.Option(help="random_state of the MLP")] = 0,
+    ) -> None:
+        """Train the class embedding (an MLP per kind, stm_feedback/embedding.py) that mean shift clusters in,
+        on the labelled defects of one or more libraries."""
+        import numpy as np
+
+        from stm_feedback.embedding import fit_embedding
+        from stm_feedback.errors import InputError
+
+        if labels not in ("true", "expert"):
+            _fail(ValueError("--labels must be 'true' or 'expert'"))
+        xs, ks, ys = [], [], []
+        for path in db:
+            with _open(path) as lib:
+                recs = [r for r in lib.defects() if np.all(np.isfinite(r.features))]
+            xs += [r.features for r in recs]
+            ks += [r.kind for r in recs]
+            ys += [r.true_label if labels == "true" else r.expert_label for r in recs]
+        try:
+            sizes = tuple(int(v) for v in hidden.split(","))
+            emb = fit_embedding(
+                np.array(xs, float).reshape(len(xs), -1),
+                ks,
+                ys,
+                hidden=sizes,
+                alpha=alpha,
+                seed=seed,
+                meta={"labels": labels, "libraries": [Path(p).name for p in db]},
+            )
+        except (InputError, ValueError) as exc:
+            _fail(exc)
+        emb.save(out)
+        for kind, n in emb.meta["n_train"].items():
+            typer.echo(f"{kind}: {sum(n.values())} labelled defects {n}")
+        typer.echo(f"wrote {out}")
 
     @lib_app.command("figures")
     def figures_cmd(
