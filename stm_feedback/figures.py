@@ -49,8 +49,8 @@ def dendrogram_png(
     model: ClusterModel | None = None,
 ) -> Path:
     """Ward dendrogram of the defects, one panel per kind, in the space the mean shift clusters them in
-    (``model.standardised``: the kind's columns, transformed and z-scored as fitted; ``model`` None fits a
-    ``ClusterModel`` on these defects), truncated to ``max_leaves`` leaves. With ``groups`` (cluster id,
+    (``model.standardised``: the embedding's class probabilities, or the kind's columns transformed and
+    z-scored as fitted; ``model`` None fits a feature-space ``ClusterModel`` on these defects), truncated to ``max_leaves`` leaves. With ``groups`` (cluster id,
     label or true class per defect) each leaf is labelled "<majority group> <k>/<n>", else "(n)"."""
     from scipy.cluster.hierarchy import dendrogram, linkage
 
@@ -89,9 +89,13 @@ def dendrogram_png(
             leaf_label_func=(lambda i, lab=labels: lab[i]) if labels else None,
             color_threshold=0.7 * link[:, 2].max(),
         )
-        cols = [model.feature_names[c] for c in model.columns(kind)]
-        ax.set_title(f"{kind}s (n = {len(z)}): Ward linkage on {', '.join(cols)}", fontsize=9)
-        ax.set_ylabel("distance (mean-shift space, standardised)")
+        if model.embedded(kind):
+            on = "class probabilities of the learned embedding"
+            ax.set_ylabel("distance (mean-shift space: class probabilities)")
+        else:
+            on = ", ".join(model.feature_names[c] for c in model.columns(kind))
+            ax.set_ylabel("distance (mean-shift space, standardised)")
+        ax.set_title(f"{kind}s (n = {len(z)}): Ward linkage on {on}", fontsize=9)
     if not present:
         axes[0][0].text(0.5, 0.5, "fewer than 2 defects of each kind", ha="center", va="center")
         axes[0][0].set_axis_off()
