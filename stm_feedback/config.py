@@ -105,6 +105,10 @@ class PlannerSettings(BaseModel):
     # pixels where NN-0's step probability reaches this are step pixels for planning (the segmentation's own
     # threshold is PostprocessParams.step_threshold); < 0 = off
     step_prob_plan: float = 0.15
+    # a detected step (planning step pixels) at least this long that ends inside the frame is continued
+    # straight to the border (planner.step_continuations: a step cannot end on a terrace, NN-0 lost it);
+    # the continuation keeps the step margin; < 0 = off
+    step_continuation_min_nm: float = 2.0
 
 
 class LibrarySettings(BaseModel):

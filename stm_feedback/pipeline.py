@@ -42,6 +42,7 @@ from stm_feedback.planner import (
     near_mask,
     orientation_band,
     propose_sites,
+    step_continuations,
     suspect_dimers,
 )
 from stm_feedback.quality import assess, double_tip_pairs, ghost_copies
@@ -626,6 +627,8 @@ def postprocess_maps(
         step_plan = step
         if ps.step_prob_plan >= 0:  # faint step evidence the segmentation threshold drops
             step_plan = step | (m["step_prob"] >= ps.step_prob_plan)
+        if ps.step_continuation_min_nm >= 0:  # steps do not end on a terrace: where one does, NN-0 lost it
+            step_plan = step_plan | step_continuations(step_plan, s, ps.step_continuation_min_nm)
         # two row orientations meet: a step, maybe undetected
         if ps.orientation_reach_nm > 0 and len(p_dim_xy):
             step_plan = step_plan | orientation_band(

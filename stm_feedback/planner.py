@@ -424,6 +424,66 @@ def suspect_dimers(
     return out
 
 
+def step_continuations(
+    step_mask: np.ndarray,
+    pixel_size_nm: float,
+    min_length_nm: float,
+    fit_nm: float = 2.0,
+    max_elongation: float = 0.5,
+) -> np.ndarray:
+    """(H, W) bool: straight continuations of detected steps that end inside the frame.
+
+    A step edge separates two terraces, so it cannot end on a terrace: it leaves the frame or closes on
+    itself. Where a detected step stops short of the border, NN-0 lost it (most often within ~1.5 nm of the
+    border, where it sees too little of the far terrace; models/MODEL_CARD.md session 11). Each 8-connected
+    component of ``step_mask`` at least ``min_length_nm`` long and elongated (minor / major principal
+    standard deviation <= ``max_elongation``: rings around islands and blobs are left alone) is followed to
+    its two ends along its principal axis; each end is continued as a 1 px line from the end, in the
+    direction fitted (principal axis) to the component's pixels within ``fit_nm`` of that end, until it
+    leaves the frame (an end on the border pixels is where the step leaves it: nothing to continue). Pixels in image coordinates (row = y, col = x)."""
+    m = np.asarray(step_mask, bool)
+    h, w = m.shape
+    out = np.zeros((h, w), np.uint8)
+    s = float(pixel_size_nm)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(m.view(np.uint8), connectivity=8)
+    min_px = min_length_nm / s
+    diag = math.hypot(h, w)
+    for k in range(1, n):
+        if max(stats[k, cv2.CC_STAT_WIDTH], stats[k, cv2.CC_STAT_HEIGHT]) < min_px * 0.7:
+            continue  # shorter than min_length along any direction (0.7: the box of a diagonal line)
+        x0, y0 = stats[k, cv2.CC_STAT_LEFT], stats[k, cv2.CC_STAT_TOP]
+        sub = lab[y0 : y0 + stats[k, cv2.CC_STAT_HEIGHT], x0 : x0 + stats[k, cv2.CC_STAT_WIDTH]] == k
+        ys, xs = np.nonzero(sub)
+        pts = np.stack([xs + x0, ys + y0], axis=1).astype(np.float64)
+        centre = pts.mean(axis=0)
+        evals, evecs = np.linalg.eigh(np.cov((pts - centre).T))
+        if evals[1] <= 0 or math.sqrt(max(evals[0], 0.0) / evals[1]) > max_elongation:
+            continue
+        axis = evecs[:, 1]
+        t = (pts - centre) @ axis
+        if t.max() - t.min() < min_px:
+            continue
+        for sign in (1.0, -1.0):
+            ts = sign * t
+            near = ts >= ts.max() - fit_nm / s
+            local = pts[near]
+            if len(local) < 3:
+                continue
+            end = pts[ts >= ts.max() - 1.0]  # the outermost pixels
+            tip = end.mean(axis=0)
+            if min(tip[0], tip[1], w - 1 - tip[0], h - 1 - tip[1]) <= 1.5:
+                continue  # the step leaves the frame here
+            lc = local.mean(axis=0)
+            le, lv = np.linalg.eigh(np.cov((local - lc).T))
+            d = lv[:, 1] if le[1] > 0 else axis
+            if np.dot(d, tip - centre) < 0:
+                d = -d  # outward, away from the component
+            a = (int(round(tip[0])), int(round(tip[1])))
+            b = (int(round(tip[0] + d[0] * diag)), int(round(tip[1] + d[1] * diag)))
+            cv2.line(out, a, b, 1, thickness=1)
+    return out.astype(bool)
+
+
 def orientation_band(
     dimers_xy_px: np.ndarray,
     dimer_angle_deg: np.ndarray,

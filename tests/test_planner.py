@@ -25,6 +25,7 @@ from stm_feedback.planner import (
     orientation_band,
     parse_pattern,
     propose_sites,
+    step_continuations,
     suspect_dimers,
 )
 from stm_feedback.planner_eval import aggregate_sites, false_safe_sites, score_sites, truth_slack_nm
@@ -562,3 +563,29 @@ def test_empty_state_frames_get_no_sites(withhold: bool) -> None:
         assert len(a.atoms) == len(normal.atoms) and len(a.defects) == len(normal.defects)  # only the plan
     else:
         assert len(a.sites) == len(normal.sites) and np.array_equal(a.safe_mask, normal.safe_mask)
+
+
+def test_step_that_ends_inside_the_frame_is_continued_to_the_border() -> None:
+    """A step cannot end on a terrace: the detected part is continued straight on to the border, in its own
+    direction; steps crossing the frame, rings and short fragments get nothing."""
+    s = 0.1
+    m = np.zeros((200, 200), np.uint8)
+    cv2.line(m, (0, 20), (100, 80), 1, thickness=3)  # enters on the left, lost at (100, 80)
+    c = step_continuations(m.astype(bool), s, 2.0)
+    ys, xs = np.nonzero(c)
+    assert xs.min() >= 95 and xs.max() == 199  # from the lost end on to the right border
+    slope = np.polyfit(xs, ys, 1)[0]
+    assert abs(slope - 0.6) < 0.05  # along the step's own direction
+    assert not c[:, :90].any()  # nothing behind the border end
+    # the same step crossing the whole frame: nothing to continue
+    full = np.zeros((200, 200), np.uint8)
+    cv2.line(full, (0, 20), (199, 139), 1, thickness=3)
+    assert not step_continuations(full.astype(bool), s, 2.0).any()
+    # a ring (an island's edge) and a fragment shorter than min_length: nothing
+    ring = np.zeros((200, 200), np.uint8)
+    cv2.circle(ring, (100, 100), 40, 1, thickness=3)
+    assert not step_continuations(ring.astype(bool), s, 2.0).any()
+    short = np.zeros((200, 200), np.uint8)
+    cv2.line(short, (90, 100), (105, 100), 1, thickness=3)  # 1.5 nm
+    assert not step_continuations(short.astype(bool), s, 2.0).any()
+    assert step_continuations(short.astype(bool), s, 1.0).any()
