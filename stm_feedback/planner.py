@@ -440,7 +440,8 @@ def step_continuations(
     standard deviation <= ``max_elongation``: rings around islands and blobs are left alone) is followed to
     its two ends along its principal axis; each end is continued as a 1 px line from the end, in the
     direction fitted (principal axis) to the component's pixels within ``fit_nm`` of that end, until it
-    leaves the frame (an end on the border pixels is where the step leaves it: nothing to continue). Pixels in image coordinates (row = y, col = x)."""
+    leaves the frame (an end on the border pixels is where the step leaves it: nothing to continue).
+    Pixels in image coordinates (row = y, col = x)."""
     m = np.asarray(step_mask, bool)
     h, w = m.shape
     out = np.zeros((h, w), np.uint8)
