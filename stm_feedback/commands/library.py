@@ -293,6 +293,9 @@ def register(app: typer.Typer) -> None:
         first_seed: Annotated[int, typer.Option(help="first seed (without --suite)")] = 0,
         n: Annotated[int, typer.Option(help="frames")] = 10,
         size_px: Annotated[int, typer.Option(help="frame size (without --suite)")] = 256,
+        pixel_size_nm: Annotated[
+            float | None, typer.Option(help="fixed pixel size in nm (without --suite; default: the preset's)")
+        ] = None,
         detections: Annotated[
             str,
             typer.Option(
@@ -311,6 +314,8 @@ def register(app: typer.Typer) -> None:
 
         if detections not in ("truth", "nets"):
             _fail(ValueError("--detections must be 'truth' or 'nets'"))
+        if suite is not None and pixel_size_nm is not None:
+            _fail(ValueError("--pixel-size-nm is for simulated frames (--preset), not --suite"))
         settings = load_settings(config)
         ls = settings.library
         pipe = None
@@ -333,7 +338,7 @@ def register(app: typer.Typer) -> None:
 
             cfg = SimConfig.preset(preset)
             frames = (
-                (s, (f := simulate_frame(s, size_px, None, cfg)).image_nm, f.truth)
+                (s, (f := simulate_frame(s, size_px, pixel_size_nm, cfg)).image_nm, f.truth)
                 for s in range(first_seed, first_seed + n)
             )
             source = f"sim:{preset}"
