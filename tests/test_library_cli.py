@@ -142,3 +142,13 @@ def test_serve_names_classes_with_the_trained_library(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_add_sim_at_a_fixed_pixel_size(tmp_path: Path) -> None:
+    db = tmp_path / "px.sqlite"
+    args = ("library", "add-sim", "--db", str(db), "--n", "1", "--size-px", "96", "--first-seed", "3")
+    _run(*args, "--pixel-size-nm", "0.05")
+    with DefectLibrary(db) as lib:
+        assert [f["pixel_size_nm"] for f in lib.frames()] == [0.05]
+    res = runner.invoke(app, [*args, "--suite", "realistic", "--pixel-size-nm", "0.05"])
+    assert res.exit_code == 2 and "--pixel-size-nm" in res.output
