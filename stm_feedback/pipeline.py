@@ -628,7 +628,8 @@ def postprocess_maps(
         if ps.step_prob_plan >= 0:  # faint step evidence the segmentation threshold drops
             step_plan = step | (m["step_prob"] >= ps.step_prob_plan)
         if ps.step_continuation_min_nm >= 0:  # steps do not end on a terrace: where one does, NN-0 lost it
-            step_plan = step_plan | step_continuations(step_plan, s, ps.step_continuation_min_nm)
+            # of the segmentation's steps only: faint evidence (step_prob_plan) also rims etch pits
+            step_plan = step_plan | step_continuations(step, s, ps.step_continuation_min_nm)
         # two row orientations meet: a step, maybe undetected
         if ps.orientation_reach_nm > 0 and len(p_dim_xy):
             step_plan = step_plan | orientation_band(
