@@ -316,6 +316,15 @@ def postprocess_maps(
     labels, step = pp.segment_terraces(
         m["step_prob"], s, params.step_threshold, params.min_terrace_area_nm2, params.step_gap_close_nm
     )
+    if params.defect_terrace_max_nm2 > 0:  # a defect ringed by false step pixels is not a terrace
+        labels = pp.drop_defect_terraces(
+            labels,
+            m["protrusion_prob"],
+            m["depression_prob"],
+            s,
+            params.defect_terrace_max_nm2,
+            params.defect_terrace_min_fraction,
+        )
     tm.lap("terraces")
 
     # 2. atoms, restricted to terraces (the paper's per-terrace sub-images)

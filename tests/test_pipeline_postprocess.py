@@ -401,3 +401,28 @@ def test_atoms_of_a_coarse_frame_are_found_on_the_net_grid() -> None:
     xy_v, _ = pp.find_atoms_on_net_grid(prob, shape, s_net * f, valid, threshold=0.2)
     assert len(xy_v) and (np.rint(xy_v[:, 0]) < shape[1] // 2).all()
     assert len(xy_v) == int((np.rint(truth[:, 0]) < shape[1] // 2).sum())
+
+
+def test_small_terrace_inside_a_defect_is_not_a_terrace() -> None:
+    """A region ringed by false step pixels around a big defect is dropped (-1) and the ids renumbered; a
+    small terrace away from defects and a big one next to a defect stay."""
+    from stm_feedback.postprocess import drop_defect_terraces
+
+    s = 0.1
+    labels = np.zeros((120, 120), np.int32)
+    labels[10:30, 10:30] = -1  # step ring
+    labels[14:26, 14:26] = 1  # inside the ring, 1.44 nm^2, on the defect
+    labels[80:100, 80:100] = -1
+    labels[84:96, 84:96] = 2  # a small terrace with no defect
+    prot = np.zeros((120, 120), np.float32)
+    prot[15:25, 15:25] = 0.9
+    dep = np.zeros_like(prot)
+    out = drop_defect_terraces(labels, prot, dep, s, max_area_nm2=15.0, min_fraction=0.8)
+    assert (out[14:26, 14:26] == -1).all()
+    assert set(np.unique(out).tolist()) == {-1, 0, 1} and (out[84:96, 84:96] == 1).all()
+    assert (labels[14:26, 14:26] == 1).all()  # input untouched
+    # the main terrace is next to the defect too, but large: kept; nothing dropped -> the same labels
+    assert drop_defect_terraces(labels, prot, dep, s, max_area_nm2=1.0, min_fraction=0.8) is labels
+    # depressions count as well
+    out2 = drop_defect_terraces(labels, dep, prot, s, max_area_nm2=15.0, min_fraction=0.8)
+    assert (out2[14:26, 14:26] == -1).all()
