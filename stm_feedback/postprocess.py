@@ -192,7 +192,8 @@ def drop_defect_terraces(
     least ``min_fraction`` within ``reach_nm`` of a defect (either NN-2 map > ``prob_threshold``) set to
     -1 and the others renumbered 0..K-1 in their order. NN-0 rims big adatom clusters and pits with step
     pixels, and the region inside the rim came out as a terrace of its own (clean suite 1000010: ARI
-    -0.013, below the classical baseline). ``labels`` is not modified (returned as it is when nothing is dropped)."""
+    -0.013, below the classical baseline). ``labels`` is not modified (returned as it is when nothing is
+    dropped)."""
     counts = np.bincount(labels.ravel() + 1)[1:]  # per id 0..K-1 (cheaper than np.unique)
     ids = np.flatnonzero(counts)
     small = ids[counts[ids] * pixel_size_nm**2 < max_area_nm2]
