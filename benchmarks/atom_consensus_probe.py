@@ -6,6 +6,9 @@ lattice's neighbour kinds (along the row 0 / 0.384 nm, across it 0 / +-0.24 / +-
 each atom's refined position is the mean of itself (weight W) and of its neighbours' positions shifted back
 by their kind's median vector. Atom F1 at 0.10 nm (truth and detections more than 0.5 nm from the border)
 before and after, on the first N frames of a suite. Measured, not shipped (models/MODEL_CARD.md session 11).
+Also printed, for the unrefined detections: how far each false atom lies from its nearest truth atom, how
+many missed truth atoms have a false atom within 0.2 nm, and per frame the mean and std of the position error
+(detection minus nearest truth atom, within 0.3 nm).
 
     python benchmarks/atom_consensus_probe.py SUITE N [W]
 """
@@ -65,6 +68,8 @@ def main() -> None:
     w_self = float(sys.argv[3]) if len(sys.argv) > 3 else 1.0
     pipe = Pipeline(load_settings())
     before, after = np.zeros(3), np.zeros(3)
+    fp_dist: list[float] = []
+    fn_with_fp = fn_total = 0
     for f in suite_frames(suite, n):
         s = f.truth.pixel_size_nm
         a = pipe.analyze(f.image_nm, s, bias_v=f.truth.bias_v)
@@ -84,6 +89,27 @@ def main() -> None:
 
         before += counts(t[inner(t)], p[inner(p)])
         after += counts(t[inner(t)], q[inner(q)])
+        ti, pi = match_points(t[inner(t)], p[inner(p)], 0.10)
+        tt, pp = t[inner(t)], p[inner(p)]
+        fp = np.delete(pp, pi, axis=0)
+        fn = np.delete(tt, ti, axis=0)
+        if len(fp) and len(tt):
+            fp_dist += cKDTree(tt).query(fp)[0].tolist()
+        fn_total += len(fn)
+        if len(fn) and len(fp):
+            fn_with_fp += int(np.sum(cKDTree(fp).query(fn)[0] < 0.2))
+        if len(pp) and len(tt):
+            dist, j = cKDTree(tt).query(pp)
+            e = pp[dist < 0.3] - tt[j[dist < 0.3]]
+            print(
+                f"  {f.seed}: error mean x/y {e[:, 0].mean():+.3f} {e[:, 1].mean():+.3f} nm, std x/y "
+                f"{e[:, 0].std():.3f} {e[:, 1].std():.3f} nm"
+            )
+    d = np.asarray(fp_dist)
+    print(
+        f"false atoms 0.1-0.2 nm from a truth atom: {np.mean((d >= 0.1) & (d < 0.2)):.2f} of {len(d)}; "
+        f"missed atoms with a false one within 0.2 nm: {fn_with_fp / max(fn_total, 1):.2f} of {fn_total}"
+    )
     print(f"{suite} {n} W {w_self}: atom F1 before {f1(before):.4f} after {f1(after):.4f}")
 
 
