@@ -127,6 +127,9 @@ class LibrarySettings(BaseModel):
     # truth (stm_feedback/embedding.py; protrusion ARI 0.59 -> 0.75+, docs/defect-library.md); "features" =
     # each kind's engineered feature columns (classify.KIND_FEATURES), the paper's approach
     cluster_space: Literal["embedding", "features"] = "embedding"
+    # without a library cluster model, real-time analyses take their cluster ids from
+    # <models_dir>/defect_clusters.json (mean shift in the embedding over its training rows) when present
+    default_clusters: bool = True
 
 
 class ServerSettings(BaseModel):

@@ -35,6 +35,9 @@ from stm_feedback.errors import InputError, ModelError
 
 SCHEMA = "stm-feedback.class-embedding/1"
 EMBEDDING_FILE = "defect_embedding.json"  # in the models directory
+# mean-shift clusters fitted in the embedding on the same training rows: the daemon's classes before a
+# library has its own (library.default_clusters)
+CLUSTERS_FILE = "defect_clusters.json"
 # classes with fewer than this fraction of a kind's labelled defects are left out of training: a pit
 # matched to a protrusion detection is matching noise, not a protrusion class
 MIN_CLASS_FRACTION = 0.02
@@ -220,6 +223,21 @@ def embedding_for(settings: Any) -> ClassEmbedding | None:
     except OSError as exc:
         raise ModelError(f"no class embedding at {path} (library.cluster_space = 'embedding')") from exc
     return _load_cached(str(path), stamp)
+
+
+def default_cluster_model(settings: Any) -> Any:
+    """The shipped cluster model (``classify.ClusterModel``, with its embedding) at
+    ``<models.models_dir>/defect_clusters.json`` when ``library.default_clusters`` is on and the file exists,
+    else None; ModelError when the file is unreadable."""
+    from stm_feedback.classify import ClusterModel
+
+    path = Path(settings.models.models_dir) / CLUSTERS_FILE
+    if not settings.library.default_clusters or not path.exists():
+        return None
+    try:
+        return ClusterModel.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, InputError) as exc:
+        raise ModelError(f"cannot read the cluster model {path}: {exc}") from exc
 
 
 @functools.lru_cache(maxsize=4)

@@ -20,6 +20,7 @@ from scipy.spatial import cKDTree
 from stm_feedback import postprocess as pp
 from stm_feedback.classify import FEATURE_NAMES
 from stm_feedback.config import Settings, load_settings
+from stm_feedback.embedding import default_cluster_model
 from stm_feedback.errors import InputError, ModelError
 from stm_feedback.jitter import estimate_line_jitter, shift_lines, unshift_map, unshift_x
 from stm_feedback.lattice import (
@@ -107,17 +108,19 @@ class Pipeline:
         self.recorder = recorder
         self.params = params or pp.PostprocessParams.with_overrides(self.settings.postprocess)
         self._lock = threading.Lock()
-        self._cluster_model = None
+        # clusters of the shipped model until a library brings its own (library.default_clusters)
+        self._default_clusters = default_cluster_model(self.settings)
+        self._cluster_model = self._default_clusters
         self._classifier = None
         if library is not None:
             self.use_library(library)
 
     def use_library(self, library: Any) -> None:
         """Name defects with ``library``'s stored cluster model and expert-trained classifier (either may be
-        missing: then clusters/labels fall back as without a library). Read once, here: call again after
-        ``stm-feedback library cluster|train`` to pick up new models."""
+        missing: then clusters/labels fall back as without a library, clusters to the shipped model). Read
+        once, here: call again after ``stm-feedback library cluster|train`` to pick up new models."""
         self.library = library
-        self._cluster_model = library.cluster_model()
+        self._cluster_model = library.cluster_model() or self._default_clusters
         self._classifier = library.classifier()
 
     @property
@@ -133,12 +136,15 @@ class Pipeline:
             return self._runner
 
     def models(self) -> dict[str, str]:
-        """Model versions for ``Analysis.models`` (runner versions + classifier version if any)."""
+        """Model versions for ``Analysis.models``: runner versions, the classifier version if any, and
+        ``defect_clusters`` ("shipped" / "library") when cluster ids come from a cluster model."""
         out: dict[str, str] = {}
         if self._runner is not None and hasattr(self._runner, "versions"):
             out.update({str(k): str(v) for k, v in self._runner.versions().items()})
         if self._classifier is not None:
             out["defect_classifier"] = str(self._classifier.version)
+        if self._cluster_model is not None:  # whose mean-shift clusters the defects' ids are
+            out["defect_clusters"] = "shipped" if self._cluster_model is self._default_clusters else "library"
         return out
 
     def analyze(

@@ -157,3 +157,38 @@ def test_embedded_cluster_ids_do_not_depend_on_input_order() -> None:
     perm = np.random.default_rng(0).permutation(len(x))
     b = ClusterModel(embedding=emb).fit(x[perm], kinds[perm])
     np.testing.assert_array_equal(a[perm], b)
+
+
+def test_default_cluster_model_loading(tmp_path: Path) -> None:
+    from stm_feedback.embedding import CLUSTERS_FILE, default_cluster_model
+
+    shipped = default_cluster_model(load_settings())
+    assert shipped is not None and shipped.embedded("protrusion") and shipped.embedded("depression")
+    assert shipped.n_clusters("protrusion") >= 2 and shipped.n_clusters("depression") >= 2
+    assert default_cluster_model(load_settings(library__default_clusters=False)) is None
+    assert default_cluster_model(load_settings(models__models_dir=tmp_path)) is None  # no file: no model
+    (tmp_path / CLUSTERS_FILE).write_text('{"kinds": ')
+    with pytest.raises(ModelError, match="cluster model"):
+        default_cluster_model(load_settings(models__models_dir=tmp_path))
+
+
+def test_real_time_analyses_carry_the_shipped_clusters() -> None:
+    """Without a library, each frame's defects get cluster ids from models/defect_clusters.json (and the
+    "<kind>-<id>" label, which the planner treats as unlabelled); switched off they stay -1."""
+    from stm_feedback.pipeline import Pipeline
+    from tests.test_pipeline import MapsRunner
+    from tests.test_pipeline_oracle import oracle_maps, simulate
+
+    f = simulate(1_000_003, 128)
+    runner = MapsRunner(oracle_maps(f.image_nm, f.truth, f.bias_v))
+    on = Pipeline(load_settings(), runner=runner).analyze(f.image_nm, f.pixel_size_nm, f.bias_v)
+    assert on.defects and all(d.cluster >= 0 for d in on.defects)
+    assert all(d.label == f"{d.kind}-{d.cluster}" for d in on.defects)
+    assert on.models.get("defect_clusters") == "shipped"
+    off = Pipeline(load_settings(library__default_clusters=False), runner=runner).analyze(
+        f.image_nm, f.pixel_size_nm, f.bias_v
+    )
+    assert all(d.cluster == -1 for d in off.defects) and "defect_clusters" not in off.models
+    # the planner's rules do not depend on the cluster ids
+    assert [d.must_avoid for d in on.defects] == [d.must_avoid for d in off.defects]
+    assert len(on.sites) == len(off.sites)

@@ -88,7 +88,7 @@ def test_schema_round_trip(tmp_path) -> None:  # noqa: ANN001
         assert all(fields <= set(item) for item in d[key]), key
     assert all(x["kind"] in ("protrusion", "depression") for x in d["defects"])
     assert isinstance(d["quality"], dict)
-    assert d["models"] == {"nn": "test-1"} and "networks" in d["timings_ms"]
+    assert d["models"] == {"nn": "test-1", "defect_clusters": "shipped"} and "networks" in d["timings_ms"]
     np.savez_compressed(tmp_path / "a.npz", **a.maps())
     with np.load(tmp_path / "a.npz") as z:
         assert z["terrace_labels"].dtype == np.int32 and z["safe_mask"].dtype == bool

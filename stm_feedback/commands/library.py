@@ -192,6 +192,14 @@ def register(app: typer.Typer) -> None:
                 if ari is not None:
                     typer.echo(f"ARI vs true classes ({kind}): {ari:.3f}")
 
+    @lib_app.command("ari")
+    def ari_cmd(db: DbOption = None) -> None:
+        """ARI of the stored clusters against the stored true labels (simulated frames), per kind, without
+        refitting: e.g. the clusters the pipeline gave while recording (``add-sim --detections nets``)."""
+        with _open(db) as lib:
+            for kind, ari in ari_by_kind(lib).items():
+                typer.echo(f"ARI vs true classes ({kind}): " + ("n/a" if ari is None else f"{ari:.3f}"))
+
     @lib_app.command("train")
     def train_cmd(
         db: DbOption = None,
@@ -229,11 +237,19 @@ def register(app: typer.Typer) -> None:
         hidden: Annotated[str, typer.Option(help="hidden layer sizes, comma-separated")] = "32,16",
         alpha: Annotated[float, typer.Option(help="L2 penalty")] = 1e-3,
         seed: Annotated[int, typer.Option(help="random_state of the MLP")] = 0,
+        clusters_out: Annotated[
+            Path | None,
+            typer.Option(help="also write mean-shift clusters in the new space over every defect here"),
+        ] = None,
     ) -> None:
         """Train the class embedding (an MLP per kind, stm_feedback/embedding.py) that mean shift clusters in,
-        on the labelled defects of one or more libraries."""
+        on the labelled defects of one or more libraries; optionally the default cluster model too (the
+        daemon's classes before a library has its own: models/defect_clusters.json)."""
+        import json
+
         import numpy as np
 
+        from stm_feedback.classify import ClusterModel
         from stm_feedback.embedding import fit_embedding
         from stm_feedback.errors import InputError
 
@@ -263,6 +279,15 @@ def register(app: typer.Typer) -> None:
         for kind, n in emb.meta["n_train"].items():
             typer.echo(f"{kind}: {sum(n.values())} labelled defects {n}")
         typer.echo(f"wrote {out}")
+        if clusters_out is not None:
+            model = ClusterModel(embedding=emb)
+            model.fit(np.array(xs, float).reshape(len(xs), -1), ks)
+            d = model.to_dict()
+            d["meta"] = {"fitted_on": [Path(p).name for p in db], "n_defects": len(xs)}
+            clusters_out.write_text(json.dumps(d) + "\n")
+            for kind, kc in model.kinds.items():
+                typer.echo(f"{kind}: {len(kc.sizes)} clusters, sizes {kc.sizes.tolist()}")
+            typer.echo(f"wrote {clusters_out}")
 
     @lib_app.command("figures")
     def figures_cmd(
