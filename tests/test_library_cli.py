@@ -152,3 +152,23 @@ def test_add_sim_at_a_fixed_pixel_size(tmp_path: Path) -> None:
         assert [f["pixel_size_nm"] for f in lib.frames()] == [0.05]
     res = runner.invoke(app, [*args, "--suite", "realistic", "--pixel-size-nm", "0.05"])
     assert res.exit_code == 2 and "--pixel-size-nm" in res.output
+
+
+def test_fit_embedding_from_expert_labels_and_cluster_in_it(tmp_path: Path) -> None:
+    db = str(tmp_path / "e.sqlite")
+    _run("library", "add-sim", "--db", db, "--n", "4", "--size-px", "128", "--first-seed", "21")
+    with DefectLibrary(db) as lib:
+        assert lib.labels_from_truth() > 0  # an "expert" who agrees with the simulator
+    emb = tmp_path / "emb.json"
+    clusters = tmp_path / "clusters.json"
+    out = _run(
+        "library", "fit-embedding", "--db", db, "--labels", "expert", "--hidden", "8",
+        "--out", str(emb), "--clusters-out", str(clusters),
+    )  # fmt: skip
+    assert f"wrote {emb}" in out and f"wrote {clusters}" in out
+    out = _run("library", "cluster", "--db", db, "--embedding", str(emb))
+    assert "space: class embedding" in out and "ARI vs true classes" in out
+    assert "space: features" in _run("library", "cluster", "--db", db, "--space", "features")
+    assert "ARI vs true classes" in _run("library", "ari", "--db", db)
+    bad = runner.invoke(app, ["library", "cluster", "--db", db, "--embedding", str(tmp_path / "none.json")])
+    assert bad.exit_code == 2 and "class embedding" in bad.output

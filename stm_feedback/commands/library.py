@@ -167,23 +167,32 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option(help="'embedding' | 'features' (default: settings.library.cluster_space)"),
         ] = None,
+        embedding: Annotated[
+            Path | None,
+            typer.Option(help="class embedding JSON to cluster in (e.g. from fit-embedding --labels expert)"),
+        ] = None,
     ) -> None:
         """Mean shift over the whole library (per kind); stores the model and every defect's cluster. Prints
         cluster sizes and, where true labels exist (simulated frames), the ARI per kind."""
         from stm_feedback.config import load_settings
-        from stm_feedback.embedding import embedding_for
+        from stm_feedback.embedding import ClassEmbedding, embedding_for
         from stm_feedback.errors import ModelError
         from stm_feedback.physics import KINDS
 
         if space not in (None, "embedding", "features"):
             _fail(ValueError("--space must be 'embedding' or 'features'"))
+        if embedding is not None and space == "features":
+            _fail(ValueError("--embedding and --space features exclude each other"))
         try:
-            embedding = embedding_for(load_settings(**({"library__cluster_space": space} if space else {})))
+            if embedding is not None:
+                emb = ClassEmbedding.load(embedding)
+            else:
+                emb = embedding_for(load_settings(**({"library__cluster_space": space} if space else {})))
         except ModelError as exc:
             _fail(exc)
         with _open(db) as lib:
-            model = lib.fit_clusters(quantile=quantile, embedding=embedding)
-            typer.echo(f"space: {'class embedding' if embedding is not None else 'features'}")
+            model = lib.fit_clusters(quantile=quantile, embedding=emb)
+            typer.echo(f"space: {'class embedding' if emb is not None else 'features'}")
             for kind in KINDS:
                 if kind in model.kinds:
                     kc = model.kinds[kind]
