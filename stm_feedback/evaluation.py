@@ -22,6 +22,7 @@ from simulator.truth import GroundTruth
 from stm_feedback.errors import InputError, ModelError
 from stm_feedback.maps import bias_polarity
 from stm_feedback.metrics import FrameScore, MatchCounts, score_frame
+from stm_feedback.physics import KINDS
 from stm_feedback.planner_eval import SiteScore, aggregate_sites, score_sites
 from stm_feedback.schema import Analysis, Atom, Defect, Dimer, ImageInfo, Quality, Terrace
 
@@ -60,6 +61,8 @@ TARGETS: dict[str, dict[str, tuple[str, float]]] = {
         "angle_err_median_deg": ("<=", 0.5),
         "site_found_rate": (">=", 0.90),
         "false_safe_sites": ("<=", 0.0),
+        "class_ari_protrusion": (">=", 0.7),  # issue 4 item 10
+        "class_ari_depression": (">=", 0.7),
     },
     "hard": {
         "atom_f1": (">=", 0.85),
@@ -91,6 +94,8 @@ METRICS: dict[str, tuple[str, bool]] = {
     "site_found_rate": ("site-found rate (frames with a truth window)", True),
     "false_safe_sites": ("false-safe sites (total)", False),
     "polarity_accuracy": ("polarity (bias or estimate) correct, fraction of frames", True),
+    "class_ari_protrusion": ("class ARI, protrusions (cluster ids vs true classes)", True),
+    "class_ari_depression": ("class ARI, depressions (cluster ids vs true classes)", True),
 }
 
 
@@ -236,6 +241,7 @@ def aggregate(scores: list[FrameScore]) -> dict[str, float]:
             c[0] += found
             c[1] += total
     class_recall = {f"defect_recall_{k}": v[0] / v[1] for k, v in sorted(per_class.items()) if v[1]}
+    class_ari = {f"class_ari_{kind}": _class_ari(scores, kind) for kind in KINDS}
     return {
         "atom_f1": atoms.f1,
         "atom_precision": atoms.precision,
@@ -259,7 +265,19 @@ def aggregate(scores: list[FrameScore]) -> dict[str, float]:
         "angles_scored": float(len(angles)),
         "angles_missing": float(sum(s.angles_missing for s in scores)),
         **class_recall,
+        **class_ari,
     }
+
+
+def _class_ari(scores: list[FrameScore], kind: str) -> float:
+    """ARI of the reported cluster ids against the true classes over the suite's matched defects of ``kind``
+    (pooled over frames: the ids must mean the same class in every frame); NaN when none has a cluster."""
+    from sklearn.metrics import adjusted_rand_score
+
+    pairs = [(cls, c) for s in scores for k, cls, c in s.class_pairs if k == kind]
+    if not pairs:
+        return float("nan")
+    return float(adjusted_rand_score([p[0] for p in pairs], [p[1] for p in pairs]))
 
 
 def evaluate_frames(
@@ -361,11 +379,14 @@ def markdown_table(results: list[SuiteResult]) -> str:
         for m in methods:
             v = by[m].get(key, float("nan"))
             ok = passes(suite, key, v)
-            row.append(f"{v:.3f}" + ("" if ok is None else (" pass" if ok else " **FAIL**")))
+            shown = "n/a" if math.isnan(v) else f"{v:.3f}"
+            row.append(shown + ("" if ok is None else (" pass" if ok else " **FAIL**")))
         if compare:
             a, b = by["nets"].get(key, float("nan")), by["baseline"].get(key, float("nan"))
-            if math.isnan(a) or math.isnan(b):
+            if math.isnan(a):
                 row.append("**no**")
+            elif math.isnan(b):  # the baseline does not produce it (e.g. classes): the nets add it
+                row.append("yes")
             elif round(a, 3) == round(b, 3):  # equal as printed: neither adds anything
                 row.append("tie")
             else:

@@ -335,6 +335,9 @@ class FrameScore:
     angle_errors_deg: list[float]
     angles_missing: int
     defect_class_found: dict[str, list[int]] = field(default_factory=dict)  # class -> [found, scored truth]
+    # (kind of the truth defect, its true class, the reported defect's cluster id) of every matched, scored
+    # defect whose report has a cluster (>= 0): the suite's mean-shift class ARI (issue 4 item 10)
+    class_pairs: list[tuple[str, str, int]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -409,9 +412,16 @@ def score_frame(truth: GroundTruth, analysis: Analysis, border_nm: float = BORDE
     kind_correct = int(
         sum(truth.defects[i].kind == analysis.defects[j].kind for i, j in zip(ti, pi, strict=True))
     )
+    class_pairs = [
+        (truth.defects[i].kind, truth.defects[i].cls, int(analysis.defects[j].cluster))
+        for i, j in zip(ti.tolist(), pi.tolist(), strict=True)
+        if analysis.defects[j].cluster >= 0
+    ]
 
     labels = predicted_labels(analysis)
     min_px = int(np.ceil(MIN_TERRACE_AREA_NM2 / ps**2))
     ari, unknown = terrace_ari(np.asarray(truth.terrace_labels), labels, min_px)
     errs, missing = row_angle_errors(truth, analysis, labels)
-    return FrameScore(atoms, dimers, defects, kind_correct, len(ti), ari, unknown, errs, missing, class_found)
+    return FrameScore(
+        atoms, dimers, defects, kind_correct, len(ti), ari, unknown, errs, missing, class_found, class_pairs
+    )

@@ -161,3 +161,39 @@ def test_comparison_column_says_tie_for_equal_values() -> None:
     rows = {r.split("|")[1].strip(): r for r in table if r.startswith("| ")}
     assert rows["defect kind accuracy"].rstrip(" |").endswith("tie")
     assert rows["atom F1 @0.10 nm"].rstrip(" |").endswith("yes")
+
+
+@pytest.mark.skipif(not HAS_SIMULATOR, reason="needs the simulator")
+def test_class_ari_scores_cluster_ids_against_true_classes() -> None:
+    """The suite's class ARI (issue 4 item 10) pools matched defects over frames: ids that name the class
+    score 1, one id per kind scores 0, unclustered reports (-1) give NaN, shown as n/a in the table."""
+    import dataclasses
+
+    frames = list(suite_frames("realistic", 2))
+
+    def with_clusters(name_of: dict[str, int] | None):  # noqa: ANN202
+        def analyze(f: EvalFrame):  # noqa: ANN202
+            a = oracle_analysis(f.truth)
+            # oracle defects are the truth defects in order; give each the id of its class
+            cls = [d.cls for d in f.truth.defects]
+            a.defects = [
+                dataclasses.replace(d, cluster=-1 if name_of is None else name_of.get(c, 0))
+                for d, c in zip(a.defects, cls, strict=True)
+            ]
+            return a
+
+        return analyze
+
+    classes = sorted({d.cls for f in frames for d in f.truth.defects})
+    exact = evaluate_frames(frames, with_clusters({c: i for i, c in enumerate(classes)}), "realistic", "nets")
+    lumped = evaluate_frames(frames, with_clusters({}), "realistic", "nets")
+    none = evaluate_frames(frames, with_clusters(None), "realistic", "baseline")
+    for kind in ("protrusion", "depression"):
+        assert exact.metrics[f"class_ari_{kind}"] == pytest.approx(1.0)
+        assert lumped.metrics[f"class_ari_{kind}"] == pytest.approx(0.0)
+        assert np.isnan(none.metrics[f"class_ari_{kind}"])
+    rows = {
+        r.split("|")[1].strip(): r for r in markdown_table([exact, none]).splitlines() if r.startswith("| ")
+    }
+    row = rows["class ARI, protrusions (cluster ids vs true classes)"]
+    assert "1.000 pass" in row and "n/a **FAIL**" in row and row.rstrip(" |").endswith("yes")
