@@ -212,3 +212,24 @@ def test_bad_net_grid_atom_map_is_an_input_error(bad: np.ndarray) -> None:
     maps.atom_prob_net = bad
     with pytest.raises(InputError):
         Pipeline(Settings()).analyze_maps(np.zeros((64, 80), np.float32), maps, 0.2)
+
+
+def test_analyze_cli_without_the_class_embedding_still_writes_its_classes(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """A models directory without defect_embedding.json: the batch classes fall back to the features (a
+    warning), and nothing already analysed is lost."""
+    f = simulate(1_000_002, 96)
+    np.save(tmp_path / "frame.npy", f.image_nm)
+    (tmp_path / "frame.meta.json").write_text(
+        json.dumps({"pixel_size_nm": f.pixel_size_nm, "bias_v": f.bias_v})
+    )
+    monkeypatch.setenv("STM_FEEDBACK_MODELS__MODELS_DIR", str(tmp_path / "no-models"))
+    monkeypatch.setenv("STM_FEEDBACK_LIBRARY__RECORD", "false")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        app, ["analyze", str(tmp_path / "frame.npy"), "--out", str(out), "--maps-from", "baseline"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "no class embedding" in res.output
+    d = json.loads((out / "frame.json").read_text())
+    assert d["defects"] and all(x["cluster"] >= 0 for x in d["defects"])
+    assert "defect_clusters" not in d["models"]  # no shipped cluster model in that directory

@@ -110,8 +110,14 @@ def register(app: typer.Typer) -> None:
             recorder.close()  # written with the per-frame classes; batch clusters below are JSON-only
         if lib is None or lib.cluster_model() is None:
             from stm_feedback.embedding import embedding_for
+            from stm_feedback.errors import ModelError
 
-            cluster_batch([a for _, a, _ in done], embedding_for(settings))
+            try:
+                embedding = embedding_for(settings)
+            except ModelError as exc:  # the analyses are done: keep them, cluster on the features
+                typer.echo(f"warning: {exc}; classes from the features instead", err=True)
+                embedding = None
+            cluster_batch([a for _, a, _ in done], embedding)
         for path, a, image in done:
             base = out / path.stem
             base.with_suffix(".json").write_text(json.dumps(a.to_json_dict(), indent=1))
