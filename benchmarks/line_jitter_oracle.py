@@ -4,8 +4,8 @@
 
 Per frame with jitter (the simulator's true line offsets are captured while the frame is made), with the
 pipeline's own correction off:
-- the slope of the detected atoms' x error on the true offset of their line (0 = NN-1 follows each line's
-  offset fully, 1 = not at all);
+- the slope of the detected atoms' x error on the true offset their blob is recorded at (0 = NN-1 follows
+  each line's offset fully, 1 = not at all);
 - atom F1 as analysed, and with the true offsets removed before the analysis and put back after (an oracle:
   whole-pixel ``jitter.shift_lines``, atoms moved back with ``jitter.unshift_x``).
 Last line: atom and dimer F1 summed over all N frames, as analysed and with the oracle.
@@ -20,7 +20,7 @@ from scipy.spatial import cKDTree
 import simulator.frame as sim
 from stm_feedback.config import load_settings
 from stm_feedback.evaluation import SUITES
-from stm_feedback.jitter import shift_lines, unshift_x
+from stm_feedback.jitter import feature_offset_px, shift_lines, unshift_x
 from stm_feedback.metrics import score_frame
 from stm_feedback.pipeline import Pipeline
 
@@ -49,9 +49,9 @@ for seed in range(first, first + n):
     a = pipe.analyze(f.image_nm, f.pixel_size_nm, bias_v=f.bias_v)
     b = pipe.analyze(shift_lines(f.image_nm, j), f.pixel_size_nm, bias_v=f.bias_v)
 
-    def back(objs, j=j):  # noqa: ANN001, ANN202
+    def back(objs, j=j, px=f.pixel_size_nm):  # noqa: ANN001, ANN202
         return [
-            dataclasses.replace(o, x_px=float(unshift_x(np.array([o.x_px]), np.array([o.y_px]), j)[0]))
+            dataclasses.replace(o, x_px=float(unshift_x(np.array([o.x_px]), np.array([o.y_px]), j, px)[0]))
             for o in objs
         ]
 
@@ -68,8 +68,8 @@ for seed in range(first, first + n):
     if len(pa) > 10 and len(ta) > 10:
         d, k = cKDTree(pa).query(ta, distance_upper_bound=3.0)
         ok = np.isfinite(d)
-        rows = np.clip(np.rint(ta[ok, 1]).astype(int), 0, len(j) - 1)
-        slope = float(np.polyfit(j[rows], pa[k[ok], 0] - ta[ok, 0], 1)[0])
+        jt = feature_offset_px(j, ta[ok, 1], f.pixel_size_nm)  # the truth's offset of each atom
+        slope = float(np.polyfit(jt, pa[k[ok], 0] - ta[ok, 0], 1)[0])
     print(
         f"{seed} {f.truth.tip_state}: x-error slope on the line offset {slope:+.2f}, atom F1 "
         f"{s0.atoms.f1:.3f} -> oracle {s1.atoms.f1:.3f}",

@@ -122,7 +122,7 @@ def acquire(
         # a dimer of this lattice near the frame centre, mapped to the frame: fixes the row phase
         a, b = lat.to_lattice(np.array(geom.centre_nm[0]), np.array(geom.centre_nm[1]))
         c_nm = lat.dimer_centres_nm(np.array([np.round(a / 0.384)]), np.array([np.round(b / ROW_SPACING_NM)]))
-        p_px = geom.to_pixels(c_nm)[0]
+        p_px = geom.feature_pixels(c_nm)[0]
         t = np.radians(ang_img)
         phase = float((p_px[0] * s * -np.sin(t) + p_px[1] * s * np.cos(t)) % ROW_SPACING_NM)
         terraces.append(TerraceTruth(int(n), float(ang_img), phase, float(n * STEP_HEIGHT_NM)))

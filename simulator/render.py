@@ -81,10 +81,13 @@ def render_ideal(
     lats = [surface.lattice(d.terrace) for d in defects]
     c_nm = np.array([footprint_centre_nm(d, lat) for d, lat in zip(defects, lats, strict=True)])
     c_px = geom.to_pixels(c_nm)  # one vectorised inversion for all defects (pointwise, same numbers)
+    # the truth's centres: where the recorded blobs are centred (differs from c_px on jittered lines only;
+    # c_px, the nearest line's, places the render boxes)
+    truth_px = geom.feature_pixels(c_nm) if geom.jitter_px.any() else c_px
     core_px = _halo_core_bounds_px(defects, c_nm, geom)
     for k, (d, lat, c, (cx, cy)) in enumerate(zip(defects, lats, c_nm, c_px, strict=True)):
         cx, cy = float(cx), float(cy)
-        centres[d.id] = (cx, cy)
+        centres[d.id] = (float(truth_px[k, 0]), float(truth_px[k, 1]))
         # the core (Gaussians of a few 0.1 nm) and the long charged halo get their own boxes: evaluating the
         # core over the halo box (up to ~18 nm) was the main cost of hard/training frames
         if d.halo_amp_nm:
@@ -223,11 +226,11 @@ def lattice_truth(surface: Surface, defects: list[Defect], geom: ScanGeometry) -
         ii, jj, c = ii[on], jj[on], c[on]
         if len(c) == 0:
             continue
-        px = geom.to_pixels(c)
+        px = geom.feature_pixels(c)
         inside = (px[:, 0] >= -0.5) & (px[:, 0] <= W - 0.5) & (px[:, 1] >= -0.5) & (px[:, 1] <= H - 0.5)
         ii, jj, c = ii[inside], jj[inside], c[inside]
         atoms = np.concatenate([c - half * lat.bond_dir, c + half * lat.bond_dir])
-        out_a.append(geom.to_pixels(atoms).reshape(2, -1, 2))
+        out_a.append(geom.feature_pixels(atoms).reshape(2, -1, 2))
         out_d.append(px[inside])
         out_t.append(np.full(len(c), n))
         out_j.append(jj)

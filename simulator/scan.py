@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stm_feedback.jitter import FEATURE_SIGMA_NM, feature_offset_px
+
 
 @dataclass
 class Drift:
@@ -117,12 +119,15 @@ class ScanGeometry:
             y_px <= self.height_px - 0.5 + m
         )
 
-    def to_pixels(self, xy_nm: np.ndarray, iterations: int = 4) -> np.ndarray:
+    def to_pixels(
+        self, xy_nm: np.ndarray, iterations: int = 4, feature_sigma_nm: float | None = None
+    ) -> np.ndarray:
         """(N, 2) pixel positions (x_px, y_px) at which the tip records sample points xy_nm (N, 2).
 
         Inverts the raster map by fixed-point iteration on the acquisition time (drift is slow, so it
-        converges
-        in a few steps); jitter is taken from the nearest line.
+        converges in a few steps). Jitter: the nearest line's offset (where the tip records that very
+        point), or with ``feature_sigma_nm`` the offset at which a feature of that apparent radius centred
+        there is recorded (``stm_feedback.jitter.feature_offset_px``; ``feature_pixels``).
         """
         xy = np.asarray(xy_nm, dtype=np.float64).reshape(-1, 2)
         s = self.pixel_size_nm
@@ -136,7 +141,17 @@ class ScanGeometry:
             u = (c * px + sn * py) / s
             v = (-sn * px + c * py) / s
             y_px = v + 0.5 * (self.height_px - 1)
-            row = np.clip(np.round(y_px), 0, self.height_px - 1).astype(np.int64)
-            x_px = u + 0.5 * (self.width_px - 1) - self.jitter_px[row]
+            if feature_sigma_nm is None:
+                jit = self.jitter_px[np.clip(np.round(y_px), 0, self.height_px - 1).astype(np.int64)]
+            else:
+                jit = feature_offset_px(self.jitter_px, y_px, self.pixel_size_nm, feature_sigma_nm)
+            x_px = u + 0.5 * (self.width_px - 1) - jit
             t = self.t0_s + (y_px + np.clip(x_px, 0, self.width_px) / self.width_px * 0.5) * self.line_time_s
         return np.stack([x_px, y_px], axis=1)
+
+    def feature_pixels(self, xy_nm: np.ndarray) -> np.ndarray:
+        """(N, 2) pixel positions (x_px, y_px) of the recorded centres of features (atoms, dimers, defects)
+        centred at sample points xy_nm (N, 2): ``to_pixels`` with the profile-weighted jitter of the lines
+        an atom-sized feature covers. The ground truth's positions; on a jitter-free frame the same as
+        ``to_pixels``."""
+        return self.to_pixels(xy_nm, feature_sigma_nm=FEATURE_SIGMA_NM)

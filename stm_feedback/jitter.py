@@ -3,8 +3,9 @@ the line shifts that remove them from an image and put them back into its result
 
 A jittered line is recorded displaced along x (the fast scan axis) by an offset of its own, so every
 feature on that line appears shifted by it: an atom's blob is cut into slices that do not line up, and a
-network sees broken atoms. The position of a feature in the image is where its centre line records it
-(simulator/scan.py ``to_pixels``: the offset of the nearest line). So the correction is done in three
+network sees broken atoms. The position of a feature in the image is the centre of its recorded blob: the
+offsets of the lines it covers, weighted by its profile across them (``feature_offset_px``; the simulator's
+truth uses the same convention, simulator/scan.py ``feature_pixels``). So the correction is done in three
 steps: estimate each line's offset (``estimate_line_jitter``), analyse the image with the offsets removed
 (``shift_lines``), and move the results back into the recorded image (``unshift_x``, ``unshift_map``).
 
@@ -14,6 +15,7 @@ with offset o shows at column x what lies at x + o of a jitter-free line (its co
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -22,6 +24,10 @@ from scipy.ndimage import gaussian_filter1d, median_filter
 
 from stm_feedback.errors import InputError
 from stm_feedback.lattice import ROW_SPACING_NM, SURFACE_LATTICE_NM, refine_wavevector, unit_vectors
+
+# apparent radius (nm) of an atom across the scan lines: the profile that weights the offsets of the lines a
+# feature covers (``feature_offset_px``; the simulator's atom sigmas are 0.065-0.10 nm before the tip)
+FEATURE_SIGMA_NM = 0.09
 
 
 @dataclass(frozen=True)
@@ -181,12 +187,34 @@ def shift_lines(image: np.ndarray, offsets_px: np.ndarray) -> np.ndarray:
     return cv2.remap(img, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
-def unshift_x(x_px: np.ndarray, y_px: np.ndarray, offsets_px: np.ndarray) -> np.ndarray:
-    """Columns of points found in a ``shift_lines`` image, back in the recorded image: x - o at the nearest
-    line (the line a feature's centre is recorded on)."""
+def feature_offset_px(
+    offsets_px: np.ndarray, y_px: np.ndarray, pixel_size_nm: float, sigma_nm: float = FEATURE_SIGMA_NM
+) -> np.ndarray:
+    """Offset (px along x) at which a feature centred at row ``y_px`` (any shape, px) is recorded when line r
+    is displaced by ``offsets_px[r]``: the mean offset of the lines it covers, weighted by a Gaussian
+    profile across them (``sigma_nm``; lines outside the frame left out). A feature's slices sit at their
+    own lines' offsets, so this is the centre of its recorded blob. Unlike the nearest line's offset it
+    moves smoothly with y: a centre 0.1 px either side of a half row does not jump by the difference of two
+    lines' offsets (several px on a strongly jittered frame), which the image cannot show."""
     o = np.asarray(offsets_px, np.float64).reshape(-1)
-    r = np.clip(np.rint(np.asarray(y_px, np.float64)).astype(np.int64), 0, len(o) - 1)
-    return np.asarray(x_px, np.float64) - o[r]
+    y = np.asarray(y_px, np.float64)
+    if not o.any() or y.size == 0:
+        return np.zeros(y.shape)
+    sig = float(sigma_nm) / float(pixel_size_nm)
+    k = int(math.ceil(4.0 * sig))
+    yf = y.reshape(-1)
+    rows = np.floor(yf).astype(np.int64)[:, None] + np.arange(-k, k + 2)[None, :]
+    w = np.exp(-0.5 * ((rows - yf[:, None]) / sig) ** 2) * ((rows >= 0) & (rows < len(o)))
+    den = w.sum(axis=1)
+    val = (w * o[np.clip(rows, 0, len(o) - 1)]).sum(axis=1)
+    nearest = o[np.clip(np.rint(yf), 0, len(o) - 1).astype(np.int64)]  # a centre beyond the frame's lines
+    return np.where(den > 0, val / np.where(den > 0, den, 1.0), nearest).reshape(y.shape)
+
+
+def unshift_x(x_px: np.ndarray, y_px: np.ndarray, offsets_px: np.ndarray, pixel_size_nm: float) -> np.ndarray:
+    """Columns of features found in a ``shift_lines`` image, back in the recorded image: x minus the
+    offset its blob is recorded at (``feature_offset_px``)."""
+    return np.asarray(x_px, np.float64) - feature_offset_px(offsets_px, y_px, pixel_size_nm)
 
 
 def unshift_map(values: np.ndarray, offsets_px: np.ndarray, fill: int | bool | float) -> np.ndarray:

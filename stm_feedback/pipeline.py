@@ -239,7 +239,7 @@ class Pipeline:
             score2 = _atom_columns(out2)[2]
             mean1 = float(score.mean()) if len(score) else 0.0
             if len(score2) and float(score2.mean()) > mean1 * (1.0 + p.line_jitter_min_score_gain):
-                corrected = merge_jitter_corrected(out, unshift_analysis(out2, shift), self.settings.planner)
+                corrected = merge_jitter_corrected(out, unshift_analysis(out2, shift, s), self.settings.planner)
                 rms = float(np.sqrt(np.mean(shift**2)))
                 corrected.quality.line_jitter_rms_px = round(rms, 3)
                 corrected.quality.notes.append(
@@ -756,20 +756,20 @@ def _pixel(x_px: float, y_px: float, h: int, w: int) -> tuple[int, int]:
     return min(max(round(y_px), 0), h - 1), min(max(round(x_px), 0), w - 1)
 
 
-def unshift_analysis(a: Analysis, offsets_px: np.ndarray) -> Analysis:
+def unshift_analysis(a: Analysis, offsets_px: np.ndarray, pixel_size_nm: float) -> Analysis:
     """An analysis of a ``jitter.shift_lines`` image moved back onto the recorded image: every x position
-    minus its line's offset (``jitter.unshift_x``; rounded as the pipeline rounds), terrace labels and safe
-    mask resampled per line (-1 / False where a line was shifted in from outside). Terraces keep their
-    fitted angles and phases (those of the jitter-free lattice)."""
+    minus the offset its blob is recorded at (``jitter.unshift_x`` at ``pixel_size_nm``; rounded as the
+    pipeline rounds), terrace labels and safe mask resampled per line (-1 / False where a line was shifted
+    in from outside). Terraces keep their fitted angles and phases (those of the jitter-free lattice)."""
     o = np.asarray(offsets_px, np.float64)
 
     def cols(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         c = _row_columns(a, name)
         x, y = np.asarray(c[0], np.float64), np.asarray(c[1], np.float64)
-        return np.round(unshift_x(x, y, o), 3), np.round(y, 3), np.asarray(c[2]), np.asarray(c[3])
+        return np.round(unshift_x(x, y, o, pixel_size_nm), 3), np.round(y, 3), np.asarray(c[2]), np.asarray(c[3])
 
     def ux(x: float, y: float) -> float:
-        return round(float(unshift_x(np.array([x]), np.array([y]), o)[0]), 3)
+        return round(float(unshift_x(np.array([x]), np.array([y]), o, pixel_size_nm)[0]), 3)
 
     defects = [Defect(**{**vars(d), "x_px": ux(d.x_px, d.y_px)}) for d in a.defects]
     sites = [

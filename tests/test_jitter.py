@@ -96,7 +96,8 @@ def test_unshift_returns_points_and_maps_to_the_recorded_lines() -> None:
     o[5] = -1.4
     x = np.array([4.0, 4.0, 4.0])
     y = np.array([3.2, 4.9, 2.4])  # nearest lines 3, 5, 2
-    assert jitter.unshift_x(x, y, o) == pytest.approx([2.0, 5.4, 4.0])
+    # at 1 nm/px an atom-sized profile (0.09 px) covers its nearest line only
+    assert jitter.unshift_x(x, y, o, 1.0) == pytest.approx([2.0, 5.4, 4.0], abs=1e-4)
     labels = np.arange(64, dtype=np.int32).reshape(8, 8)
     back = jitter.unshift_map(labels, o, -1)
     assert back.dtype == labels.dtype
@@ -105,6 +106,29 @@ def test_unshift_returns_points_and_maps_to_the_recorded_lines() -> None:
     assert (back[[0, 1, 2, 4, 6, 7]] == labels[[0, 1, 2, 4, 6, 7]]).all()
     mask = jitter.unshift_map(labels % 2 == 0, o, False)
     assert mask.dtype == bool and not mask[3, 6:].any()
+
+
+def test_feature_offset_is_the_centre_of_the_recorded_blob() -> None:
+    """A Gaussian atom (sigma 0.09 nm at 0.1 nm/px) recorded on lines with different offsets: the centroid
+    of its recorded blob sits at x0 - feature_offset_px, not at x0 minus the nearest line's offset."""
+    s_nm, h, w = 0.1, 32, 48
+    rng = np.random.default_rng(4)
+    o = rng.integers(-2, 3, h).astype(float)
+    yy, xx = np.mgrid[0:h, 0:w].astype(float)
+    for y0 in (14.5, 15.3, 15.6):
+        x0 = 24.0
+        blob = np.exp(-0.5 * ((xx - x0) ** 2 + (yy - y0) ** 2) / (jitter.FEATURE_SIGMA_NM / s_nm) ** 2)
+        rec = jitter.shift_lines(blob, -o)  # line r records at x what lies at x + o_r
+        cx = float((rec * xx).sum() / rec.sum())
+        want = x0 - float(jitter.feature_offset_px(o, np.array([y0]), s_nm)[0])
+        assert cx == pytest.approx(want, abs=0.02)
+        assert abs(cx - (x0 - o[int(np.rint(y0))])) > 0.3  # the nearest line's offset is not where it shows
+    # it moves smoothly through a half row; the nearest line's offset jumps there
+    o2 = np.zeros(8)
+    o2[3], o2[4] = 2.0, -1.0
+    f = jitter.feature_offset_px(o2, np.array([3.45, 3.5, 3.55]), s_nm)
+    assert 0.0 < f[1] < 0.5 and abs(f[0] - f[2]) < 0.4  # lines 2 and 5 (offset 0) weigh in too
+    assert jitter.feature_offset_px(np.zeros(8), np.array([3.5]), s_nm).tolist() == [0.0]
 
 
 def test_bad_offsets_and_shapes_are_input_errors() -> None:
