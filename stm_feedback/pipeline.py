@@ -239,7 +239,8 @@ class Pipeline:
             score2 = _atom_columns(out2)[2]
             mean1 = float(score.mean()) if len(score) else 0.0
             if len(score2) and float(score2.mean()) > mean1 * (1.0 + p.line_jitter_min_score_gain):
-                corrected = merge_jitter_corrected(out, unshift_analysis(out2, shift, s), self.settings.planner)
+                back = unshift_analysis(out2, shift, s)
+                corrected = merge_jitter_corrected(out, back, self.settings.planner)
                 rms = float(np.sqrt(np.mean(shift**2)))
                 corrected.quality.line_jitter_rms_px = round(rms, 3)
                 corrected.quality.notes.append(
@@ -766,20 +767,18 @@ def unshift_analysis(a: Analysis, offsets_px: np.ndarray, pixel_size_nm: float) 
     def cols(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         c = _row_columns(a, name)
         x, y = np.asarray(c[0], np.float64), np.asarray(c[1], np.float64)
-        return np.round(unshift_x(x, y, o, pixel_size_nm), 3), np.round(y, 3), np.asarray(c[2]), np.asarray(c[3])
+        ux = np.round(unshift_x(x, y, o, pixel_size_nm), 3)
+        return ux, np.round(y, 3), np.asarray(c[2]), np.asarray(c[3])
 
-    def ux(x: float, y: float) -> float:
-        return round(float(unshift_x(np.array([x]), np.array([y]), o, pixel_size_nm)[0]), 3)
-
-    defects = [Defect(**{**vars(d), "x_px": ux(d.x_px, d.y_px)}) for d in a.defects]
+    # the defects', site centres' and site dimers' x in one call, consumed in the same order below
+    pts = [(d.x_px, d.y_px) for d in a.defects]
+    for st in a.sites:
+        pts += [(st.center_x_px, st.center_y_px), *((x, y) for x, y in st.dimers)]
+    p = np.array(pts, np.float64).reshape(-1, 2)
+    xs = iter(np.round(unshift_x(p[:, 0], p[:, 1], o, pixel_size_nm), 3).tolist())
+    defects = [Defect(**{**vars(d), "x_px": next(xs)}) for d in a.defects]
     sites = [
-        Site(
-            **{
-                **vars(st),
-                "center_x_px": ux(st.center_x_px, st.center_y_px),
-                "dimers": [[ux(x, y), y] for x, y in st.dimers],
-            }
-        )
+        Site(**{**vars(st), "center_x_px": next(xs), "dimers": [[next(xs), y] for _, y in st.dimers]})
         for st in a.sites
     ]
     quality = type(a.quality)(**{**vars(a.quality), "notes": list(a.quality.notes)})

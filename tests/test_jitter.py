@@ -260,3 +260,27 @@ def test_the_correction_is_switched_by_settings(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("STM_FEEDBACK_POSTPROCESS", '{"no_such_parameter": 1}')
     with pytest.raises(InputError, match="no_such_parameter"):
         Pipeline(load_settings(), runner=object())
+
+
+def test_unshift_analysis_moves_every_position_by_its_feature_offset() -> None:
+    from stm_feedback.pipeline import unshift_analysis
+    from stm_feedback.schema import Defect, Site
+
+    o = np.zeros(100)
+    o[40:60] = 2.0
+    s_nm = 0.1
+    pit = Defect(30.0, 50.0, "depression", 0, "depression-0", 1.0, -0.5, 0.9, True, terrace=0)
+    far = Defect(30.0, 10.0, "protrusion", 0, "db", 0.3, 0.5, 0.9, False, terrace=0)
+    site = Site(50.0, 59.6, [[46.2, 59.2], [50.0, 59.6], [53.8, 60.4]], 3, 1.0)
+    a = _analysis([pit, far], [site])
+    b = unshift_analysis(a, o, s_nm)
+
+    def want(x: float, y: float) -> float:
+        return round(x - float(jitter.feature_offset_px(o, np.array([y]), s_nm)[0]), 3)
+
+    assert [(d.x_px, d.y_px) for d in b.defects] == [(28.0, 50.0), (30.0, 10.0)]
+    (st,) = b.sites
+    assert st.center_x_px == want(50.0, 59.6) and st.center_y_px == 59.6
+    assert st.dimers == [[want(x, y), y] for x, y in site.dimers]
+    assert 0.0 < 53.8 - st.dimers[2][0] < 0.5  # 0.4 px past the moved band: a fraction of its offset
+    assert b.atoms == a.atoms  # row 12: an unmoved line
