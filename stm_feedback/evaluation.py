@@ -93,10 +93,17 @@ METRICS: dict[str, tuple[str, bool]] = {
     "angle_err_p90_deg": ("row-angle error p90 (deg)", False),
     "site_found_rate": ("site-found rate (frames with a truth window)", True),
     "false_safe_sites": ("false-safe sites (total)", False),
+    "unsafe_mask_fraction": ("safe-mask pixels breaking a truth clearance, fraction of safe pixels", False),
+    "unsafe_mask_frames": ("frames whose safe mask has such pixels", False),
     "polarity_accuracy": ("polarity (bias or estimate) correct, fraction of frames", True),
     "class_ari_protrusion": ("class ARI, protrusions (cluster ids vs true classes)", True),
     "class_ari_depression": ("class ARI, depressions (cluster ids vs true classes)", True),
 }
+
+
+# rows the nets-vs-baseline column does not judge: the baseline marks nothing safe, so it cannot break a
+# clearance, and a mask that is empty is no achievement to beat
+NOT_COMPARED: frozenset[str] = frozenset({"unsafe_mask_fraction", "unsafe_mask_frames"})
 
 
 @dataclass
@@ -383,7 +390,9 @@ def markdown_table(results: list[SuiteResult]) -> str:
             row.append(shown + ("" if ok is None else (" pass" if ok else " **FAIL**")))
         if compare:
             a, b = by["nets"].get(key, float("nan")), by["baseline"].get(key, float("nan"))
-            if math.isnan(a):
+            if key in NOT_COMPARED:
+                row.append("-")
+            elif math.isnan(a):
                 row.append("**no**")
             elif math.isnan(b):  # the baseline does not produce it (e.g. classes): the nets add it
                 row.append("yes")

@@ -8,6 +8,9 @@ Definitions (used by ``stm-feedback evaluate`` and tests/test_planner.py):
   must-avoid depressions ``depression_margin_nm``), or a truth step edge / off-terrace pixel closer than
   ``step_margin_nm``. Distances are pixel-centre to pixel-centre (the dimer's nearest pixel), as the planner
   measures them. Zero false-safe sites is the hard requirement on every suite.
+- the **safe mask** is scored pixel by pixel too: a safe pixel with negative truth slack (a dimer there would
+  break one of those clearances) is an unsafe pixel. The sites sample the mask (at most ``max_sites`` per
+  frame), so an unsafe patch the sites miss shows only here; a planner that queries writable areas reads it.
 - a frame **has a window** when the planner, run on the *truth* (truth dimers, truth must-avoid footprints,
   truth step and unresolved masks, same rules), proposes at least one site; the **site-found rate** is the
   fraction of such frames on which the analysis proposes at least one site that is not false-safe.
@@ -93,6 +96,8 @@ class SiteScore:
     false_safe: int  # proposed sites within the configured clearance of a truth defect / step edge
     has_window: bool  # the planner on the truth finds a site
     found: bool  # has_window and at least one proposed site is not false-safe
+    safe_px: int = 0  # pixels of the analysis' safe mask
+    unsafe_px: int = 0  # of those, pixels with negative truth slack (truth_slack_nm)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,14 +107,21 @@ def score_sites(truth: GroundTruth, analysis: Analysis, settings: PlannerSetting
     """Score the analysis' sites against the truth (definitions: module docstring)."""
     ps = settings or PlannerSettings()
     sites = list(analysis.sites)
-    fs = false_safe_sites(sites, truth_slack_nm(truth, ps)) if sites else 0
+    safe = analysis.safe_mask
+    n_safe = int(np.count_nonzero(safe)) if safe is not None else 0
+    slack = truth_slack_nm(truth, ps) if sites or n_safe else None
+    fs = false_safe_sites(sites, slack) if sites else 0
+    unsafe = int(np.count_nonzero(safe & (slack < 0))) if n_safe else 0
     window = bool(truth_sites(truth, ps))
-    return SiteScore(len(sites), fs, window, window and len(sites) > fs)
+    return SiteScore(len(sites), fs, window, window and len(sites) > fs, n_safe, unsafe)
 
 
 def aggregate_sites(scores: list[SiteScore]) -> dict[str, float]:
-    """Suite planner metrics: site-found rate over frames with a truth window, false-safe sites in total."""
+    """Suite planner metrics: site-found rate over frames with a truth window, false-safe sites in total, and
+    the safe mask's unsafe pixels as a fraction of all its pixels (NaN when nothing was marked safe) and the
+    number of frames with any."""
     windows = sum(s.has_window for s in scores)
+    safe_px = sum(s.safe_px for s in scores)
     return {
         "site_found_rate": sum(s.found for s in scores) / windows if windows else float("nan"),
         "site_window_frames": float(windows),
@@ -117,4 +129,6 @@ def aggregate_sites(scores: list[SiteScore]) -> dict[str, float]:
         "false_safe_sites": float(sum(s.false_safe for s in scores)),
         "false_safe_frames": float(sum(s.false_safe > 0 for s in scores)),
         "sites_per_frame": float(np.mean([s.sites for s in scores])) if scores else float("nan"),
+        "unsafe_mask_fraction": sum(s.unsafe_px for s in scores) / safe_px if safe_px else float("nan"),
+        "unsafe_mask_frames": float(sum(s.unsafe_px > 0 for s in scores)),
     }

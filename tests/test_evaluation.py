@@ -163,6 +163,19 @@ def test_comparison_column_says_tie_for_equal_values() -> None:
     assert rows["atom F1 @0.10 nm"].rstrip(" |").endswith("yes")
 
 
+def test_safe_mask_rows_are_not_judged_against_the_baseline() -> None:
+    """The baseline marks nothing safe: its 0 unsafe frames are no achievement, so those rows say "-"."""
+    from stm_feedback.evaluation import SuiteResult, markdown_table
+
+    nets = SuiteResult("realistic", "nets", 1, {"unsafe_mask_fraction": 0.001, "unsafe_mask_frames": 1.0})
+    none = {"unsafe_mask_fraction": float("nan"), "unsafe_mask_frames": 0.0}
+    base = SuiteResult("realistic", "baseline", 1, none)
+    table = markdown_table([nets, base]).splitlines()
+    rows = {r.split("|")[1].strip(): r for r in table if r.startswith("| ")}
+    assert rows["frames whose safe mask has such pixels"].rstrip(" |").endswith("-")
+    assert "0.001" in rows["safe-mask pixels breaking a truth clearance, fraction of safe pixels"]
+
+
 @pytest.mark.skipif(not HAS_SIMULATOR, reason="needs the simulator")
 def test_class_ari_scores_cluster_ids_against_true_classes() -> None:
     """The suite's class ARI (issue 4 item 10) pools matched defects over frames: ids that name the class

@@ -475,6 +475,39 @@ def test_false_safe_definition_counts_sites_near_truth_defects() -> None:
     assert false_safe_sites([ok], slack) == 0
 
 
+def test_unsafe_mask_pixels_are_safe_pixels_with_negative_truth_slack() -> None:
+    """The safe mask is scored pixel by pixel: a mask over everything counts exactly the pixels that break a
+    truth clearance, a mask of the truly clear pixels counts none, no mask counts nothing (fraction NaN)."""
+    from stm_feedback.schema import Analysis, ImageInfo, Quality
+
+    f = simulate(1_000_101, 160, None, "realistic")
+    ps = PlannerSettings()
+    slack = truth_slack_nm(f.truth, ps)
+    assert (slack < 0).any() and (slack >= 0).any()
+
+    def scored(mask: np.ndarray):  # noqa: ANN202
+        a = Analysis.with_lazy_rows(
+            atoms=(np.zeros(0), np.zeros(0), np.zeros(0, int), np.zeros(0)),
+            dimers=(np.zeros(0), np.zeros(0), np.zeros(0, int), np.zeros(0, int)),
+            image=ImageInfo(160, 160, f.pixel_size_nm, f.bias_v),
+            defects=[],
+            sites=[],
+            quality=Quality(),
+            terrace_labels=np.zeros((160, 160), np.int32),
+            safe_mask=mask,
+        )
+        return score_sites(f.truth, a, ps)
+
+    everything = scored(np.ones((160, 160), bool))
+    assert everything.safe_px == 160 * 160 and everything.unsafe_px == int((slack < 0).sum())
+    clear = scored(slack >= 0)
+    assert clear.unsafe_px == 0 and clear.safe_px == int((slack >= 0).sum())
+    agg = aggregate_sites([everything, clear, scored(np.zeros((160, 160), bool))])
+    assert agg["unsafe_mask_frames"] == 1
+    assert agg["unsafe_mask_fraction"] == pytest.approx(everything.unsafe_px / (160 * 160 + clear.safe_px))
+    assert np.isnan(aggregate_sites([scored(np.zeros((160, 160), bool))])["unsafe_mask_fraction"])
+
+
 @pytest.mark.parametrize("preset", ["realistic", "hard"])
 def test_zero_false_safe_on_simulated_frames(preset: str) -> None:
     r = run_frames(range(1_000_100, 1_000_106), size_px=160, preset=preset)
