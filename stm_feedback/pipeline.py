@@ -321,7 +321,12 @@ def postprocess_maps(
 
     # 1. terraces
     labels, step = pp.segment_terraces(
-        m["step_prob"], s, params.step_threshold, params.min_terrace_area_nm2, params.step_gap_close_nm
+        m["step_prob"],
+        s,
+        params.step_threshold,
+        params.min_terrace_area_nm2,
+        params.step_gap_close_nm,
+        params.min_border_terrace_area_nm2,
     )
     if params.defect_terrace_max_nm2 > 0:  # a defect ringed by false step pixels is not a terrace
         labels = pp.drop_defect_terraces(

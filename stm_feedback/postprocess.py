@@ -29,9 +29,11 @@ class PostprocessParams:
 
     # step/atom/defect thresholds: `stm-feedback nets-calibrate` (training-range seeds, models/MODEL_CARD.md)
     step_threshold: float = 0.25  # step_prob above this is step edge
-    # smaller non-step components become -1 (unknown). Half the scorer's 4 nm^2: NN-0's step band is wider than
-    # the truth's, so a 5 nm^2 corner sliver beyond a found step kept < 4 nm^2 and joined the big terrace
-    min_terrace_area_nm2: float = 2.0
+    min_terrace_area_nm2: float = 4.0  # smaller non-step components become -1 (unknown) ...
+    # ... unless they touch the frame border and reach this: a terrace the frame cuts off. NN-0's step band is
+    # wider than the truth's, so a 5 nm^2 corner sliver beyond a found step kept < 4 nm^2 and joined the big
+    # terrace; inside the frame a 2-4 nm^2 component is mostly a defect ringed by false step pixels
+    min_border_terrace_area_nm2: float = 2.0
     # a terrace smaller than this (nm^2) with at least defect_terrace_min_fraction of its pixels within 1 nm
     # of NN-2's defect maps (> 0.5) is a defect's top or inside ringed by false step pixels (NN-0 rims big
     # adatom clusters), not a terrace: -1 (drop_defect_terraces; 0 = off)
@@ -148,6 +150,7 @@ def segment_terraces(
     threshold: float = 0.5,
     min_area_nm2: float = 4.0,
     close_gaps_nm: float = 0.0,
+    min_border_area_nm2: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Terrace labels (H, W) int32 (0..K-1, -1 = step edge or unknown) and the step mask (H, W) bool.
 
@@ -156,7 +159,8 @@ def segment_terraces(
     that no longer overlap, and without the extra pixel the terraces on both sides joined through the
     gaps (10 of 50 hard and 3 of 30 realistic simulated frames, truth step masks; 0 with it). The grown
     pixels then join the adjacent terrace (the larger id where two meet), so only step pixels are -1.
-    Components smaller than ``min_area_nm2`` are set to -1. Ids in raster order of first appearance.
+    Components smaller than ``min_area_nm2`` are set to -1, except those touching the frame border that reach
+    ``min_border_area_nm2`` (None: no exception). Ids in raster order of first appearance.
     ``close_gaps_nm`` > 0: first bridge gaps of the step mask up to that length (``close_step_gaps``); the
     bridges are part of the returned step mask.
     """
@@ -168,7 +172,13 @@ def segment_terraces(
     if n == 0:
         return np.full(step.shape, -1, np.int32), step
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
-    keep = sizes * pixel_size_nm**2 >= min_area_nm2
+    area_nm2 = sizes * pixel_size_nm**2
+    keep = area_nm2 >= min_area_nm2
+    if min_border_area_nm2 is not None and min_border_area_nm2 < min_area_nm2:
+        border = np.zeros(n + 1, bool)
+        for edge in (lab[0], lab[-1], lab[:, 0], lab[:, -1]):
+            border[edge] = True
+        keep |= border & (area_nm2 >= min_border_area_nm2)
     keep[0] = False
     remap = np.full(n + 1, -1, np.int32)
     remap[keep] = np.arange(int(keep.sum()), dtype=np.int32)

@@ -45,6 +45,21 @@ def _band(shape: tuple[int, int], row: int, x0: int, x1: int, half_width: int = 
     return m
 
 
+def test_small_border_sliver_is_a_terrace_but_a_small_inner_ring_is_not() -> None:
+    """Components of 2-4 nm^2 stay terraces only where the frame border cuts them off."""
+    s = 0.1  # nm/px: 4 nm^2 = 400 px
+    prob = np.zeros((150, 100), np.float32)
+    prob[:, 88:97] = 1.0  # a step band 3 px from the right border: beyond its grown edge a 150 x 2 px sliver
+    prob[30:52, 30] = prob[30:52, 51] = prob[30, 30:52] = prob[51, 30:52] = 1.0  # a ring round 20 x 20 px
+    without, _ = pp.segment_terraces(prob, s, 0.5, 4.0)
+    with_border, _ = pp.segment_terraces(prob, s, 0.5, 4.0, min_border_area_nm2=2.0)
+    sliver = np.s_[50, 98]
+    assert without[sliver] == -1 and with_border[sliver] >= 0
+    assert with_border[sliver] != with_border[50, 10]  # its own terrace
+    assert without[40, 40] == with_border[40, 40] == -1  # the 3.2 nm^2 inside the ring: not a terrace
+    assert (with_border == with_border[sliver]).sum() >= 300  # the sliver's 3 nm^2, the grown edge back on
+
+
 def test_gap_in_step_is_bridged_and_splits_the_terraces() -> None:
     step = _band((160, 200), 80, 0, 90) | _band((160, 200), 80, 115, 200)  # 2.5 nm gap in the middle
     prob = step.astype(np.float32)
