@@ -7,7 +7,9 @@ simulator's true line offsets instead of its estimate (the headroom of a perfect
 
     python benchmarks/jitter_truth_convention.py SUITE N [--oracle-jitter]     # hard 30 in the card
 
-One JSON line per convention: atom / dimer / defect F1, site-found rate and false-safe sites of the nets.
+One JSON line per convention and method: atom / dimer / defect F1, site-found rate and false-safe sites of
+the nets and of the classical baseline (which has no jitter correction: its peaks sit on the brightest
+slice of a blob, which is the nearest line's, so the nearest-line convention suits it).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import simulator.scan as scan
 from stm_feedback import jitter
 from stm_feedback import pipeline as pl
 from stm_feedback.config import load_settings
-from stm_feedback.evaluation import evaluate_frames, suite_frames
+from stm_feedback.evaluation import baseline_analyzer, evaluate_frames, suite_frames
 
 KEYS = ("atom_f1", "dimer_f1", "defect_f1", "site_found_rate", "false_safe_sites")
 _captured: dict[str, np.ndarray] = {}
@@ -48,6 +50,7 @@ def main() -> None:
     sim.jitter_lines = _capture_jitter
     feature_pixels, unshift_x = scan.ScanGeometry.feature_pixels, pl.unshift_x
     pipe = pl.Pipeline(load_settings())
+    base = baseline_analyzer()
     if args.oracle_jitter:
 
         def oracle(*_a: object, **_k: object) -> jitter.LineJitter:
@@ -62,16 +65,14 @@ def main() -> None:
     ):
         scan.ScanGeometry.feature_pixels = scan.ScanGeometry.to_pixels if nearest_truth else feature_pixels
         pl.unshift_x = _nearest_unshift_x if nearest_pipeline else unshift_x
-        _captured["j"] = np.zeros(1)
-        result = evaluate_frames(
-            suite_frames(args.suite, args.n),
-            lambda f: pipe.analyze(f.image_nm, f.pixel_size_nm, bias_v=f.bias_v),
-            args.suite,
-            "nets",
-        )
-        m = result.metrics
-        row = {"convention": name, "oracle_jitter": args.oracle_jitter, **{k: round(m[k], 4) for k in KEYS}}
-        print(json.dumps(row), flush=True)
+        methods = {"nets": lambda f: pipe.analyze(f.image_nm, f.pixel_size_nm, bias_v=f.bias_v)}
+        if nearest_truth == nearest_pipeline and not args.oracle_jitter:  # the baseline has no pipeline side
+            methods["baseline"] = lambda f: base(f.image_nm, f.pixel_size_nm, f.bias_v)
+        for method, run in methods.items():
+            _captured["j"] = np.zeros(1)
+            m = evaluate_frames(suite_frames(args.suite, args.n), run, args.suite, method).metrics
+            row = {"convention": name, "method": method, "oracle_jitter": args.oracle_jitter}
+            print(json.dumps({**row, **{k: round(m[k], 4) for k in KEYS}}), flush=True)
 
 
 if __name__ == "__main__":
