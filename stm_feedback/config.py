@@ -94,6 +94,12 @@ class PlannerSettings(BaseModel):
     # "filled" plans over invisible dihydrides (`evaluate --suite empty --no-bias`: 3 false-safe sites with
     # this off; models/MODEL_CARD.md session 7). Give the bias (file metadata, --bias-v, a sidecar) to plan
     withhold_on_unknown_polarity: bool = True
+    # frames coarser than this (nm/px) get no sites and an empty safe mask: a dihydride (atoms pushed ~0.1 nm
+    # apart, a dark line < 0.02 nm deep) is not resolved there. Whole safe mask against the truth
+    # (benchmarks/safe_mask_violations.py realistic 870000 40 PX, session 12): at 0.1 / 0.115 / 0.125 nm/px
+    # 0 / 3 / 2 frames with unsafe pixels, all 1-5 px at a margin's edge; at 0.135 / 0.15 nm/px 6 / 4 frames,
+    # patches of up to 233 px over missed dihydrides and dv1. Rescan finer to plan; <= 0 switches it off
+    max_plan_pixel_size_nm: float = 0.13
     # per-dimer evidence of a defect the nets did not report (planner.suspect_dimers): a detected dimer
     # with NN-2 depression probability >= suspect_depression_prob within suspect_radius_nm, or a dark row
     # centre line (robust z against its terrace's dimers >= suspect_centre_z), is must-avoid with

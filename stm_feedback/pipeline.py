@@ -606,7 +606,9 @@ def postprocess_maps(
     withhold_unknown = (
         ps.withhold_on_unknown_polarity and maps.polarity_source != "bias" and not withhold_empty
     )
-    if withhold_empty or withhold_unknown:
+    # ... nor a frame too coarse to resolve a dihydride (PlannerSettings.max_plan_pixel_size_nm)
+    withhold_coarse = 0 < ps.max_plan_pixel_size_nm < s and not (withhold_empty or withhold_unknown)
+    if withhold_empty or withhold_unknown or withhold_coarse:
         sites, safe_mask = [], np.zeros((h, w), bool)
     else:
         # missing dimers next to detected ones: undetected defects
@@ -690,6 +692,12 @@ def postprocess_maps(
         quality.notes.append(
             "empty-state frame: dihydrides are not resolved at positive bias, no sites proposed, safe mask "
             "empty (plan from a filled-state image, or set planner.withhold_on_empty_state = false)"
+        )
+    if withhold_coarse:
+        quality.notes.append(
+            f"pixel size {s:.3f} nm/px is coarser than planner.max_plan_pixel_size_nm "
+            f"({ps.max_plan_pixel_size_nm} nm/px): dihydrides are not resolved, no sites proposed, safe mask "
+            "empty (rescan finer to plan)"
         )
     if withhold_unknown:
         quality.notes.append(

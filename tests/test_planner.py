@@ -508,6 +508,24 @@ def test_unsafe_mask_pixels_are_safe_pixels_with_negative_truth_slack() -> None:
     assert np.isnan(aggregate_sites([scored(np.zeros((160, 160), bool))])["unsafe_mask_fraction"])
 
 
+def test_frames_too_coarse_for_dihydrides_get_no_plan() -> None:
+    """Above planner.max_plan_pixel_size_nm nothing is proposed and nothing is safe, with the reason in the
+    notes; switched off (<= 0) the same frame is planned; at 0.1 nm/px the rule does not apply."""
+
+    def run(pixel_size_nm: float, limit: float):  # noqa: ANN202
+        f = simulate(1_000_102, 160, pixel_size_nm, "realistic")
+        pipe = Pipeline(Settings(planner=PlannerSettings(max_plan_pixel_size_nm=limit)))
+        maps = oracle_maps(f.image_nm, f.truth, f.bias_v)
+        return pipe.analyze_maps(f.image_nm, maps, pixel_size_nm, f.bias_v)
+
+    coarse = run(0.15, PlannerSettings().max_plan_pixel_size_nm)
+    assert coarse.sites == [] and not coarse.safe_mask.any()
+    assert any("max_plan_pixel_size_nm" in n for n in coarse.quality.notes)
+    assert run(0.15, 0.0).safe_mask.any()
+    fine = run(0.1, PlannerSettings().max_plan_pixel_size_nm)
+    assert fine.safe_mask.any() and not any("max_plan_pixel_size_nm" in n for n in fine.quality.notes)
+
+
 @pytest.mark.parametrize("preset", ["realistic", "hard"])
 def test_zero_false_safe_on_simulated_frames(preset: str) -> None:
     r = run_frames(range(1_000_100, 1_000_106), size_px=160, preset=preset)
