@@ -23,7 +23,7 @@ from stm_feedback.config import load_settings
 from stm_feedback.evaluation import evaluate, evaluate_frames, simulated_frames
 from stm_feedback.pipeline import Pipeline
 
-KEYS = ("atom_", "dimer_f1", "defect_", "terrace_ari", "site", "false_safe")
+KEYS = ("atom_", "dimer_f1", "defect_", "terrace_ari", "angle_err", "site", "false_safe")
 
 
 def parse_value(field: dataclasses.Field, text: str) -> object:

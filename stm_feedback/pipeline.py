@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import cv2
@@ -442,6 +443,12 @@ def postprocess_maps(
                     None,
                 )
             )
+    if params.alternate_across_steps and len(terraces) > len(fits):
+        # terraces with the FFT's angle only: the rows turn by 90 deg across a single step
+        turned = pp.alternate_across_steps(labels, {x.id: x.row_angle_deg for x in terraces}, set(fits), s)
+        terraces = [
+            replace(x, row_angle_deg=round(turned[x.id], 4)) if x.id in turned else x for x in terraces
+        ]
     tm.lap("lattice")
 
     # 4. dimers from the atoms and the row lattice at each atom (pp.lattice_dimers): the terrace's fit, or

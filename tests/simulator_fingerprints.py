@@ -6,8 +6,8 @@ Regenerate (only when the physics is changed on purpose, never to make a speed c
 The stored file was regenerated when the defect templates were changed on purpose (simulator/defects.py
 appearance_for, to the physics note's per-class heights and shapes), and again when the truth's feature
 positions on jittered lines became the recorded blob's centre (session 12, ``ScanGeometry.feature_pixels``;
-every image key unchanged, only truth positions, counts at the border and row phases); before that it came from the simulator
-of commit ac2b86a (before the speed work), e.g. for a new case:
+every image key unchanged, only truth positions, counts at the border and row phases); before that it came
+from the simulator of commit ac2b86a (before the speed work), e.g. for a new case:
     git archive ac2b86a simulator | tar -x -C /tmp/oldsim && cd /tmp && \
     PYTHONPATH=/tmp/oldsim:/work/main /work/main/.venv/bin/python /work/main/tests/simulator_fingerprints.py
 """

@@ -60,6 +60,23 @@ def test_small_border_sliver_is_a_terrace_but_a_small_inner_ring_is_not() -> Non
     assert (with_border == with_border[sliver]).sum() >= 300  # the sliver's 3 nm^2, the grown edge back on
 
 
+def test_unfitted_terrace_turns_by_90_deg_from_its_fitted_neighbours() -> None:
+    """A terrace with only the FFT's angle, next to fitted terraces across a step band, takes their angle + 90
+    when its FFT angle is theirs (leaked rows); an FFT angle already turned, disagreeing neighbours, or no
+    fitted neighbour within reach leave it as it is."""
+    s = 0.1
+    labels = np.full((100, 160), -1, np.int32)
+    labels[:, :60] = 0  # fitted
+    labels[:, 66:100] = 1  # FFT only, 6 px (0.6 nm) of step band from terrace 0
+    labels[:, 106:] = 2  # fitted
+    alt = pp.alternate_across_steps
+    assert alt(labels, {0: 10.0, 1: 12.0, 2: 170.0}, {0, 2}, s) == {1: 100.0}
+    assert alt(labels, {0: 10.0, 1: 95.0, 2: 170.0}, {0, 2}, s) == {}  # already turned
+    assert alt(labels, {0: 10.0, 1: 12.0, 2: 100.0}, {0, 2}, s) == {}  # the neighbours disagree
+    assert alt(labels, {0: 10.0, 1: 12.0, 2: 170.0}, {0, 2}, s, reach_nm=0.3) == {}  # none within reach
+    assert alt(labels, {0: 10.0, 1: 12.0}, set(), s) == {}  # nothing fitted
+
+
 def test_gap_in_step_is_bridged_and_splits_the_terraces() -> None:
     step = _band((160, 200), 80, 0, 90) | _band((160, 200), 80, 115, 200)  # 2.5 nm gap in the middle
     prob = step.astype(np.float32)
