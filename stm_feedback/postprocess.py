@@ -17,6 +17,7 @@ from scipy.spatial import cKDTree
 
 from stm_feedback.classify import FEATURE_NAMES, row_aligned_patch
 from stm_feedback.errors import InputError
+from stm_feedback.lattice import angle_diff_deg
 from stm_feedback.physics import DIMER_ATOM_SEPARATION_NM, ROW_SPACING_NM, UNIT_CELL_AREA_NM2
 from stm_feedback.preprocess import fast_percentiles
 
@@ -221,17 +222,11 @@ def alternate_across_steps(
         if not neighbours:
             continue
         ref = [angles_deg[n] % 180.0 for n in neighbours]
-        if max(_angle_diff(a, ref[0]) for a in ref) > agree_deg:  # the neighbours disagree: leave it
+        if max(angle_diff_deg(a, ref[0]) for a in ref) > agree_deg:  # the neighbours disagree: leave it
             continue
-        if _angle_diff(angles_deg[t], ref[0]) <= agree_deg:
+        if angle_diff_deg(angles_deg[t], ref[0]) <= agree_deg:
             out[t] = (ref[0] + 90.0) % 180.0
     return out
-
-
-def _angle_diff(a_deg: float, b_deg: float) -> float:
-    """Difference of two row directions modulo 180, in [0, 90] deg."""
-    d = (a_deg - b_deg) % 180.0
-    return min(d, 180.0 - d)
 
 
 def drop_defect_terraces(
