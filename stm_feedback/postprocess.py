@@ -32,8 +32,8 @@ class PostprocessParams:
     step_threshold: float = 0.25  # step_prob above this is step edge
     min_terrace_area_nm2: float = 4.0  # smaller non-step components become -1 (unknown) ...
     # ... unless they touch the frame border and reach this: a terrace the frame cuts off. NN-0's step band is
-    # wider than the truth's, so a 5 nm^2 corner sliver beyond a found step kept < 4 nm^2 and joined the big
-    # terrace; inside the frame a 2-4 nm^2 component is mostly a defect ringed by false step pixels
+    # wider than the truth's, so a corner sliver of a few nm^2 beyond a found step kept < 4 nm^2 and joined
+    # the big terrace; inside the frame a 2-4 nm^2 component is mostly a defect ringed by false step pixels
     min_border_terrace_area_nm2: float = 2.0
     # a terrace smaller than this (nm^2) with at least defect_terrace_min_fraction of its pixels within 1 nm
     # of NN-2's defect maps (> 0.5) is a defect's top or inside ringed by false step pixels (NN-0 rims big
