@@ -179,7 +179,13 @@ class Pipeline:
         return out
 
     def _postprocess(
-        self, img: np.ndarray, maps: NetworkMaps, s: float, b: float | None, frame_id: str | None
+        self,
+        img: np.ndarray,
+        maps: NetworkMaps,
+        s: float,
+        b: float | None,
+        frame_id: str | None,
+        params: pp.PostprocessParams | None = None,
     ) -> Analysis:
         return postprocess_maps(
             img,
@@ -188,7 +194,7 @@ class Pipeline:
             b,
             frame_id,
             self.settings,
-            self.params,
+            params or self.params,
             self._cluster_model,
             self._classifier,
             self.models(),
@@ -236,7 +242,10 @@ class Pipeline:
         shift = np.rint(est.offsets_px)
         if est.gain >= p.line_jitter_min_gain and shift.any():
             img2 = shift_lines(img, shift)
-            out2 = self._postprocess(img2, runner.predict_moved_lines(maps, shift), s, b, frame_id)
+            # the corrected lines keep a sub-pixel rest of their offsets: atoms move along y only
+            # (PostprocessParams.atom_smooth_x)
+            p2 = replace(p, atom_smooth_x=False)
+            out2 = self._postprocess(img2, runner.predict_moved_lines(maps, shift), s, b, frame_id, p2)
             score2 = _atom_columns(out2)[2]
             mean1 = float(score.mean()) if len(score) else 0.0
             if len(score2) and float(score2.mean()) > mean1 * (1.0 + p.line_jitter_min_score_gain):
@@ -461,6 +470,9 @@ def postprocess_maps(
     dim_row = np.empty(0, int)
     dim_angle = np.empty(0)
     dim_band = np.zeros(0, bool)
+    # the reported atoms: moved onto their local lattice below (params.atom_smooth_sigma_nm); the planner's
+    # anomaly marks and the defect features keep the detected positions
+    rep_xy = atoms_xy
     if len(atoms_nm):
         a_angle = np.full(len(atoms_nm), np.nan)
         a_phase = np.full(len(atoms_nm), np.nan)
@@ -486,6 +498,16 @@ def postprocess_maps(
                 in_fit = ~np.isnan(t_angle[tile_of])  # atoms of tiles without a fit keep the terrace's
                 a_angle[a_sel[in_fit]] = t_angle[tile_of[in_fit]]
                 a_phase[a_sel[in_fit]] = t_phase[tile_of[in_fit]]
+        if params.atom_smooth_sigma_nm > 0:
+            # the step band's atoms (distorted, some of the other terrace) neither move nor count
+            atoms_nm = pp.lattice_smooth_atoms(
+                atoms_nm,
+                np.where(in_band, -1, atom_ter),
+                a_angle,
+                params.atom_smooth_sigma_nm,
+                params.atom_smooth_max_move_nm,
+                move_x=params.atom_smooth_x,
+            )
         dpairs, centre_nm = pp.lattice_dimers(
             atoms_nm,
             atoms_score,
@@ -508,6 +530,7 @@ def postprocess_maps(
                 # row index within the terrace, 0 = the row with the smallest p.n among detected dimers
                 rows_idx[sel] = r - r.min()
         dim_xy = centre_nm / s
+        rep_xy = atoms_nm / s
         dim_ter, dim_row, dim_angle = pt, rows_idx, a_angle[dpairs[:, 0]]
         dim_band = in_band[dpairs[:, 0]] | ((dpairs[:, 1] >= 0) & in_band[np.maximum(dpairs[:, 1], 0)])
     tm.lap("dimers")
@@ -715,10 +738,10 @@ def postprocess_maps(
 
     # round in numpy, then build the dataclasses from flat lists of floats (Python round() per field cost
     # ~10 ms; nested [x, y] lists double the number of GC-tracked containers per frame)
-    out_xy, out_score, out_ter = atoms_xy, atoms_score, atom_ter
+    out_xy, out_score, out_ter = rep_xy, atoms_score, atom_ter
     if params.partner_min_prob >= 0 and len(dim_xy):
         out_xy, out_score, out_ter = _with_partners(
-            atoms_xy,
+            rep_xy,
             atoms_score,
             atom_ter,
             dpairs[:, 0][dpairs[:, 1] < 0],

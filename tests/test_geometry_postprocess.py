@@ -273,3 +273,64 @@ def test_pair_dimers_equals_brute_force_mutual_nearest_neighbours() -> None:
         ok = (nn[nn] == i) & (i < nn) & (np.abs(d[i, nn] - DIMER_ATOM_SEPARATION_NM) < 0.08)
         want = np.stack([i[ok], nn[ok]], axis=1)
         assert np.array_equal(pp.pair_dimers(xy, 0.08), want)
+
+
+def _atom_lattice(angle_deg: float, half_nm: float, stretch: float = 0.0) -> np.ndarray:
+    """Dimer atoms (N, 2) nm of rows at ``angle_deg`` in a square of half-width ``half_nm``, the whole lattice
+    stretched by (1 + ``stretch``) along x (a drift-like distortion)."""
+    a = math.radians(angle_deg)
+    u, n = np.array([math.cos(a), math.sin(a)]), np.array([-math.sin(a), math.cos(a)])
+    i, k, side = np.meshgrid(np.arange(-80, 81), np.arange(-40, 41), [-1, 1], indexing="ij")
+    along = i.ravel()[:, None] * SURFACE_LATTICE_NM
+    across = (k.ravel() * ROW_SPACING_NM + 0.3 + side.ravel() * DIMER_ATOM_SEPARATION_NM / 2)[:, None]
+    xy = along * u + across * n
+    xy[:, 0] *= 1.0 + stretch
+    return xy[(np.abs(xy) < half_nm).all(axis=1)]
+
+
+@pytest.mark.parametrize("angle, stretch", [(0.0, 0.0), (33.0, 0.0), (90.0, 0.03), (121.0, -0.04)])
+def test_lattice_smoothing_averages_position_noise_away(angle: float, stretch: float) -> None:
+    true = _atom_lattice(angle, 8.0, stretch)
+    noisy = true + np.random.default_rng(3).normal(0.0, 0.04, true.shape)
+    ang = np.full(len(true), angle)
+    out = pp.lattice_smooth_atoms(noisy, np.zeros(len(true), int), ang, 0.6, 0.12)
+    inner = (np.abs(true) < 6.0).all(axis=1)  # the edge has neighbours on one side only
+
+    def rms(q: np.ndarray) -> float:
+        return float(np.sqrt(np.mean(np.sum((q[inner] - true[inner]) ** 2, axis=1))))
+
+    # about 40 same-side neighbours in the Gaussian: the noise falls by more than half, the lattice (stretched
+    # or not) is not pulled off its true positions
+    assert rms(out) < 0.5 * rms(noisy)
+    assert np.abs((out - true)[inner].mean(axis=0)).max() < 0.005
+
+
+def test_lattice_smoothing_leaves_off_lattice_and_unassigned_atoms() -> None:
+    true = _atom_lattice(20.0, 5.0)
+    xy = true.copy()
+    far = int(np.argmin(np.hypot(*true.T)))
+    xy[far] += [0.2, 0.0]  # 0.2 nm off its site: not the lattice's atom (a defect rim, an anomaly)
+    group = np.zeros(len(xy), int)
+    group[:5] = -1
+    ang = np.full(len(xy), 20.0)
+    ang[5:10] = np.nan
+    out = pp.lattice_smooth_atoms(xy, group, ang, 0.6, 0.12)
+    assert np.array_equal(out[far], xy[far])
+    assert np.array_equal(out[:10], xy[:10])
+    # the exact lattice around it stays within what the one outlier's weight (~1/40) pulls
+    assert np.abs(out - xy)[np.arange(len(xy)) != far].max() < 0.01
+    # move_x False: only y changes
+    noisy = true + np.random.default_rng(0).normal(0.0, 0.04, true.shape)
+    out_y = pp.lattice_smooth_atoms(noisy, np.zeros(len(xy), int), np.full(len(xy), 20.0), 0.6, 0.12, False)
+    assert np.array_equal(out_y[:, 0], noisy[:, 0]) and not np.array_equal(out_y[:, 1], noisy[:, 1])
+
+
+def test_lattice_smoothing_keeps_terraces_apart() -> None:
+    # two terraces with rows at 90 deg, side by side: each atom is smoothed with its own terrace only, so an
+    # exact lattice on both stays exact up to the Gaussian's reach across the boundary
+    left, right = _atom_lattice(0.0, 6.0), _atom_lattice(90.0, 6.0) + [12.5, 0.0]
+    xy = np.concatenate([left, right])
+    group = np.r_[np.zeros(len(left), int), np.ones(len(right), int)]
+    ang = np.r_[np.zeros(len(left)), np.full(len(right), 90.0)]
+    out = pp.lattice_smooth_atoms(xy, group, ang, 0.6, 0.12)
+    assert np.abs(out - xy).max() < 1e-3
