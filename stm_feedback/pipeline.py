@@ -179,13 +179,7 @@ class Pipeline:
         return out
 
     def _postprocess(
-        self,
-        img: np.ndarray,
-        maps: NetworkMaps,
-        s: float,
-        b: float | None,
-        frame_id: str | None,
-        params: pp.PostprocessParams | None = None,
+        self, img: np.ndarray, maps: NetworkMaps, s: float, b: float | None, frame_id: str | None
     ) -> Analysis:
         return postprocess_maps(
             img,
@@ -194,7 +188,7 @@ class Pipeline:
             b,
             frame_id,
             self.settings,
-            params or self.params,
+            self.params,
             self._cluster_model,
             self._classifier,
             self.models(),
@@ -242,10 +236,7 @@ class Pipeline:
         shift = np.rint(est.offsets_px)
         if est.gain >= p.line_jitter_min_gain and shift.any():
             img2 = shift_lines(img, shift)
-            # the corrected lines keep a sub-pixel rest of their offsets: atoms move along y only
-            # (PostprocessParams.atom_smooth_x)
-            p2 = replace(p, atom_smooth_x=False)
-            out2 = self._postprocess(img2, runner.predict_moved_lines(maps, shift), s, b, frame_id, p2)
+            out2 = self._postprocess(img2, runner.predict_moved_lines(maps, shift), s, b, frame_id)
             score2 = _atom_columns(out2)[2]
             mean1 = float(score.mean()) if len(score) else 0.0
             if len(score2) and float(score2.mean()) > mean1 * (1.0 + p.line_jitter_min_score_gain):
@@ -506,7 +497,6 @@ def postprocess_maps(
                 a_angle,
                 params.atom_smooth_sigma_nm,
                 params.atom_smooth_max_move_nm,
-                move_x=params.atom_smooth_x,
             )
         dpairs, centre_nm = pp.lattice_dimers(
             atoms_nm,

@@ -84,11 +84,9 @@ class PostprocessParams:
     # each atom is moved onto the local mean lattice phase of the atoms of its terrace around it (Gaussian of
     # sigma nm; lattice_smooth_atoms), unless that moves it more than max_move nm; 0 = off. The atoms' own
     # position noise averages away (hard training-range seeds 800000+40: atom F1 0.660 -> 0.696, realistic
-    # 700000+20 0.972 -> 0.977; models/MODEL_CARD.md, session 13). Along x only on frames without scan-line
-    # jitter: jitter moves each line's features by its own offset, which neighbouring lines do not share
+    # 700000+20 0.972 -> 0.977; models/MODEL_CARD.md, session 13)
     atom_smooth_sigma_nm: float = 0.6
     atom_smooth_max_move_nm: float = 0.12
-    atom_smooth_x: bool = True
     # a dimer seen by one atom only (lattice_dimers) also reports its missing atom, mirrored through the
     # dimer centre, where atom_prob is at least this (< 0 = off; score = that probability). Most missed atoms
     # are such partners (frames coarser than the net's 0.1 nm/px blur the pair); same value as atom_threshold:
@@ -697,7 +695,6 @@ def lattice_smooth_atoms(
     row_angle_deg: np.ndarray,
     sigma_nm: float,
     max_move_nm: float,
-    move_x: bool = True,
     cell_nm: float = 0.25,
 ) -> np.ndarray:
     """Atom positions (N, 2) (x, y) nm moved onto the mean lattice phase of the atoms around them.
@@ -710,8 +707,8 @@ def lattice_smooth_atoms(
     side's mean counts. Phasors wrap, so a slowly distorted lattice (drift, creep) keeps its local phase
     while each atom's own position noise is averaged away. An atom whose move would exceed ``max_move_nm``
     does not fit the local lattice and keeps its position (so do defect rims and anomalies far off it).
-    ``move_x`` False: only y changes, for frames whose scan lines are displaced along x by jitter (the
-    atoms of neighbouring lines do not share a line's offset).
+    Scan-line jitter moves each line's features by that line's own offset, which the neighbours do not
+    share: run it on an image whose lines are put back (``Pipeline`` does, jitter.py).
     """
     xy = np.asarray(atoms_xy_nm, float)
     out = xy.copy()
@@ -729,8 +726,7 @@ def lattice_smooth_atoms(
     d_al = _wrap(np.angle(m_al) - ph_al) / (2 * np.pi) * SURFACE_LATTICE_NM
     d_ac = _wrap(np.angle(m_side) - ph_ac) / (2 * np.pi) * ROW_SPACING_NM
     move = (grp >= 0) & (np.hypot(d_al, d_ac) <= max_move_nm)
-    if move_x:
-        out[move, 0] += (d_al * c - d_ac * sn)[move]
+    out[move, 0] += (d_al * c - d_ac * sn)[move]
     out[move, 1] += (d_al * sn + d_ac * c)[move]
     return out
 
