@@ -659,34 +659,25 @@ def _wrap(phase: np.ndarray) -> np.ndarray:
     return (phase + np.pi) % (2 * np.pi) - np.pi
 
 
-def _local_means(
-    xy_nm: np.ndarray, group: np.ndarray, phases: list[np.ndarray], sigma_nm: float, cell_nm: float
-) -> list[np.ndarray]:
-    """Gaussian-weighted (``sigma_nm``) sums of the unit phasors exp(i phase) (each (N,), radians) over the
-    points of the same ``group`` (>= 0; -1 = left out, result 0), read at every point's cell: the phasors
-    are splatted on a ``cell_nm`` grid with one channel per group and part (one bincount), blurred
-    (cv2.GaussianBlur) and read back at the point's own cell. Callers use only the phase of the result."""
+def _blurred_sums(
+    cell: np.ndarray, shape: tuple[int, int], group: np.ndarray, parts: np.ndarray, sigma_cells: float
+) -> np.ndarray:
+    """Gaussian-weighted (``sigma_cells``) sums of ``parts`` (N, P) over the points of the same ``group``
+    ((N,) small ints >= 0; -1 = left out, sums 0), read at each point's own cell: the values are splatted
+    on a grid of ``shape`` (``cell`` (N,) flat cell index of each point) with one channel per group and part
+    (one bincount) and blurred (cv2.GaussianBlur). Returns (N, P)."""
     ok = group >= 0
-    lo = xy_nm[ok].min(axis=0) - 3 * sigma_nm
-    pad = int(3 * sigma_nm / cell_nm) + 1
-    cell = np.floor((xy_nm - lo) / cell_nm).astype(np.int64)
-    cell[~ok] = 0
-    gh, gw = int(cell[:, 1].max()) + pad, int(cell[:, 0].max()) + pad
-    gid = np.unique(group[ok], return_inverse=True)[1]  # dense group index of the ok points
-    n_ch = 2 * len(phases) * (int(gid.max()) + 1)
-    base = ((cell[ok, 1] * gw + cell[ok, 0]) * n_ch + gid * 2 * len(phases))
-    idx = np.concatenate([base + k for k in range(2 * len(phases))])
-    wts = np.concatenate([f(p[ok]) for p in phases for f in (np.cos, np.sin)])
-    grid = np.bincount(idx, wts, minlength=gh * gw * n_ch).astype(np.float32).reshape(gh, gw, n_ch)
-    if n_ch > 512:  # cv2's channel limit; never reached with a handful of terraces
-        raise InputError(f"too many lattice groups ({n_ch // (2 * len(phases))})")
-    grid = cv2.GaussianBlur(grid, (0, 0), sigma_nm / cell_nm).reshape(gh * gw * n_ch)
-    outs = []
-    for k in range(len(phases)):
-        o = np.zeros(len(xy_nm), complex)
-        o[ok] = grid[base + 2 * k] + 1j * grid[base + 2 * k + 1]
-        outs.append(o)
-    return outs
+    n_p = parts.shape[1]
+    n_ch = n_p * (int(group.max()) + 1)
+    if n_ch > 512:  # cv2's channel limit; a frame has a handful of terraces
+        raise InputError(f"too many lattice groups ({n_ch // n_p}) to smooth")
+    base = cell[ok] * n_ch + group[ok] * n_p
+    idx = (base[:, None] + np.arange(n_p)).ravel()
+    grid = np.bincount(idx, parts[ok].ravel(), minlength=shape[0] * shape[1] * n_ch)
+    grid = cv2.GaussianBlur(grid.astype(np.float32).reshape(*shape, n_ch), (0, 0), sigma_cells)
+    out = np.zeros(parts.shape, np.float32)
+    out[ok] = grid.reshape(-1)[idx].reshape(-1, n_p)
+    return out
 
 
 def lattice_smooth_atoms(
@@ -695,20 +686,21 @@ def lattice_smooth_atoms(
     row_angle_deg: np.ndarray,
     sigma_nm: float,
     max_move_nm: float,
-    cell_nm: float = 0.25,
+    cell_nm: float = 0.35,
 ) -> np.ndarray:
     """Atom positions (N, 2) (x, y) nm moved onto the mean lattice phase of the atoms around them.
 
     Each atom's phase along its rows (period 0.384 nm) and across them (period 0.768 nm) is compared with the
-    Gaussian-weighted (``sigma_nm``) mean of the unit phasors of the atoms of its ``group`` (>= 0, e.g. its
-    terrace; -1 = not moved) around it; ``row_angle_deg`` (N,) is the row direction at each atom (NaN = not
-    moved). Across the rows the two atoms of a dimer sit on two sub-lattices 0.24 nm apart: each atom's side
-    is read off the local mean across-row phase (the two sides lie either side of it), and only its own
-    side's mean counts. Phasors wrap, so a slowly distorted lattice (drift, creep) keeps its local phase
-    while each atom's own position noise is averaged away. An atom whose move would exceed ``max_move_nm``
-    does not fit the local lattice and keeps its position (so do defect rims and anomalies far off it).
-    Scan-line jitter moves each line's features by that line's own offset, which the neighbours do not
-    share: run it on an image whose lines are put back (``Pipeline`` does, jitter.py).
+    Gaussian-weighted (``sigma_nm``) mean of the unit phasors of the atoms of its ``group`` (small ints >= 0,
+    e.g. its terrace; -1 = not moved) around it; ``row_angle_deg`` (N,) is the row direction at each atom
+    (NaN = not moved). Across the rows the two atoms of a dimer sit on two sub-lattices 0.24 nm apart: each
+    atom's side is read off the local mean across-row phase (the two sides lie either side of it), and only
+    its own side's mean counts. Phasors wrap, so a slowly distorted lattice (drift, creep) keeps its local
+    phase while each atom's own position noise is averaged away. An atom whose move would exceed
+    ``max_move_nm`` does not fit the local lattice and keeps its position (so do defect rims and anomalies
+    far off it). Scan-line jitter moves each line's features by that line's own offset, which the neighbours
+    do not share: run it on an image whose lines are put back (``Pipeline`` does, jitter.py). The means are
+    taken on a grid of ``cell_nm`` cells (an atom's weights are those of its cell's centre).
     """
     xy = np.asarray(atoms_xy_nm, float)
     out = xy.copy()
@@ -716,15 +708,21 @@ def lattice_smooth_atoms(
     grp = np.where(np.isfinite(a), np.asarray(group), -1)
     if len(xy) < 2 or not (grp >= 0).any():
         return out
+    lo = xy.min(axis=0) - 3 * sigma_nm
+    ij = np.floor((xy - lo) / cell_nm).astype(np.int64)
+    pad = int(3 * sigma_nm / cell_nm) + 1
+    shape = (int(ij[:, 1].max()) + pad, int(ij[:, 0].max()) + pad)
+    cell = ij[:, 1] * shape[1] + ij[:, 0]
     c, sn = np.cos(a), np.sin(a)
     ph_al = 2 * np.pi / SURFACE_LATTICE_NM * (xy[:, 0] * c + xy[:, 1] * sn)
     ph_ac = 2 * np.pi / ROW_SPACING_NM * (-xy[:, 0] * sn + xy[:, 1] * c)
-    m_al, m_ac = _local_means(xy, grp, [ph_al, ph_ac], sigma_nm, cell_nm)
+    cs = np.stack([np.cos(ph_al), np.sin(ph_al), np.cos(ph_ac), np.sin(ph_ac)], axis=1)
+    m = _blurred_sums(cell, shape, grp, cs, sigma_nm / cell_nm)
     # both sides of a dimer share the along-row phase; across it they sit at +-0.12 nm from the mean
-    side = _wrap(ph_ac - np.angle(m_ac)) >= 0
-    (m_side,) = _local_means(xy, np.where(grp >= 0, 2 * grp + side, -1), [ph_ac], sigma_nm, cell_nm)
-    d_al = _wrap(np.angle(m_al) - ph_al) / (2 * np.pi) * SURFACE_LATTICE_NM
-    d_ac = _wrap(np.angle(m_side) - ph_ac) / (2 * np.pi) * ROW_SPACING_NM
+    side = _wrap(ph_ac - np.arctan2(m[:, 3], m[:, 2])) >= 0
+    m_side = _blurred_sums(cell, shape, np.where(grp >= 0, 2 * grp + side, -1), cs[:, 2:], sigma_nm / cell_nm)
+    d_al = _wrap(np.arctan2(m[:, 1], m[:, 0]) - ph_al) / (2 * np.pi) * SURFACE_LATTICE_NM
+    d_ac = _wrap(np.arctan2(m_side[:, 1], m_side[:, 0]) - ph_ac) / (2 * np.pi) * ROW_SPACING_NM
     move = (grp >= 0) & (np.hypot(d_al, d_ac) <= max_move_nm)
     out[move, 0] += (d_al * c - d_ac * sn)[move]
     out[move, 1] += (d_al * sn + d_ac * c)[move]
