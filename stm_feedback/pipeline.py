@@ -490,13 +490,15 @@ def postprocess_maps(
                 a_angle[a_sel[in_fit]] = t_angle[tile_of[in_fit]]
                 a_phase[a_sel[in_fit]] = t_phase[tile_of[in_fit]]
         if params.atom_smooth_sigma_nm > 0:
-            # the step band's atoms (distorted, some of the other terrace) neither move nor count
+            # the step band's atoms are moved onto their terrace's lattice but move no one: the edge
+            # distorts them, and the planner reads the terrace atoms only
             atoms_nm = pp.lattice_smooth_atoms(
                 atoms_nm,
-                np.where(in_band, -1, atom_ter),
+                atom_ter,
                 a_angle,
                 params.atom_smooth_sigma_nm,
                 params.atom_smooth_max_move_nm,
+                reference=~in_band,
             )
         dpairs, centre_nm = pp.lattice_dimers(
             atoms_nm,
@@ -739,6 +741,9 @@ def postprocess_maps(
             m["atom_prob"],
             params.partner_min_prob,
         )
+    # the footprint test on the positions as reported (3 decimals): a reader who rounds them to pixels
+    # finds no atom in a reported depression, also at x.4996 -> x.5
+    out_xy = np.round(out_xy, 3)
     if params.drop_atoms_in_depressions and len(out_xy) and len(blobs["depression"].slices):
         c = np.clip(np.rint(out_xy[:, 0]).astype(np.int64), 0, w - 1)
         r = np.clip(np.rint(out_xy[:, 1]).astype(np.int64), 0, h - 1)
@@ -746,7 +751,7 @@ def postprocess_maps(
         out_xy, out_score, out_ter = out_xy[keep], out_score[keep], out_ter[keep]
     # ``Atom`` / ``Dimer`` objects are built on first access (Analysis.with_lazy_rows): the daemon's reply
     # needs only their JSON rows, which it packs straight from these numpy columns (protocol.pack_rows)
-    axy = np.round(out_xy, 3)
+    axy = out_xy
     atoms = (axy[:, 0], axy[:, 1], np.asarray(out_ter), np.round(out_score, 4))
     dxy = np.round(dim_xy, 3).reshape(-1, 2)
     dimers = (dxy[:, 0], dxy[:, 1], np.asarray(dim_ter), np.asarray(dim_row))
