@@ -490,15 +490,10 @@ def postprocess_maps(
                 a_angle[a_sel[in_fit]] = t_angle[tile_of[in_fit]]
                 a_phase[a_sel[in_fit]] = t_phase[tile_of[in_fit]]
         if params.atom_smooth_sigma_nm > 0:
-            # the step band's atoms are moved onto their terrace's lattice but move no one: the edge
-            # distorts them, and the planner reads the terrace atoms only
+            # the step band's atoms too (they stay out of the fits): as neighbours they help more than the
+            # edge's distortion of them hurts (models/MODEL_CARD.md, session 13)
             atoms_nm = pp.lattice_smooth_atoms(
-                atoms_nm,
-                atom_ter,
-                a_angle,
-                params.atom_smooth_sigma_nm,
-                params.atom_smooth_max_move_nm,
-                reference=~in_band,
+                atoms_nm, atom_ter, a_angle, params.atom_smooth_sigma_nm, params.atom_smooth_max_move_nm
             )
         dpairs, centre_nm = pp.lattice_dimers(
             atoms_nm,

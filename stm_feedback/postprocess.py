@@ -83,8 +83,9 @@ class PostprocessParams:
     dimer_bond_pairs_first: bool = True
     # each atom is moved onto the local mean lattice phase of the atoms of its terrace around it (Gaussian of
     # sigma nm; lattice_smooth_atoms), unless that moves it more than max_move nm; 0 = off. The atoms' own
-    # position noise averages away (hard training-range seeds 800000+40: atom F1 0.660 -> 0.696, realistic
-    # 700000+20 0.972 -> 0.977; models/MODEL_CARD.md, session 13)
+    # position noise averages away: atom F1 on training-range seeds hard 800000+40 0.660 -> 0.720, 800040+60
+    # 0.632 -> 0.694, realistic 700000+30 0.976 -> 0.982 (sigma 0.45 / 0.8 and max move 0.08 / 0.12 / 0.24
+    # scored lower or the same; models/MODEL_CARD.md, session 13)
     atom_smooth_sigma_nm: float = 0.6
     atom_smooth_max_move_nm: float = 0.16
     # a dimer seen by one atom only (lattice_dimers) also reports its missing atom, mirrored through the
@@ -665,10 +666,8 @@ def _blurred_sums(
     group: np.ndarray,
     parts: np.ndarray,
     sigma_cells: float,
-    reference: np.ndarray,
 ) -> np.ndarray:
-    """Gaussian-weighted (``sigma_cells``) sums of ``parts`` (N, P) over the ``reference`` points (bool (N,))
-    of the same ``group`` ((N,) small ints >= 0; -1 = left out, sums 0), read at each point's own cell: the
+    """Gaussian-weighted (``sigma_cells``) sums of ``parts`` (N, P) over the points of the same ``group`` ((N,) small ints >= 0; -1 = left out, sums 0), read at each point's own cell: the
     values are splatted on a grid of ``shape`` (``cell`` (N,) flat cell index of each point) with one channel
     per group and part (one bincount) and blurred (cv2.GaussianBlur). Returns (N, P)."""
     ok = group >= 0
@@ -677,8 +676,7 @@ def _blurred_sums(
     if n_ch > 512:  # cv2's channel limit; a frame has a handful of terraces
         raise InputError(f"too many lattice groups ({n_ch // n_p}) to smooth")
     idx = (cell * n_ch + group * n_p)[:, None] + np.arange(n_p)  # (N, P); rows of group -1 unused
-    src = ok & reference
-    grid = np.bincount(idx[src].ravel(), parts[src].ravel(), minlength=shape[0] * shape[1] * n_ch)
+    grid = np.bincount(idx[ok].ravel(), parts[ok].ravel(), minlength=shape[0] * shape[1] * n_ch)
     grid = cv2.GaussianBlur(grid.astype(np.float32).reshape(*shape, n_ch), (0, 0), sigma_cells)
     out = np.zeros(parts.shape, np.float32)
     out[ok] = grid.reshape(-1)[idx[ok]]
@@ -691,7 +689,6 @@ def lattice_smooth_atoms(
     row_angle_deg: np.ndarray,
     sigma_nm: float,
     max_move_nm: float,
-    reference: np.ndarray | None = None,
     cell_nm: float = 0.35,
 ) -> np.ndarray:
     """Atom positions (N, 2) (x, y) nm moved onto the mean lattice phase of the atoms around them.
@@ -699,9 +696,7 @@ def lattice_smooth_atoms(
     Each atom's phase along its rows (period 0.384 nm) and across them (period 0.768 nm) is compared with the
     Gaussian-weighted (``sigma_nm``) mean of the unit phasors of the atoms of its ``group`` (small ints >= 0,
     e.g. its terrace; -1 = not moved) around it; ``row_angle_deg`` (N,) is the row direction at each atom
-    (NaN = not moved). ``reference`` (bool (N,), default all): the atoms whose phases make the means; the
-    others are moved but move no one (e.g. the atoms of a step band, which the edge distorts). Across the
-    rows the two atoms of a dimer sit on two sub-lattices 0.24 nm apart: each
+    (NaN = not moved). Across the rows the two atoms of a dimer sit on two sub-lattices 0.24 nm apart: each
     atom's side is read off the local mean across-row phase (the two sides lie either side of it), and only
     its own side's mean counts. Phasors wrap, so a slowly distorted lattice (drift, creep) keeps its local
     phase while each atom's own position noise is averaged away. An atom whose move would exceed
@@ -725,12 +720,11 @@ def lattice_smooth_atoms(
     ph_al = 2 * np.pi / SURFACE_LATTICE_NM * (xy[:, 0] * c + xy[:, 1] * sn)
     ph_ac = 2 * np.pi / ROW_SPACING_NM * (-xy[:, 0] * sn + xy[:, 1] * c)
     cs = np.stack([np.cos(ph_al), np.sin(ph_al), np.cos(ph_ac), np.sin(ph_ac)], axis=1)
-    ref = np.ones(len(xy), bool) if reference is None else np.asarray(reference, bool)
     sig = sigma_nm / cell_nm
-    m = _blurred_sums(cell, shape, grp, cs, sig, ref)
+    m = _blurred_sums(cell, shape, grp, cs, sig)
     # both sides of a dimer share the along-row phase; across it they sit at +-0.12 nm from the mean
     side = _wrap(ph_ac - np.arctan2(m[:, 3], m[:, 2])) >= 0
-    m_side = _blurred_sums(cell, shape, np.where(grp >= 0, 2 * grp + side, -1), cs[:, 2:], sig, ref)
+    m_side = _blurred_sums(cell, shape, np.where(grp >= 0, 2 * grp + side, -1), cs[:, 2:], sig)
     d_al = _wrap(np.arctan2(m[:, 1], m[:, 0]) - ph_al) / (2 * np.pi) * SURFACE_LATTICE_NM
     d_ac = _wrap(np.arctan2(m_side[:, 1], m_side[:, 0]) - ph_ac) / (2 * np.pi) * ROW_SPACING_NM
     move = (grp >= 0) & (np.hypot(d_al, d_ac) <= max_move_nm)

@@ -331,18 +331,3 @@ def test_lattice_smoothing_keeps_terraces_apart() -> None:
     out = pp.lattice_smooth_atoms(xy, group, ang, 0.6, 0.12)
     assert np.abs(out - xy).max() < 1e-3
 
-
-def test_lattice_smoothing_reference_atoms_alone_set_the_means() -> None:
-    # atoms outside ``reference`` (a step band) are moved onto the lattice but move no one: the reference
-    # atoms come out exactly as if the others were left out (group -1 keeps them on the same grid)
-    true = _atom_lattice(64.0, 6.0)
-    noisy = true + np.random.default_rng(5).normal(0.0, 0.04, true.shape)
-    band = np.random.default_rng(6).random(len(true)) < 0.3
-    ang = np.full(len(true), 64.0)
-    out = pp.lattice_smooth_atoms(noisy, np.zeros(len(true), int), ang, 0.6, 0.16, reference=~band)
-    alone = pp.lattice_smooth_atoms(noisy, np.where(band, -1, 0), ang, 0.6, 0.16)
-    np.testing.assert_array_equal(out[~band], alone[~band])
-    inner = (np.abs(true) < 4.5).all(axis=1) & band
-    err_in = np.hypot(*(noisy - true)[inner].T)
-    err_out = np.hypot(*(out - true)[inner].T)
-    assert np.sqrt(np.mean(err_out**2)) < 0.6 * np.sqrt(np.mean(err_in**2))
