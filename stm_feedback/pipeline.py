@@ -461,9 +461,10 @@ def postprocess_maps(
     dim_row = np.empty(0, int)
     dim_angle = np.empty(0)
     dim_band = np.zeros(0, bool)
-    # the reported atoms: moved onto their local lattice below (params.atom_smooth_sigma_nm); the planner's
-    # anomaly marks and the defect features keep the detected positions
+    # the reported atoms and dimers: moved onto their local lattice below (params.atom_smooth_sigma_nm); the
+    # planner (plan_dims: dimer xy px, terrace, row angle, in band) and the defect features keep the peaks
     rep_xy = atoms_xy
+    plan_dims = (dim_xy, dim_ter, dim_angle, dim_band)
     if len(atoms_nm):
         a_angle = np.full(len(atoms_nm), np.nan)
         a_phase = np.full(len(atoms_nm), np.nan)
@@ -489,25 +490,36 @@ def postprocess_maps(
                 in_fit = ~np.isnan(t_angle[tile_of])  # atoms of tiles without a fit keep the terrace's
                 a_angle[a_sel[in_fit]] = t_angle[tile_of[in_fit]]
                 a_phase[a_sel[in_fit]] = t_phase[tile_of[in_fit]]
+        def dimers_of(xy_nm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            """Dimers of the atoms at ``xy_nm``: atom index pairs (-1 = one atom), centres nm, terraces."""
+            dp, c_nm = pp.lattice_dimers(
+                xy_nm,
+                atoms_score,
+                a_angle,
+                a_phase,
+                params.dimer_line_tol_nm,
+                params.dimer_pair_radius_nm,
+                params.dimer_single_min_score,
+                bond_pairs=pairs if params.dimer_bond_pairs_first else None,
+            )
+            t_of = atom_ter[dp[:, 0]]
+            ok = (dp[:, 1] < 0) | (atom_ter[dp[:, 1]] == t_of)  # both atoms of a pair on one terrace
+            return dp[ok], c_nm[ok], t_of[ok]
+
+        def band_of(dp: np.ndarray) -> np.ndarray:
+            return in_band[dp[:, 0]] | ((dp[:, 1] >= 0) & in_band[np.maximum(dp[:, 1], 0)])
+
+        dpairs, centre_nm, pt = dimers_of(atoms_nm)
         if params.atom_smooth_sigma_nm > 0:
-            # the step band's atoms too (they stay out of the fits): as neighbours they help more than the
-            # edge's distortion of them hurts (models/MODEL_CARD.md, session 13)
+            # the planner keeps the dimers of the detected peaks (its evidence tests were tuned on them, and
+            # the move would hide a stretched dimer); the reported atoms and dimers sit on the local lattice.
+            # The step band's atoms move too and count as neighbours (they stay out of the fits): that helps
+            # more than the edge's distortion of them hurts (models/MODEL_CARD.md, session 13)
+            plan_dims = (centre_nm / s, pt, a_angle[dpairs[:, 0]], band_of(dpairs))
             atoms_nm = pp.lattice_smooth_atoms(
                 atoms_nm, atom_ter, a_angle, params.atom_smooth_sigma_nm, params.atom_smooth_max_move_nm
             )
-        dpairs, centre_nm = pp.lattice_dimers(
-            atoms_nm,
-            atoms_score,
-            a_angle,
-            a_phase,
-            params.dimer_line_tol_nm,
-            params.dimer_pair_radius_nm,
-            params.dimer_single_min_score,
-            bond_pairs=pairs if params.dimer_bond_pairs_first else None,
-        )
-        pt = atom_ter[dpairs[:, 0]]
-        keep = (dpairs[:, 1] < 0) | (atom_ter[dpairs[:, 1]] == pt)  # both atoms of a pair on one terrace
-        dpairs, centre_nm, pt = dpairs[keep], centre_nm[keep], pt[keep]
+            dpairs, centre_nm, pt = dimers_of(atoms_nm)
         rows_idx = np.full(len(dpairs), -1, np.int64)
         for t in np.unique(pt).tolist():
             fit = fits.get(t)
@@ -519,7 +531,9 @@ def postprocess_maps(
         dim_xy = centre_nm / s
         rep_xy = atoms_nm / s
         dim_ter, dim_row, dim_angle = pt, rows_idx, a_angle[dpairs[:, 0]]
-        dim_band = in_band[dpairs[:, 0]] | ((dpairs[:, 1] >= 0) & in_band[np.maximum(dpairs[:, 1], 0)])
+        dim_band = band_of(dpairs)
+        if params.atom_smooth_sigma_nm <= 0:
+            plan_dims = (dim_xy, dim_ter, dim_angle, dim_band)
     tm.lap("dimers")
 
     # 5. defects: blobs per kind, features, rules
@@ -612,7 +626,8 @@ def postprocess_maps(
     p_pairs = remap[pairs]
     p_pairs = p_pairs[(p_pairs >= 0).all(axis=1)]
     p_atoms_xy, p_atom_ter = atoms_xy[plan_atoms], atom_ter[plan_atoms]
-    p_dim_xy, p_dim_ter, p_dim_angle = dim_xy[~dim_band], dim_ter[~dim_band], dim_angle[~dim_band]
+    pd_xy, pd_ter, pd_angle, pd_band = plan_dims
+    p_dim_xy, p_dim_ter, p_dim_angle = pd_xy[~pd_band], pd_ter[~pd_band], pd_angle[~pd_band]
     atom_px = np.zeros((h, w), bool)
     atom_px[a_rows[~in_band], a_cols[~in_band]] = True
     resolved = near_mask(atom_px, ps.resolved_radius_nm, s, inclusive=True)

@@ -6,6 +6,7 @@ definition it replaces, on simulated frames with oracle maps and on synthetic wo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import cv2
@@ -426,3 +427,28 @@ def test_small_terrace_inside_a_defect_is_not_a_terrace() -> None:
     # depressions count as well
     out2 = drop_defect_terraces(labels, dep, prot, s, max_area_nm2=15.0, min_fraction=0.8)
     assert (out2[14:26, 14:26] == -1).all()
+
+
+def test_lattice_smoothing_moves_reported_atoms_but_not_the_plan() -> None:
+    """PostprocessParams.atom_smooth_sigma_nm: the reported atoms and dimers move onto the local lattice, the
+    plan (safe mask, sites) is that of the detected peaks either way."""
+    from stm_feedback.config import Settings
+    from stm_feedback.pipeline import Pipeline
+
+    f = simulate(1_000_517, 160, 0.1, "realistic")
+    maps = oracle_maps(f.image_nm, f.truth, f.bias_v)
+    noisy = maps.atom_prob + np.random.default_rng(2).normal(0.0, 0.08, maps.atom_prob.shape)
+    maps = dataclasses.replace(maps, atom_prob=np.clip(noisy, 0.0, 1.0).astype(np.float32))
+    a = {
+        sig: Pipeline(Settings(), params=pp.PostprocessParams(atom_smooth_sigma_nm=sig)).analyze_maps(
+            f.image_nm, maps, 0.1, f.bias_v
+        )
+        for sig in (0.0, 0.6)
+    }
+    xy = {k: np.array([[p.x_px, p.y_px] for p in v.atoms]) for k, v in a.items()}
+    # (partner atoms follow the dimers, so the counts may differ by a few)
+    assert len(xy[0.6]) > 500 and abs(len(xy[0.6]) - len(xy[0.0])) < 0.02 * len(xy[0.0])
+    moved, _ = cKDTree(xy[0.0]).query(xy[0.6])  # px, to the nearest peak
+    assert np.median(moved) > 0.05 and np.percentile(moved, 95) <= 0.16 / 0.1 + 1e-3
+    np.testing.assert_array_equal(a[0.0].safe_mask, a[0.6].safe_mask)
+    assert [s.dimers for s in a[0.0].sites] == [s.dimers for s in a[0.6].sites]
