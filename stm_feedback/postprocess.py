@@ -666,20 +666,30 @@ def _blurred_sums(
     group: np.ndarray,
     parts: np.ndarray,
     sigma_cells: float,
+    max_channels: int = 64,
 ) -> np.ndarray:
-    """Gaussian-weighted (``sigma_cells``) sums of ``parts`` (N, P) over the points of the same ``group`` ((N,) small ints >= 0; -1 = left out, sums 0), read at each point's own cell: the
-    values are splatted on a grid of ``shape`` (``cell`` (N,) flat cell index of each point) with one channel
-    per group and part (one bincount) and blurred (cv2.GaussianBlur). Returns (N, P)."""
-    ok = group >= 0
+    """Gaussian-weighted (``sigma_cells``) sums of ``parts`` (N, P) over the points of the same ``group`` ((N,)
+    ints; -1 = left out, sums 0), read at each point's own cell: the values are splatted on a grid of
+    ``shape`` (``cell`` (N,) flat cell index of each point) with one channel per group and part (one bincount)
+    and blurred (cv2.GaussianBlur). At most ``max_channels`` channels at a time (memory, and OpenCV 5 blurs
+    at most 128): a frame with very many terraces is done a few groups at a time. Returns (N, P) float32."""
     n_p = parts.shape[1]
-    n_ch = n_p * (int(group.max()) + 1)
-    if n_ch > 512:  # cv2's channel limit; a frame has a handful of terraces
-        raise InputError(f"too many lattice groups ({n_ch // n_p}) to smooth")
-    idx = (cell * n_ch + group * n_p)[:, None] + np.arange(n_p)  # (N, P); rows of group -1 unused
-    grid = np.bincount(idx[ok].ravel(), parts[ok].ravel(), minlength=shape[0] * shape[1] * n_ch)
+    ids = np.unique(group[group >= 0])
+    per = max(1, max_channels // n_p)
+    if len(ids) > per:
+        out = np.zeros(parts.shape, np.float32)
+        for k in range(0, len(ids), per):
+            part = np.where(np.isin(group, ids[k : k + per]), group, -1)
+            out += _blurred_sums(cell, shape, part, parts, sigma_cells, max_channels)
+        return out
+    ok = group >= 0
+    n_ch = n_p * len(ids)
+    gid = np.searchsorted(ids, group[ok])  # dense group index of the ok points
+    idx = (cell[ok] * n_ch + gid * n_p)[:, None] + np.arange(n_p)  # (n_ok, P)
+    grid = np.bincount(idx.ravel(), parts[ok].ravel(), minlength=shape[0] * shape[1] * n_ch)
     grid = cv2.GaussianBlur(grid.astype(np.float32).reshape(*shape, n_ch), (0, 0), sigma_cells)
     out = np.zeros(parts.shape, np.float32)
-    out[ok] = grid.reshape(-1)[idx[ok]]
+    out[ok] = grid.reshape(-1)[idx]
     return out
 
 
