@@ -29,8 +29,10 @@ from stm_feedback.pipeline import Pipeline
 
 
 def f1(c: np.ndarray) -> str:
+    """F1 (precision, recall) of summed [tp, fp, fn]."""
     tp, fp, fn = c
-    return f"F1 {2 * tp / max(2 * tp + fp + fn, 1):.4f} (P {tp / max(tp + fp, 1):.3f}, R {tp / max(tp + fn, 1):.3f})"
+    prec, rec = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+    return f"F1 {2 * tp / max(2 * tp + fp + fn, 1):.4f} (P {prec:.3f}, R {rec:.3f})"
 
 
 def main() -> None:
@@ -48,11 +50,12 @@ def main() -> None:
         ter = np.array([p.terrace for p in a.atoms], int)
         ta = np.asarray(t.atoms_xy_px, float).reshape(-1, 2)
         t_ex = ~np.asarray(t.atom_resolved, bool) | near_border(ta, h, w, BORDER_NM, s)
-        unres = np.asarray(t.unresolved_mask, bool)
 
-        def score(q: np.ndarray) -> np.ndarray:
-            p_ex = near_border(q, h, w, BORDER_NM, s) | on_mask(q, unres)
-            c = score_matching(ta, q, ATOM_TOL_NM, s, t_ex, p_ex)[0]
+        def score(q: np.ndarray, ta: np.ndarray = ta, t_ex: np.ndarray = t_ex, t: object = t) -> np.ndarray:
+            p_ex = near_border(q, t.height_px, t.width_px, BORDER_NM, t.pixel_size_nm) | on_mask(
+                q, np.asarray(t.unresolved_mask, bool)
+            )
+            c = score_matching(ta, q, ATOM_TOL_NM, t.pixel_size_nm, t_ex, p_ex)[0]
             return np.array([c.tp, c.fp, c.fn])
 
         _, ti, pi = score_matching(ta, pa, 0.3, s, t_ex)

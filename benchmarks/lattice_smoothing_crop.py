@@ -1,5 +1,5 @@
-"""Side-by-side crop of one frame's atoms and dimers with the lattice smoothing off and on (models/MODEL_CARD.md
-and docs/real-data.md, session 13).
+"""Side-by-side crop of one frame's atoms and dimers with the lattice smoothing off and on
+(models/MODEL_CARD.md and docs/real-data.md, session 13).
 
     python benchmarks/lattice_smoothing_crop.py FRAME.npy PIXEL_SIZE_NM BIAS_V X0 Y0 N OUT.png
     # ../shared/data/real-hsi100/20220819_bias_series_0007.npy 0.097 1.3 200 200 60 docs/img/real/...
@@ -33,7 +33,8 @@ def main() -> None:
         pipe = Pipeline(load_settings())
         pipe.params = pp.PostprocessParams(atom_smooth_sigma_nm=sig)
         a = pipe.analyze(img, s, bias_v=bias)
-        ax.imshow(img[y0 : y0 + n, x0 : x0 + n], cmap="gray", extent=(x0 - 0.5, x0 + n - 0.5, y0 + n - 0.5, y0 - 0.5))
+        extent = (x0 - 0.5, x0 + n - 0.5, y0 + n - 0.5, y0 - 0.5)
+        ax.imshow(img[y0 : y0 + n, x0 : x0 + n], cmap="gray", extent=extent)
         for xy, style in (
             (np.array([[q.x_px, q.y_px] for q in a.atoms]).reshape(-1, 2), "c."),
             (np.array([[d.x_px, d.y_px] for d in a.dimers]).reshape(-1, 2), "y+"),

@@ -661,35 +661,43 @@ def _wrap(phase: np.ndarray) -> np.ndarray:
 
 
 def _blurred_sums(
-    cell: np.ndarray,
-    shape: tuple[int, int],
-    group: np.ndarray,
-    parts: np.ndarray,
-    sigma_cells: float,
-    max_channels: int = 64,
+    ij: np.ndarray, group: np.ndarray, parts: np.ndarray, sigma_cells: float, max_values: int = 1 << 22
 ) -> np.ndarray:
-    """Gaussian-weighted (``sigma_cells``) sums of ``parts`` (N, P) over the points of the same ``group`` ((N,)
-    ints; -1 = left out, sums 0), read at each point's own cell: the values are splatted on a grid of
-    ``shape`` (``cell`` (N,) flat cell index of each point) with one channel per group and part (one bincount)
-    and blurred (cv2.GaussianBlur). At most ``max_channels`` channels at a time (memory, and OpenCV 5 blurs
-    at most 128): a frame with very many terraces is done a few groups at a time. Returns (N, P) float32."""
-    n_p = parts.shape[1]
-    ids = np.unique(group[group >= 0])
-    per = max(1, max_channels // n_p)
-    if len(ids) > per:
-        out = np.zeros(parts.shape, np.float32)
-        for k in range(0, len(ids), per):
-            part = np.where(np.isin(group, ids[k : k + per]), group, -1)
-            out += _blurred_sums(cell, shape, part, parts, sigma_cells, max_channels)
-        return out
-    ok = group >= 0
-    n_ch = n_p * len(ids)
-    gid = np.searchsorted(ids, group[ok])  # dense group index of the ok points
-    idx = (cell[ok] * n_ch + gid * n_p)[:, None] + np.arange(n_p)  # (n_ok, P)
-    grid = np.bincount(idx.ravel(), parts[ok].ravel(), minlength=shape[0] * shape[1] * n_ch)
-    grid = cv2.GaussianBlur(grid.astype(np.float32).reshape(*shape, n_ch), (0, 0), sigma_cells)
+    """Gaussian-weighted (``sigma_cells``) sums of ``parts`` (N, P) over the points of the same ``group``
+    ((N,) small ints; -1 = left out, sums 0), read at each point's own cell (``ij`` (N, 2) int cell column,
+    row >= 0). The values are splatted on a grid with one channel per group and part (one bincount) and
+    blurred (cv2.GaussianBlur). When that grid would exceed ``max_values`` values or 128 channels (OpenCV
+    5's limit; a large frame cut into many terraces), each group gets a grid of its own extent instead:
+    memory follows the groups' areas, not their number times the frame's. Returns (N, P) float32."""
     out = np.zeros(parts.shape, np.float32)
-    out[ok] = grid.reshape(-1)[idx]
+    n_p = parts.shape[1]
+    pad = int(math.ceil(3 * sigma_cells)) + 1
+    ok = group >= 0
+    if not ok.any():
+        return out
+    present = np.bincount(group[ok]) > 0  # group ids are small (terrace ids, x2 for the dimer sides)
+    gid = (np.cumsum(present) - 1)[group[ok]]  # dense group index of the ok points
+    gw, gh = (int(v) + pad + 1 for v in ij[ok].max(axis=0))
+    n_ch = n_p * int(present.sum())
+    if n_ch <= 128 and gh * gw * n_ch <= max_values:  # the usual frame: a few terraces, one grid
+        sel = [np.flatnonzero(ok)]
+        chans = [gid * n_p]
+        boxes = [(np.zeros(2, np.int64), gw, gh, n_ch)]
+    else:
+        order = np.argsort(gid, kind="stable")
+        sel = np.split(np.flatnonzero(ok)[order], np.flatnonzero(np.diff(gid[order])) + 1)
+        chans = [np.zeros(len(x), np.int64) for x in sel]
+        boxes = []
+        for x in sel:
+            lo = ij[x].min(axis=0) - pad
+            w_, h_ = (int(v) + pad + 1 for v in (ij[x] - lo).max(axis=0))
+            boxes.append((lo, w_, h_, n_p))
+    for x, ch, (lo, w_, h_, n_c) in zip(sel, chans, boxes, strict=True):
+        loc = ij[x] - lo
+        idx = ((loc[:, 1] * w_ + loc[:, 0]) * n_c + ch)[:, None] + np.arange(n_p)  # (n, P)
+        grid = np.bincount(idx.ravel(), parts[x].ravel(), minlength=h_ * w_ * n_c).astype(np.float32)
+        grid = cv2.GaussianBlur(grid.reshape(h_, w_, n_c), (0, 0), sigma_cells)
+        out[x] = grid.reshape(-1)[idx]
     return out
 
 
@@ -721,20 +729,18 @@ def lattice_smooth_atoms(
     grp = np.where(np.isfinite(a), np.asarray(group), -1)
     if len(xy) < 2 or not (grp >= 0).any():
         return out
-    lo = xy.min(axis=0) - 3 * sigma_nm
-    ij = np.floor((xy - lo) / cell_nm).astype(np.int64)
-    pad = int(3 * sigma_nm / cell_nm) + 1
-    shape = (int(ij[:, 1].max()) + pad, int(ij[:, 0].max()) + pad)
-    cell = ij[:, 1] * shape[1] + ij[:, 0]
+    # cells with a margin of the blur's reach on every side (the grids start at the lowest point minus that)
+    pad = int(math.ceil(3 * sigma_nm / cell_nm)) + 1
+    ij = np.floor((xy - xy.min(axis=0)) / cell_nm).astype(np.int64) + pad
     c, sn = np.cos(a), np.sin(a)
     ph_al = 2 * np.pi / SURFACE_LATTICE_NM * (xy[:, 0] * c + xy[:, 1] * sn)
     ph_ac = 2 * np.pi / ROW_SPACING_NM * (-xy[:, 0] * sn + xy[:, 1] * c)
     cs = np.stack([np.cos(ph_al), np.sin(ph_al), np.cos(ph_ac), np.sin(ph_ac)], axis=1)
     sig = sigma_nm / cell_nm
-    m = _blurred_sums(cell, shape, grp, cs, sig)
+    m = _blurred_sums(ij, grp, cs, sig)
     # both sides of a dimer share the along-row phase; across it they sit at +-0.12 nm from the mean
     side = _wrap(ph_ac - np.arctan2(m[:, 3], m[:, 2])) >= 0
-    m_side = _blurred_sums(cell, shape, np.where(grp >= 0, 2 * grp + side, -1), cs[:, 2:], sig)
+    m_side = _blurred_sums(ij, np.where(grp >= 0, 2 * grp + side, -1), cs[:, 2:], sig)
     d_al = _wrap(np.arctan2(m[:, 1], m[:, 0]) - ph_al) / (2 * np.pi) * SURFACE_LATTICE_NM
     d_ac = _wrap(np.arctan2(m_side[:, 1], m_side[:, 0]) - ph_ac) / (2 * np.pi) * ROW_SPACING_NM
     move = (grp >= 0) & (np.hypot(d_al, d_ac) <= max_move_nm)
