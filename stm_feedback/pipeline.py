@@ -754,6 +754,10 @@ def postprocess_maps(
     # the footprint test on the positions as reported (3 decimals): a reader who rounds them to pixels
     # finds no atom in a reported depression, also at x.4996 -> x.5
     out_xy = np.round(out_xy, 3)
+    if params.atom_min_separation_nm > 0 and len(out_xy) > 1:
+        sep = pp.keep_separated(out_xy, out_score, params.atom_min_separation_nm / s)
+        if not sep.all():
+            out_xy, out_score, out_ter = out_xy[sep], out_score[sep], out_ter[sep]
     if params.drop_atoms_in_depressions and len(out_xy) and len(blobs["depression"].slices):
         c = np.clip(np.rint(out_xy[:, 0]).astype(np.int64), 0, w - 1)
         r = np.clip(np.rint(out_xy[:, 1]).astype(np.int64), 0, h - 1)

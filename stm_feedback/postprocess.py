@@ -88,6 +88,9 @@ class PostprocessParams:
     # scored lower or the same; models/MODEL_CARD.md, session 13)
     atom_smooth_sigma_nm: float = 0.6
     atom_smooth_max_move_nm: float = 0.16
+    # of two reported atoms closer than this (nm) only the higher-scoring one is kept: two peaks moved onto
+    # one lattice site, or a partner atom on a detected one (a dimer's atoms are 0.24 nm apart); 0 = off
+    atom_min_separation_nm: float = 0.1
     # a dimer seen by one atom only (lattice_dimers) also reports its missing atom, mirrored through the
     # dimer centre, where atom_prob is at least this (< 0 = off; score = that probability). Most missed atoms
     # are such partners (frames coarser than the net's 0.1 nm/px blur the pair); same value as atom_threshold:
@@ -747,6 +750,25 @@ def lattice_smooth_atoms(
     out[move, 0] += (d_al * c - d_ac * sn)[move]
     out[move, 1] += (d_al * sn + d_ac * c)[move]
     return out
+
+
+def keep_separated(xy: np.ndarray, score: np.ndarray, min_dist: float) -> np.ndarray:
+    """(N,) bool: the points ``xy`` (N, 2) to keep so that no two kept points are closer than ``min_dist``
+    (same units): of each close pair the one with the lower ``score`` goes (ties: the later one). One pass
+    over the close pairs, strongest first, so a chain of three close points keeps its ends."""
+    keep = np.ones(len(xy), bool)
+    if len(xy) < 2 or min_dist <= 0:
+        return keep
+    ij = cKDTree(xy, balanced_tree=False, compact_nodes=False).query_pairs(min_dist, output_type="ndarray")
+    if not len(ij):
+        return keep
+    sc = np.asarray(score, float)
+    weak = np.where(sc[ij[:, 1]] > sc[ij[:, 0]], ij[:, 0], ij[:, 1])
+    strong = ij[:, 0] + ij[:, 1] - weak
+    for k in np.argsort(-sc[strong], kind="stable").tolist():  # few pairs: a short loop
+        if keep[strong[k]]:
+            keep[weak[k]] = False
+    return keep
 
 
 def dimers_on_lattice(

@@ -347,3 +347,12 @@ def test_lattice_smoothing_of_many_terraces_on_grids_of_their_own() -> None:
     true = _atom_lattice(10.0, 6.0)
     out = pp.lattice_smooth_atoms(true, np.arange(len(true)) % 200, np.full(len(true), 10.0), 0.6, 0.16)
     assert out.shape == true.shape
+
+
+def test_keep_separated_keeps_the_stronger_of_close_points() -> None:
+    xy = np.array([[0.0, 0.0], [0.05, 0.0], [1.0, 1.0], [1.08, 1.0], [1.16, 1.0], [3.0, 3.0]])
+    score = np.array([0.5, 0.9, 0.9, 0.4, 0.8, 0.1])
+    keep = pp.keep_separated(xy, score, 0.1)
+    # 0 and 1: the stronger (1) stays; the chain 2-3-4 (0.08 apart) keeps its ends 2 and 4; 5 is alone
+    assert keep.tolist() == [False, True, True, False, True, True]
+    assert pp.keep_separated(xy, score, 0.0).all() and pp.keep_separated(xy[:1], score[:1], 0.1).all()

@@ -452,3 +452,5 @@ def test_lattice_smoothing_moves_reported_atoms_but_not_the_plan() -> None:
     assert np.median(moved) > 0.05 and np.percentile(moved, 95) <= 0.16 / 0.1 + 1e-3
     np.testing.assert_array_equal(a[0.0].safe_mask, a[0.6].safe_mask)
     assert [s.dimers for s in a[0.0].sites] == [s.dimers for s in a[0.6].sites]
+    # no two reported atoms on one site (PostprocessParams.atom_min_separation_nm, 0.1 nm = 1 px here)
+    assert cKDTree(xy[0.6]).query(xy[0.6], k=2)[0][:, 1].min() >= 1.0 - 1e-6
