@@ -490,6 +490,7 @@ def postprocess_maps(
                 in_fit = ~np.isnan(t_angle[tile_of])  # atoms of tiles without a fit keep the terrace's
                 a_angle[a_sel[in_fit]] = t_angle[tile_of[in_fit]]
                 a_phase[a_sel[in_fit]] = t_phase[tile_of[in_fit]]
+
         def dimers_of(xy_nm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             """Dimers of the atoms at ``xy_nm``: atom index pairs (-1 = one atom), centres nm, terraces."""
             dp, c_nm = pp.lattice_dimers(
@@ -510,12 +511,13 @@ def postprocess_maps(
             return in_band[dp[:, 0]] | ((dp[:, 1] >= 0) & in_band[np.maximum(dp[:, 1], 0)])
 
         dpairs, centre_nm, pt = dimers_of(atoms_nm)
+        # the planner keeps the dimers of the detected peaks (its evidence tests were tuned on them, and the
+        # move below would hide a stretched dimer)
+        plan_dims = (centre_nm / s, pt, a_angle[dpairs[:, 0]], band_of(dpairs))
         if params.atom_smooth_sigma_nm > 0:
-            # the planner keeps the dimers of the detected peaks (its evidence tests were tuned on them, and
-            # the move would hide a stretched dimer); the reported atoms and dimers sit on the local lattice.
-            # The step band's atoms move too and count as neighbours (they stay out of the fits): that helps
-            # more than the edge's distortion of them hurts (models/MODEL_CARD.md, session 13)
-            plan_dims = (centre_nm / s, pt, a_angle[dpairs[:, 0]], band_of(dpairs))
+            # the reported atoms and dimers sit on the local lattice. The step band's atoms move too and count
+            # as neighbours (they stay out of the fits): that helps more than the edge's distortion of them
+            # hurts (models/MODEL_CARD.md, session 13)
             atoms_nm = pp.lattice_smooth_atoms(
                 atoms_nm, atom_ter, a_angle, params.atom_smooth_sigma_nm, params.atom_smooth_max_move_nm
             )
@@ -532,8 +534,6 @@ def postprocess_maps(
         rep_xy = atoms_nm / s
         dim_ter, dim_row, dim_angle = pt, rows_idx, a_angle[dpairs[:, 0]]
         dim_band = band_of(dpairs)
-        if params.atom_smooth_sigma_nm <= 0:
-            plan_dims = (dim_xy, dim_ter, dim_angle, dim_band)
     tm.lap("dimers")
 
     # 5. defects: blobs per kind, features, rules
