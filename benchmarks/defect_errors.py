@@ -5,6 +5,8 @@ on the lattice and in unresolved patches against the true ones (models/MODEL_CAR
 
     python benchmarks/defect_errors.py PRESET FIRST_SEED N [--all-depressions]   # realistic 700000 60
 
+PRESET may be ``hard:VARIANT`` (``benchmarks/hard_variants.py``), e.g. ``hard:only_listed``.
+
 ``--all-depressions``: also the depressions below ``PostprocessParams.depression_report_min_score``.
 """
 
@@ -14,6 +16,7 @@ import argparse
 import collections
 
 import numpy as np
+from hard_variants import config_of
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
@@ -40,7 +43,7 @@ def main() -> None:
         tuple[float, float]
     ] = []  # (score, area_nm2) of false depressions on lattice / unresolved
     true_dep: list[tuple[float, float]] = []
-    for fr in simulated_frames(args.preset, args.first_seed, args.n):
+    for fr in simulated_frames(config_of(args.preset), args.first_seed, args.n):
         t, s = fr.truth, fr.pixel_size_nm
         a = pipe.analyze(fr.image_nm.astype(np.float32), s, bias_v=fr.bias_v)
         ti, pi, t_border, p_border = match_defects(t, a)

@@ -6,44 +6,20 @@ terrace ARI, site-found and false-safe sites of the networks (models/MODEL_CARD.
 Per variant: one JSON line of suite metrics, one of atom / defect F1 per true tip state.
 """
 
-import dataclasses
 import json
 import sys
 
-from simulator.frame import SimConfig
+from hard_variants import VARIANTS, config_of
+
 from stm_feedback.config import load_settings
 from stm_feedback.evaluation import evaluate_frames, simulated_frames
 from stm_feedback.pipeline import Pipeline
 
 pipe = Pipeline(load_settings())
-VARIANTS = {
-    "hard": {},
-    "no_jitter": dict(p_jitter=0.0),
-    "no_double": dict(p_double=0.0),
-    "gain_ok": dict(feedback_gain=(0.9, 1.0)),
-    "no_drift": dict(drift_nm_per_min=(0.0, 0.1), creep_nm=(0.0, 0.05)),
-    "noise_real": dict(
-        white_noise_nm=(0.002, 0.006),
-        pink_noise_nm=(0.0, 0.005),
-        spike_fraction=(0.0, 0.001),
-        line_offset_nm=(0.0, 0.01),
-    ),
-    "no_unres": dict(p_unresolved=0.0, p_blunt=0.0),
-    "no_tipchange": dict(p_tip_change=0.0),
-    "filled": dict(p_empty_state=0.0),
-    "only_listed": dict(
-        p_jitter=0.0,
-        feedback_gain=(0.9, 1.0),
-        drift_nm_per_min=(0.0, 0.5),
-        creep_nm=(0.0, 0.3),
-        tilt_deg=(0.0, 0.5),
-        hump_nm=(0.0, 0.05),
-    ),
-}
 KEYS = ("atom_f1", "dimer_f1", "defect_f1", "terrace_ari", "site_found_rate", "false_safe_sites")
 n = int(sys.argv[1])
 for name in sys.argv[2:] or list(VARIANTS):
-    cfg = dataclasses.replace(SimConfig.preset("hard"), **VARIANTS[name])
+    cfg = config_of(f"hard:{name}")
     result = evaluate_frames(
         simulated_frames(cfg, 800_000, n),
         lambda f: pipe.analyze(f.image_nm, f.pixel_size_nm, bias_v=f.bias_v),
