@@ -708,7 +708,7 @@ def postprocess_maps(
         faint = [d.kind == "depression" and d.score < params.depression_report_min_score for d in defects]
         keep &= ~np.array(faint, bool).reshape(-1)
     if params.drop_double_tip_ghosts and dt_pairs is not None:  # the second apex's copies are not defects
-        ghosts = ghost_copies(dt_pairs, features[:, FEATURE_NAMES.index("height_rel")])
+        ghosts = ghost_copies(dt_pairs, np.array([d.area_nm2 for d in defects], float))
         keep[ghosts] = False
         quality.notes.append(
             f"{len(ghosts)} ghost copies of protrusions at the double-tip offset not reported"

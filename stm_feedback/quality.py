@@ -186,18 +186,24 @@ def double_tip_suspected(
     return double_tip_pairs(defect_xy_px, kinds, pixel_size_nm, **rule) is not None
 
 
-def ghost_copies(pairs: np.ndarray, strength: np.ndarray) -> np.ndarray:
+def ghost_copies(pairs: np.ndarray, area: np.ndarray) -> np.ndarray:
     """Indices of the ghost copies among double-tip ``pairs`` (``double_tip_pairs``: xy[j] - xy[i] = the
-    common offset for each row (i, j)). The second apex images every feature once more, shifted by the same
-    vector and fainter, so the ghosts are all on one side of the pairs: the side that is the weaker one
-    (lower ``strength``, e.g. height_rel; NaN never counts as weaker) in most pairs; ties: the second."""
+    common offset for each row (i, j)), from the detections' footprint ``area`` (any unit, e.g. nm^2).
+
+    The second apex images every feature once more, shifted by one vector, so the ghosts are all on one side
+    of the pairs. Under constant current z = max(z(p), z(p + offset) - dz): the ghost copy is lowered by dz,
+    so less of it rises above the surrounding lattice and its footprint is smaller. The side whose
+    footprints are the smaller ones in sum, each pair's difference relative to the pair's total area (so
+    large islands do not outvote the rest), holds the ghosts; ties: the second. Why area and not the
+    centre height: the centre height is one noisy, background-sensitive value and picked the wrong side on
+    12 of 70 flagged training-range frames, the area sum on 5 (docs/analysis-schema.md, quality)."""
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
     if not len(pairs):
         return np.empty(0, np.int64)
-    st = np.asarray(strength, float)
-    second_weaker = np.count_nonzero(st[pairs[:, 1]] < st[pairs[:, 0]])
-    first_weaker = np.count_nonzero(st[pairs[:, 0]] < st[pairs[:, 1]])
-    side = 1 if second_weaker >= first_weaker else 0
+    a = np.nan_to_num(np.asarray(area, float), nan=0.0)
+    a0, a1 = a[pairs[:, 0]], a[pairs[:, 1]]
+    rel = (a0 - a1) / np.maximum(np.abs(a0) + np.abs(a1), 1e-12)  # > 0: the second is the smaller
+    side = 1 if rel.sum() >= 0 else 0
     return np.unique(pairs[:, side])
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from stm_feedback.config import Settings
 from stm_feedback.errors import InputError
@@ -69,13 +70,14 @@ def test_tip_change_ignores_steps_and_tilt() -> None:
 
 
 def _ghost_maps(f, offset_px: np.ndarray) -> NetworkMaps:  # noqa: ANN001
-    """Oracle maps whose defect footprints also appear shifted by ``offset_px`` (what a detector sees when a
-    second apex images every defect twice)."""
+    """Oracle maps whose defect footprints also appear shifted by ``offset_px``, eroded by one pixel (what a
+    detector sees when a second apex, lower by dz, images every defect twice: less of the copy rises above
+    the lattice)."""
     m = oracle_maps(f.image_nm, f.truth, f.bias_v)
     dx, dy = (int(round(v)) for v in offset_px)
     for name in ("protrusion_prob", "depression_prob"):
         p = getattr(m, name)
-        ghost = np.roll(np.roll(p, dy, axis=0), dx, axis=1)
+        ghost = np.roll(np.roll(ndimage.grey_erosion(p, size=(3, 3)), dy, axis=0), dx, axis=1)
         setattr(m, name, np.maximum(p, ghost))
     return m
 
@@ -156,12 +158,21 @@ def test_double_tip_pairs_are_oriented_along_the_common_offset() -> None:
     assert double_tip_pairs(xy, ["protrusion"] * 8, 0.1) is None
 
 
-def test_ghost_copies_are_the_weaker_side() -> None:
+def test_ghost_copies_are_the_smaller_side() -> None:
     pairs = np.array([[0, 1], [2, 3], [4, 5], [6, 7]])
-    strength = np.array([1.0, 0.5, 2.0, 0.4, 1.5, np.nan, 0.2, 0.9])  # 2nd weaker in 2 pairs, 1st in 1
-    np.testing.assert_array_equal(ghost_copies(pairs, strength), [1, 3, 5, 7])
-    np.testing.assert_array_equal(ghost_copies(pairs[:, ::-1], strength), [1, 3, 5, 7])
-    assert len(ghost_copies(np.empty((0, 2), int), strength)) == 0
+    # the second is smaller in 3 pairs (one by little, NaN area counts as 0); the first in one, by little
+    area = np.array([1.0, 0.5, 2.0, 0.4, 1.5, np.nan, 0.8, 0.9])
+    np.testing.assert_array_equal(ghost_copies(pairs, area), [1, 3, 5, 7])
+    np.testing.assert_array_equal(ghost_copies(pairs[:, ::-1], area), [1, 3, 5, 7])
+    assert len(ghost_copies(np.empty((0, 2), int), area)) == 0
+
+
+def test_ghost_copies_weigh_each_pair_relative_to_its_size() -> None:
+    """One large island whose copy is much smaller in nm^2 does not outvote three small features whose
+    copies are relatively smaller: the sum is over relative differences."""
+    pairs = np.array([[0, 1], [2, 3], [4, 5], [6, 7]])
+    area = np.array([10.0, 14.0, 0.5, 0.3, 0.5, 0.3, 0.5, 0.3])  # island: first smaller by 4 nm^2 (17 %)
+    np.testing.assert_array_equal(ghost_copies(pairs, area), [1, 3, 5, 7])
 
 
 def test_double_tip_ghosts_are_not_reported() -> None:
