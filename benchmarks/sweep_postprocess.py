@@ -4,7 +4,8 @@
     python benchmarks/sweep_postprocess.py SUITE N PARAM VALUE ... --preset P --first-seed S
 
 (the second form scores simulator preset P at seeds S.. instead of the suite's frames, with SUITE's targets:
-training-range seeds < 1_000_000 are the ones to choose defaults on)
+training-range seeds < 1_000_000 are the ones to choose defaults on; P may be ``hard:VARIANT``,
+``benchmarks/hard_variants.py``)
 
 e.g. ``realistic 30 partner_min_prob -1 0.15 0.3`` or ``clean 20 drop_atoms_in_depressions false true``;
 weights from ``STM_FEEDBACK_MODELS__MODELS_DIR`` (default models/). Prints one JSON line of the suite metrics
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+
+from hard_variants import config_of
 
 from stm_feedback import postprocess as pp
 from stm_feedback.config import load_settings
@@ -59,7 +62,7 @@ def main() -> None:
         pipe.params = pp.PostprocessParams(**{args.param: value})
         if args.preset:
             m = evaluate_frames(
-                simulated_frames(args.preset, args.first_seed, args.n),
+                simulated_frames(config_of(args.preset), args.first_seed, args.n),
                 lambda f: analyze(f.image_nm, f.pixel_size_nm, f.bias_v),
                 args.suite,
                 "nets",

@@ -100,10 +100,10 @@ class PostprocessParams:
     # no intact dimer there; the atom map still peaks on their rims and floors). evaluate --n 30/20
     # (session 3): atom precision clean 0.991 -> 0.995, realistic 0.972 -> 0.978, hard 0.545 -> 0.554
     drop_atoms_in_depressions: bool = True
-    # on a double-tip frame (quality.double_tip_pairs) the fainter copy of each protrusion pair at the common
-    # offset is the second apex's ghost, not a defect: not reported (it stays must-avoid). Hard suite
-    # (benchmarks/sweep_postprocess.py hard N drop_double_tip_ghosts false true, session 5): defect F1 0.676 ->
-    # 0.690 on 30 frames, 0.614 -> 0.620 on 100
+    # on a double-tip frame (quality.double_tip_pairs) the smaller copy of each protrusion pair at the common
+    # offset (quality.ghost_copies) is the second apex's ghost, not a defect: not reported (it stays
+    # must-avoid). Hard suite (benchmarks/sweep_postprocess.py hard N drop_double_tip_ghosts false true,
+    # session 5, with the side rule of then): defect F1 0.676 -> 0.690 on 30 frames, 0.614 -> 0.620 on 100
     drop_double_tip_ghosts: bool = True
     # depression blobs whose peak probability is below this are not reported as defects (0 = all reported);
     # they stay must-avoid in the planner's masks (sites and safe mask do not change). Chosen on training-range
