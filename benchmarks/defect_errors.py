@@ -5,7 +5,8 @@ on the lattice and in unresolved patches against the true ones (models/MODEL_CAR
 
     python benchmarks/defect_errors.py PRESET FIRST_SEED N [--all-depressions]   # realistic 700000 60
 
-PRESET may be ``hard:VARIANT`` (``benchmarks/hard_variants.py``), e.g. ``hard:only_listed``.
+PRESET may be ``hard:VARIANT`` and may end in ``@PIXEL_SIZE_NM`` (``benchmarks/hard_variants.py``), e.g.
+``hard:only_listed`` or ``realistic@0.05``.
 
 ``--all-depressions``: also the depressions below ``PostprocessParams.depression_report_min_score``.
 """

@@ -1,6 +1,6 @@
 """The hard preset's variants: one artefact group reset to realistic values at a time, and ``only_listed``
 (only the conditions issue 3 lists for its hard suite: heavy noise, double tip, tip changes, unresolved
-patches, 3-4 terraces). Shared by ``hard_factors.py`` and ``defect_errors.py``."""
+patches, 3-4 terraces). Shared by the benchmarks that take a PRESET argument."""
 
 from __future__ import annotations
 
@@ -35,7 +35,13 @@ VARIANTS: dict[str, dict] = {
 
 
 def config_of(name: str) -> SimConfig | str:
-    """A preset name, or ``hard:VARIANT`` for the hard preset with that variant's overrides."""
+    """A preset name; ``hard:VARIANT`` for the hard preset with that variant's overrides; either with
+    ``@PIXEL_SIZE_NM`` appended for frames at that one pixel size (e.g. ``realistic@0.05``)."""
+    name, _, px = name.partition("@")
     if name.startswith("hard:"):
-        return dataclasses.replace(SimConfig.preset("hard"), **VARIANTS[name.split(":", 1)[1]])
-    return name
+        cfg = dataclasses.replace(SimConfig.preset("hard"), **VARIANTS[name.split(":", 1)[1]])
+    elif px:
+        cfg = SimConfig.preset(name)
+    else:
+        return name
+    return dataclasses.replace(cfg, pixel_size_nm=(float(px), float(px))) if px else cfg

@@ -267,6 +267,20 @@ def test_augmentations_move_targets_with_the_image() -> None:
     assert a1.shape == img.shape and a1.dtype == np.float32
 
 
+@pytest.mark.parametrize("factor", [0.85, 0.9, 1.1, 1.15])
+def test_zoom_keeps_class_maps_on_the_image_grid(factor: float) -> None:
+    """A square footprint zoomed as a class map (nearest) and as an image (bilinear) keeps one centre: the
+    integer map must not move by half a pixel (cv2.INTER_NEAREST does, INTER_NEAREST_EXACT does not)."""
+    img = np.zeros((40, 40), np.float32)
+    img[16:24, 12:20] = 1.0
+    _, t = zoom(img, {"cls": (img > 0.5).astype(np.int64)}, factor, (40, 40))
+    i, _ = zoom(img, {}, factor, (40, 40))
+    ys, xs = np.nonzero(t["cls"])
+    yy, xx = np.mgrid[0:40, 0:40]
+    centre = [(xx * i).sum() / i.sum(), (yy * i).sum() / i.sum()]
+    np.testing.assert_allclose([xs.mean(), ys.mean()], centre, atol=0.15)
+
+
 @pytest.mark.parametrize("bias", [-2.0, 1.5, None])
 def test_net_grid_atom_map_is_the_reported_one(tiny_models: Path, bias: float | None) -> None:
     """On a coarse frame ``atom_prob_net`` is the map behind ``atom_prob`` (the same pass and polarity, also
