@@ -9,6 +9,7 @@ PRESET may be ``hard:VARIANT`` and may end in ``@PIXEL_SIZE_NM`` (``benchmarks/h
 ``hard:only_listed`` or ``realistic@0.05``.
 
 ``--all-depressions``: also the depressions below ``PostprocessParams.depression_report_min_score``.
+``--tip sharp,blunt``: only frames of these true tip states (sharp, blunt, double, tip_change).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("first_seed", type=int)
     ap.add_argument("n", type=int)
     ap.add_argument("--all-depressions", action="store_true")
+    ap.add_argument("--tip", help="only frames of these true tip states (comma-separated)")
     args = ap.parse_args()
     params = PostprocessParams(depression_report_min_score=0.0) if args.all_depressions else None
     pipe = Pipeline(load_settings(), params=params)
@@ -44,7 +46,10 @@ def main() -> None:
         tuple[float, float]
     ] = []  # (score, area_nm2) of false depressions on lattice / unresolved
     true_dep: list[tuple[float, float]] = []
+    tips = set(args.tip.split(",")) if args.tip else None
     for fr in simulated_frames(config_of(args.preset), args.first_seed, args.n):
+        if tips is not None and fr.truth.tip_state not in tips:
+            continue
         t, s = fr.truth, fr.pixel_size_nm
         a = pipe.analyze(fr.image_nm.astype(np.float32), s, bias_v=fr.bias_v)
         ti, pi, t_border, p_border = match_defects(t, a)
