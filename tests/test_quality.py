@@ -160,7 +160,7 @@ def test_double_tip_pairs_are_oriented_along_the_common_offset() -> None:
 
 def test_ghost_copies_are_the_smaller_side() -> None:
     pairs = np.array([[0, 1], [2, 3], [4, 5], [6, 7]])
-    # the second is smaller in 3 pairs (one by little, NaN area counts as 0); the first in one, by little
+    # the second is smaller in 3 pairs (a NaN area counts as 0), the first in one, by little
     area = np.array([1.0, 0.5, 2.0, 0.4, 1.5, np.nan, 0.8, 0.9])
     np.testing.assert_array_equal(ghost_copies(pairs, area), [1, 3, 5, 7])
     np.testing.assert_array_equal(ghost_copies(pairs[:, ::-1], area), [1, 3, 5, 7])
