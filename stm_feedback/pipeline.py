@@ -704,8 +704,13 @@ def postprocess_maps(
     quality.polarity, quality.polarity_source = maps.polarity, maps.polarity_source
     # detections not reported as defects; they stay in the must-avoid masks above (conservative)
     keep = np.ones(len(defects), bool)
-    if params.depression_report_min_score > 0:  # faint depressions: mostly false (PostprocessParams)
-        faint = [d.kind == "depression" and d.score < params.depression_report_min_score for d in defects]
+    min_dep_score = (
+        params.depression_report_min_score_coarse
+        if s >= params.depression_report_coarse_px_nm
+        else params.depression_report_min_score
+    )
+    if min_dep_score > 0:  # faint depressions: mostly false (PostprocessParams)
+        faint = [d.kind == "depression" and d.score < min_dep_score for d in defects]
         keep &= ~np.array(faint, bool).reshape(-1)
     if params.drop_double_tip_ghosts and dt_pairs is not None:  # the second apex's copies are not defects
         ghosts = ghost_copies(dt_pairs, np.array([d.area_nm2 for d in defects], float))

@@ -111,6 +111,14 @@ class PostprocessParams:
     # --first-seed S): defect F1 realistic 700000+ 0.895 -> 0.899, 700100+ 0.871 -> 0.880, hard 800000+ 0.643 ->
     # 0.669 at 0.85 (0.9: 0.894 / 0.883 / 0.671); the dropped true ones are faint dihydrides (session 5)
     depression_report_min_score: float = 0.85
+    # the same on frames of pixel size >= depression_report_coarse_px_nm: there the 0.384 nm dimer pitch is
+    # sampled by <= 2.1 px and aliases into a moire that NN-2 reads as faint depressions (realistic preset at
+    # 0.2 nm/px: 286 false depressions in 20 frames). benchmarks/sweep_postprocess.py realistic 30
+    # depression_report_min_score 0.85 0.95 --preset realistic@PX --first-seed 750000 (session 14): defect F1
+    # 0.850 -> 0.880 at 0.18, 0.883 -> 0.912 at 0.19, 0.809 -> 0.872 at 0.2; at 0.175 0.881 -> 0.897 but on
+    # 710000+20 0.833 -> 0.829, and at 0.1-0.165 0.95 loses (0.947 -> 0.940 at 0.1)
+    depression_report_min_score_coarse: float = 0.95
+    depression_report_coarse_px_nm: float = 0.18
     # protrusion/depression prob above this is defect footprint. `nets-calibrate --frames 6` on NN-2 s23
     # recommends 0.8 (simulated objective 0.811 vs 0.805), but on the real tiles 0.8 drops 86 -> 65 defects
     # of tile 0007, visible bright protrusions among them (docs/real-data.md): missing a real adatom is worse

@@ -375,6 +375,28 @@ def test_faint_depressions_are_not_reported_but_stay_must_avoid() -> None:
     assert not a_hidden.safe_mask[70:76, 70:76].any()
 
 
+@pytest.mark.parametrize("pixel_size_nm, reported", [(0.1, True), (0.2, False)])
+def test_coarse_frames_report_depressions_from_a_higher_score(pixel_size_nm: float, reported: bool) -> None:
+    """A depression of peak probability 0.9 is reported on a 0.1 nm/px frame (>= depression_report_min_score
+    0.85) and not on a 0.2 nm/px frame (< depression_report_min_score_coarse 0.95, from 0.18 nm/px on)."""
+    from dataclasses import replace as dc_replace
+
+    from stm_feedback.config import Settings
+    from stm_feedback.pipeline import Pipeline
+
+    f = simulate(1_000_311, 160, pixel_size_nm, "clean")
+    maps = oracle_maps(f.image_nm, f.truth, f.bias_v)
+    dep = np.zeros_like(maps.depression_prob)
+    dep[70:76, 70:76] = 0.9
+    maps = dc_replace(maps, depression_prob=np.maximum(maps.depression_prob, dep))
+    a = Pipeline(Settings(), params=pp.PostprocessParams()).analyze_maps(
+        f.image_nm, maps, pixel_size_nm, f.bias_v
+    )
+    at_patch = [d for d in a.defects if 68 <= d.y_px <= 78 and 68 <= d.x_px <= 78]
+    assert len(at_patch) == int(reported)
+    assert not a.safe_mask[70:76, 70:76].any()  # must-avoid either way
+
+
 def test_atoms_of_a_coarse_frame_are_found_on_the_net_grid() -> None:
     """A 0.2 nm/px frame: a dimer's two atoms (0.24 nm apart) are 1.2 px apart and merge into one peak of
     the frame-grid map; on the 2x finer net grid both are found, at their positions in frame pixels."""
