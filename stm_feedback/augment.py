@@ -61,7 +61,7 @@ def zoom(
         # class maps: nearest pixel *centre* (INTER_NEAREST_EXACT). Plain INTER_NEAREST reads source pixel
         # floor(i / factor), half a pixel off the image's bilinear grid: up to session 13 every zoomed NN-2
         # sample had its footprints 0.5 px right of and below the image's defects, and NN-2 learned the shift
-        # (detections ~0.05-0.08 nm off in +x and +y; models/MODEL_CARD.md, session 14)
+        # (detections 0.03-0.07 nm off in +x and +y; models/MODEL_CARD.md, session 14)
         interp = cv2.INTER_NEAREST_EXACT if np.issubdtype(a.dtype, np.integer) else cv2.INTER_LINEAR
         src = a.astype(np.float32) if not np.issubdtype(a.dtype, np.integer) else a.astype(np.int32)
         z = cv2.resize(src, (nw, nh), interpolation=interp)
